@@ -1,1 +1,5 @@
-"""cogvx.engine."""
+"""cogvx.engine: model code, loader, Engine + generate."""
+
+from .engine import Engine, GenerationResult
+
+__all__ = ["Engine", "GenerationResult"]

@@ -1,0 +1,104 @@
+"""Loading a diffusers-layout CogVideoX checkpoint: directory checks, hub-cache resolution,
+and the transformer (built on the meta device, filled with ``assign=True``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import TransformerConfig
+from .transformer import CogVideoXTransformer
+from .weights import CheckpointError, load_into, read_state_dict
+
+__all__ = ["resolve_model_dir", "read_model_index", "load_transformer", "build_transformer", "CheckpointError"]
+
+# Components a text-to-video pipeline needs, with the file each must hold.
+REQUIRED = {
+    "transformer": "config.json",
+    "scheduler": "scheduler_config.json",
+    "text_encoder": "config.json",
+    "tokenizer": None,  # spiece.model or tokenizer.json; checked by the tokenizer loader
+}
+
+
+def resolve_model_dir(model: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or a hub id (``org/name``) found in the local Hugging Face cache.
+
+    Nothing is downloaded: an id that is not cached is an error saying how to fetch it.
+    """
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return p
+    s = str(model)
+    if p.exists():
+        raise CheckpointError(f"{p} is a file; pass the checkpoint directory (the one holding model_index.json)")
+    if s.count("/") == 1 and not s.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(s, local_files_only=True))
+        except Exception as e:
+            raise CheckpointError(
+                f"{s!r} is not a local directory and is not in the local Hugging Face cache "
+                f"({_hub_cache()}). cogvx never downloads at run time: fetch it first "
+                f"(`huggingface-cli download {s}`) or pass a checkpoint directory"
+            ) from e
+    raise CheckpointError(
+        f"checkpoint directory {p} does not exist; pass a diffusers-layout directory "
+        "(holding model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/) or a cached hub id"
+    )
+
+
+def _hub_cache() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except Exception:  # pragma: no cover - very old huggingface_hub
+        return "~/.cache/huggingface/hub"
+
+
+def read_model_index(model_dir: Path, components=REQUIRED) -> dict:
+    """model_index.json, after checking that each needed component directory and file exists."""
+    index_path = model_dir / "model_index.json"
+    if not index_path.is_file():
+        raise CheckpointError(
+            f"{model_dir} has no model_index.json: not a diffusers-layout checkpoint directory"
+        )
+    index = json.loads(index_path.read_text())
+    for name, needed in components.items():
+        d = model_dir / name
+        if not d.is_dir():
+            raise CheckpointError(f"{model_dir} is incomplete: the {name}/ directory is missing")
+        if needed and not (d / needed).is_file():
+            raise CheckpointError(f"{model_dir} is incomplete: {name}/{needed} is missing")
+    return index
+
+
+def build_transformer(cfg: TransformerConfig, device="meta", dtype: torch.dtype | None = None) -> CogVideoXTransformer:
+    """An uninitialized transformer on ``device`` (meta: no memory)."""
+    with torch.device(device):
+        model = CogVideoXTransformer(cfg)
+    if dtype is not None and device != "meta":
+        model = model.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def load_transformer(
+    transformer_dir: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    fuse_qkv: bool = False,
+) -> CogVideoXTransformer:
+    """Transformer from a diffusers ``transformer/`` folder; every key consumed, every parameter filled."""
+    d = Path(transformer_dir)
+    cfg = TransformerConfig.from_json(d / "config.json")
+    model = build_transformer(cfg)
+    state = read_state_dict(d)
+    load_into(model, state, where=f"transformer checkpoint {d}", dtype=dtype, device=device)
+    if fuse_qkv:
+        model.fuse_qkv()
+    return model

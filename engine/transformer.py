@@ -1,0 +1,293 @@
+"""The CogVideoX transformer (2b, 5b, 5b-I2V, 1.5-5b, 1.5-5b-I2V), on a joint [text; video] sequence.
+
+Parameter names equal diffusers' ``CogVideoXTransformer3DModel`` so a ``transformer/`` folder
+loads with no conversion. Unlike diffusers, text and video tokens stay in one tensor
+[B, Nt + Nv, D] through every block; the text or video modulation is picked by row index
+(DESIGN §3). The two fusion boundaries, the adaptive LayerNorm and QK-norm + RoPE + attention,
+are calls into ``cogvx.kernels`` whose plain-PyTorch bodies are the references.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cogvx.kernels.adaln import adaptive_layernorm
+from cogvx.kernels.rope_attention import attention, qk_norm_rope
+
+from .config import TransformerConfig
+from .positions import Positions, sincos_embedding, video_grid
+
+__all__ = ["CogVideoXTransformer", "timestep_embedding"]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0) -> torch.Tensor:
+    """Sinusoidal timestep features [B, dim] (fp32) of timesteps t [B] (diffusers ``get_timestep_embedding``)."""
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift)
+    emb = t[:, None].float() * torch.exp(exponent)[None, :]
+    emb = torch.cat([emb.sin(), emb.cos()], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepMLP(nn.Module):
+    """linear_1 -> SiLU -> linear_2 (diffusers ``TimestepEmbedding``)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Video latents [B, F, C, H, W] and text [B, Nt, Dtext] -> joint tokens [B, Nt + Nv, D]."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d, p = cfg.inner_dim, cfg.patch_size
+        self.p, self.pt = p, cfg.patch_size_t
+        if cfg.patch_size_t is None:
+            self.proj = nn.Conv2d(cfg.in_channels, d, kernel_size=p, stride=p, bias=cfg.patch_bias)
+        else:  # 1.5: a linear layer over (C, pt, p, p) patches, always with bias (as diffusers)
+            self.proj = nn.Linear(cfg.in_channels * p * p * cfg.patch_size_t, d)
+        self.text_proj = nn.Linear(cfg.text_embed_dim, d)
+        if cfg.use_learned_positional_embeddings:
+            t, h, w = video_grid(cfg, (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1,
+                                 cfg.sample_height, cfg.sample_width)
+            self.register_buffer("pos_embedding", torch.empty(1, cfg.max_text_seq_length + t * h * w, d))
+        else:
+            self.pos_embedding = None
+
+    def forward(self, text: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        b, f, c, h, w = video.shape
+        p = self.p
+        if self.pt is None:
+            v = self.proj(video.reshape(b * f, c, h, w))  # [B*F, D, h/p, w/p]
+            v = v.flatten(2).transpose(1, 2).reshape(b, f * (h // p) * (w // p), -1)
+        else:
+            pt = self.pt
+            v = video.permute(0, 1, 3, 4, 2).reshape(b, f // pt, pt, h // p, p, w // p, p, c)
+            v = v.permute(0, 1, 3, 5, 7, 2, 4, 6).flatten(4, 7).flatten(1, 3)
+            v = self.proj(v)
+        return torch.cat([self.text_proj(text), v], dim=1)
+
+
+class AdaLayerNormZero(nn.Module):
+    """Holds the weights of diffusers' ``CogVideoXLayerNormZero``; the math is in ``cogvx.kernels.adaln``."""
+
+    def __init__(self, cond_dim: int, dim: int, affine: bool, eps: float):
+        super().__init__()
+        self.linear = nn.Linear(cond_dim, 6 * dim)
+        self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=affine)
+
+    def modulation(self, silu_temb: torch.Tensor):
+        """[B, 2, D] (text, video) sets of shift, scale and gate from SiLU(temb) [B, Tdim]."""
+        shift, scale, gate, e_shift, e_scale, e_gate = self.linear(silu_temb).chunk(6, dim=1)
+        return (
+            torch.stack([e_shift, shift], dim=1),
+            torch.stack([e_scale, scale], dim=1),
+            torch.stack([e_gate, gate], dim=1),
+        )
+
+
+class Attention(nn.Module):
+    """Self-attention over the joint sequence: q/k/v (optionally fused), per-head QK LayerNorm,
+    RoPE on video rows, SDPA, output projection (diffusers ``CogVideoXAttnProcessor2_0``)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d, dh = cfg.inner_dim, cfg.attention_head_dim
+        self.heads, self.head_dim = cfg.num_attention_heads, dh
+        self.to_q = nn.Linear(d, d, bias=cfg.attention_bias)
+        self.to_k = nn.Linear(d, d, bias=cfg.attention_bias)
+        self.to_v = nn.Linear(d, d, bias=cfg.attention_bias)
+        self.to_qkv: nn.Linear | None = None
+        self.norm_q = nn.LayerNorm(dh, eps=1e-6)
+        self.norm_k = nn.LayerNorm(dh, eps=1e-6)
+        self.to_out = nn.ModuleList([nn.Linear(d, d, bias=True), nn.Dropout(cfg.dropout)])
+        self.backend = "torch"
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Replace to_q/to_k/to_v by one [3D, D] projection (one GEMM instead of three)."""
+        if self.to_qkv is not None:
+            return
+        qs = (self.to_q, self.to_k, self.to_v)
+        w = torch.cat([m.weight for m in qs])
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=self.to_q.bias is not None, device=w.device, dtype=w.dtype)
+        fused.weight.copy_(w)
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias for m in qs]))
+        self.to_qkv = fused
+        del self.to_q, self.to_k, self.to_v
+
+    def forward(self, x: torch.Tensor, rope, n_text: int) -> torch.Tensor:
+        b, s, _ = x.shape
+        shape = (b, s, self.heads, self.head_dim)
+        if self.to_qkv is not None:
+            q, k, v = self.to_qkv(x).view(b, s, 3, self.heads, self.head_dim).unbind(2)
+        else:
+            q, k, v = self.to_q(x).view(shape), self.to_k(x).view(shape), self.to_v(x).view(shape)
+        cos, sin = rope if rope is not None else (None, None)
+        q, k = qk_norm_rope(
+            q, k, self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias,
+            cos, sin, n_text, self.norm_q.eps, backend=self.backend,
+        )
+        o = attention(q, k, v.transpose(1, 2), backend=self.backend)  # [B, H, S, Dh]
+        return self.to_out[0](o.transpose(1, 2).reshape(b, s, -1))
+
+
+class GELUProj(nn.Module):
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """GELU-tanh MLP, 4D inner; ``net`` indices match diffusers' ``FeedForward``."""
+
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.net = nn.ModuleList([GELUProj(dim, 4 * dim), nn.Dropout(dropout), nn.Linear(4 * dim, dim), nn.Dropout(dropout)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.net:
+            x = m(x)
+        return x
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d = cfg.inner_dim
+        self.norm1 = AdaLayerNormZero(cfg.time_embed_dim, d, cfg.norm_elementwise_affine, cfg.norm_eps)
+        self.attn1 = Attention(cfg)
+        self.norm2 = AdaLayerNormZero(cfg.time_embed_dim, d, cfg.norm_elementwise_affine, cfg.norm_eps)
+        self.ff = FeedForward(d, cfg.dropout)
+        self.backend = "torch"
+
+    def forward(self, x: torch.Tensor, silu_temb: torch.Tensor, rope, n_text: int) -> torch.Tensor:
+        shift1, scale1, gate1 = self.norm1.modulation(silu_temb)
+        shift2, scale2, gate2 = self.norm2.modulation(silu_temb)
+        n1, n2 = self.norm1.norm, self.norm2.norm
+        _, y = adaptive_layernorm(x, None, None, n1.weight, n1.bias, shift1, scale1, n_text, n1.eps,
+                                  backend=self.backend)
+        a = self.attn1(y, rope, n_text)
+        x, y = adaptive_layernorm(x, a, gate1, n2.weight, n2.bias, shift2, scale2, n_text, n2.eps,
+                                  backend=self.backend)
+        f = self.ff(y)
+        # Gated residual of the feed-forward, text and video rows with their own gate.
+        return torch.cat([x[:, :n_text] + gate2[:, 0:1] * f[:, :n_text], x[:, n_text:] + gate2[:, 1:2] * f[:, n_text:]],
+                         dim=1)
+
+
+class OutputNorm(nn.Module):
+    """diffusers ``AdaLayerNorm(chunk_dim=1)``: LN(x) * (1 + scale) + shift, (shift, scale) from temb."""
+
+    def __init__(self, cond_dim: int, dim: int, affine: bool, eps: float):
+        super().__init__()
+        self.linear = nn.Linear(cond_dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, eps, affine)
+
+    def forward(self, x: torch.Tensor, silu_temb: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.linear(silu_temb).chunk(2, dim=1)
+        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+class CogVideoXTransformer(nn.Module):
+    """Denoiser. ``forward(latents [B, F, C, H, W], text [B, Nt, Dtext], timestep [B], positions)``
+    returns the v-prediction [B, F, C_out, H, W] in the model dtype."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.config = cfg
+        d = cfg.inner_dim
+        self.patch_embed = PatchEmbed(cfg)
+        self.time_embedding = TimestepMLP(d, cfg.time_embed_dim)
+        self.ofs_embedding = TimestepMLP(cfg.ofs_embed_dim, cfg.ofs_embed_dim) if cfg.ofs_embed_dim else None
+        self.transformer_blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm_final = nn.LayerNorm(d, cfg.norm_eps, cfg.norm_elementwise_affine)
+        self.norm_out = OutputNorm(cfg.time_embed_dim, d, cfg.norm_elementwise_affine, cfg.norm_eps)
+        p, pt = cfg.patch_size, cfg.patch_size_t or 1
+        self.proj_out = nn.Linear(d, p * p * pt * cfg.out_channels_)
+
+    # -- options applied after loading -------------------------------------------------
+    def fuse_qkv(self) -> None:
+        for blk in self.transformer_blocks:
+            blk.attn1.fuse_qkv()
+
+    def set_kernel_backend(self, backend: str) -> None:
+        for blk in self.transformer_blocks:
+            blk.backend = backend
+            blk.attn1.backend = backend
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(
+        self,
+        latents: torch.Tensor,
+        text: torch.Tensor,
+        timestep: torch.Tensor,
+        positions: Positions,
+        ofs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        cfg = self.config
+        b, f, _, h, w = latents.shape
+        dtype = latents.dtype
+        temb = self.time_embedding(timestep_embedding(timestep, cfg.inner_dim, cfg.flip_sin_to_cos, cfg.freq_shift).to(dtype))
+        if self.ofs_embedding is not None:
+            if ofs is None:
+                raise ValueError("this model has an ofs embedding (CogVideoX1.5 I2V): pass ofs (the pipeline uses 2.0)")
+            temb = temb + self.ofs_embedding(
+                timestep_embedding(ofs, cfg.ofs_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift).to(dtype))
+        silu_temb = F.silu(temb)
+
+        x = self.patch_embed(text, latents)
+        n_text = text.shape[1]
+        x = self._add_positions(x, positions, n_text, f, h, w)
+
+        for blk in self.transformer_blocks:
+            x = blk(x, silu_temb, positions.rope, n_text)
+
+        v = self.norm_out(self.norm_final(x[:, n_text:]), silu_temb)
+        v = self.proj_out(v)
+        return self._unpatchify(v, b, f, h, w)
+
+    def _add_positions(self, x, positions: Positions, n_text: int, f: int, h: int, w: int) -> torch.Tensor:
+        cfg = self.config
+        if cfg.use_learned_positional_embeddings:
+            if (h, w) != (cfg.sample_height, cfg.sample_width):
+                raise ValueError(
+                    f"this checkpoint has learned positional embeddings for latents of {cfg.sample_height}x"
+                    f"{cfg.sample_width} (pixels {cfg.sample_height * 8}x{cfg.sample_width * 8}); got {h}x{w}"
+                )
+            if (f - 1) * cfg.temporal_compression_ratio + 1 == cfg.sample_frames:
+                # Learned table covers text rows too: add it to the whole joint sequence.
+                return x + self.patch_embed.pos_embedding.to(x.dtype)
+            # As diffusers: other frame counts fall back to sin-cos positions on the video rows.
+            pe = sincos_embedding(cfg, video_grid(cfg, f, h, w)).to(x.device)
+        else:
+            pe = positions.pos_embedding
+        if pe is None:
+            return x
+        return torch.cat([x[:, :n_text], x[:, n_text:] + pe.to(x.dtype)], dim=1)
+
+    def _unpatchify(self, v: torch.Tensor, b: int, f: int, h: int, w: int) -> torch.Tensor:
+        p, pt = self.config.patch_size, self.config.patch_size_t
+        if pt is None:
+            out = v.reshape(b, f, h // p, w // p, -1, p, p)
+            return out.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
+        out = v.reshape(b, (f + pt - 1) // pt, h // p, w // p, -1, pt, p, p)
+        return out.permute(0, 1, 5, 4, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(1, 2)

@@ -1,0 +1,59 @@
+"""Shared test helpers: small diffusers reference models saved as real checkpoints, and error metrics."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def where_differs(a: torch.Tensor, b: torch.Tensor, k: int = 5) -> str:
+    """The k largest absolute differences with their indices, for assertion messages."""
+    d = (a.double() - b.double()).abs().flatten()
+    vals, idx = d.topk(min(k, d.numel()))
+    coords = [tuple(int(i) for i in torch.unravel_index(j, a.shape)) for j in idx]
+    return ", ".join(f"{c}: {v:.3g}" for c, v in zip(coords, vals.tolist()))
+
+
+def randomize_(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Fill every parameter with seeded noise (diffusers zero-initializes some layers, which would
+    hide bugs in the parts they feed); LayerNorm weights stay near 1."""
+    g = torch.Generator().manual_seed(seed)
+    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm)
+    with torch.no_grad():
+        for mod in module.modules():
+            for name, p in mod.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std
+                p.copy_(1.0 + noise if isinstance(mod, norms) and name == "weight" else noise)
+    return module
+
+
+# Small transformer variants covering every code path of DESIGN §5.
+TRANSFORMER_VARIANTS = {
+    # 2b: 3D sin-cos positions, no RoPE
+    "sincos": dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=24,
+                   text_embed_dim=20, num_layers=2, sample_width=14, sample_height=10, sample_frames=9,
+                   max_text_seq_length=7),
+    # 5b: RoPE, linspace grid
+    "rope": dict(num_attention_heads=3, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=24,
+                 text_embed_dim=20, num_layers=2, sample_width=14, sample_height=10, sample_frames=9,
+                 max_text_seq_length=7, use_rotary_positional_embeddings=True),
+    # 5b-I2V: RoPE + learned positions, 2x input channels
+    "learned": dict(num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=24,
+                    text_embed_dim=20, num_layers=2, sample_width=10, sample_height=6, sample_frames=9,
+                    max_text_seq_length=7, use_rotary_positional_embeddings=True,
+                    use_learned_positional_embeddings=True),
+    # 1.5: patch_size_t=2, linear patch embedding, slice RoPE
+    "v15": dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=24,
+                text_embed_dim=20, num_layers=2, sample_width=20, sample_height=16, sample_frames=9,
+                max_text_seq_length=7, use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False),
+    # 1.5-I2V: + ofs embedding
+    "v15_ofs": dict(num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=24,
+                    ofs_embed_dim=24, text_embed_dim=20, num_layers=2, sample_width=20, sample_height=16,
+                    sample_frames=9, max_text_seq_length=7, use_rotary_positional_embeddings=True, patch_size_t=2,
+                    patch_bias=False),
+}
