@@ -12,10 +12,10 @@ from typing import Any, Callable
 import torch
 
 from .config import TransformerConfig
-from .loader import CheckpointError, load_transformer, read_model_index, resolve_model_dir
+from .loader import load_components, resolve_model_dir
 from .positions import Positions, make_positions
-from .schedulers import guidance_scales, load_scheduler, randn_like_diffusers
-from .text_encoder import PromptTokenizer, encode_prompts, load_text_encoder
+from .schedulers import guidance_scales, randn_like_diffusers
+from .text_encoder import PromptTokenizer, encode_prompts
 from .transformer import CogVideoXTransformer
 from .validation import check_prompts, check_sampling, check_video_shape, resolve_device, resolve_dtype
 
@@ -50,8 +50,8 @@ class Engine:
     """
 
     def __init__(self, *, transformer: CogVideoXTransformer, scheduler, tokenizer: PromptTokenizer | None,
-                 text_encoder, device: torch.device, dtype: torch.dtype, model_dir: Path | None = None,
-                 vae_temporal_compression: int = 4, vae_spatial_compression: int = 8):
+                 text_encoder, vae=None, device: torch.device, dtype: torch.dtype, model_dir: Path | None = None,
+                 recipes: dict[str, str] | None = None):
         self.transformer = transformer
         self.scheduler = scheduler
         self.tokenizer = tokenizer
@@ -59,8 +59,11 @@ class Engine:
         self.device = device
         self.dtype = dtype
         self.model_dir = model_dir
-        self.temporal_compression = vae_temporal_compression
-        self.spatial_compression = vae_spatial_compression
+        self.vae = vae
+        self.recipes = dict(recipes or {})  # component -> quantization recipe name
+        # Every CogVideoX VAE compresses 4x in time and 8x in space.
+        self.temporal_compression = vae.config.temporal_compression_ratio if vae is not None else 4
+        self.spatial_compression = vae.config.spatial_scale if vae is not None else 8
         self._positions: dict[tuple, Positions] = {}
 
     @property
@@ -77,6 +80,7 @@ class Engine:
         *,
         fuse_qkv: bool = False,
         scheduler: str | None = None,
+        recipe: str | dict[str, str] | None = None,
     ) -> "Engine":
         """Load every component of a diffusers-layout CogVideoX checkpoint.
 
@@ -86,27 +90,14 @@ class Engine:
         fuse_qkv: fuse each attention's q/k/v projections into one GEMM after loading.
         scheduler: override the checkpoint's scheduler class ("CogVideoXDDIMScheduler" or
             "CogVideoXDPMScheduler").
+        recipe: a quantization recipe name for the transformer, or {component: recipe name}
+            (see ``cogvx recipes``). A quantized checkpoint directory loads as saved, without it.
         """
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         model_dir = resolve_model_dir(model)
-        read_model_index(model_dir)
-        t_cfg = TransformerConfig.from_json(model_dir / "transformer" / "config.json")
-        vae_t, vae_s = _vae_compression(model_dir)
-        sched = load_scheduler(model_dir / "scheduler", class_name=scheduler)
-        tokenizer = PromptTokenizer.from_dir(model_dir / "tokenizer")
-        # T5 overflows in fp16: keep it in bf16 on GPUs, fp32 on the CPU.
-        te_dtype = dt if dt != torch.float16 else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        text_encoder = load_text_encoder(model_dir / "text_encoder", device=dev, dtype=te_dtype)
-        if text_encoder.config.d_model != t_cfg.text_embed_dim:
-            raise CheckpointError(
-                f"{model_dir}: the text encoder gives {text_encoder.config.d_model}-dim embeddings but the "
-                f"transformer expects text_embed_dim={t_cfg.text_embed_dim}"
-            )
-        transformer = load_transformer(model_dir / "transformer", device=dev, dtype=dt, fuse_qkv=fuse_qkv)
-        return cls(transformer=transformer, scheduler=sched, tokenizer=tokenizer, text_encoder=text_encoder,
-                   device=dev, dtype=dt, model_dir=model_dir, vae_temporal_compression=vae_t,
-                   vae_spatial_compression=vae_s)
+        parts = load_components(model_dir, dev, dt, fuse_qkv=fuse_qkv, scheduler=scheduler, recipe=recipe)
+        return cls(**parts, device=dev, dtype=dt, model_dir=model_dir)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
@@ -224,6 +215,13 @@ class Engine:
         return GenerationResult(latents=latents[:, extra:], timesteps=ts_host, guidance_scales=scales,
                                 timings=timings)
 
+    def save_quantized(self, out_dir: str | os.PathLike) -> Path:
+        """Write this engine's (quantized) components as a diffusers-layout checkpoint that
+        ``Engine.load`` reads back without re-quantizing; atomic (a temporary directory renamed at the end)."""
+        from cogvx.quantize.serialization import save_quantized
+
+        return save_quantized(self, out_dir)
+
     def encode(self, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
         """T5 embeddings [B, max_length, text_embed_dim] of prompts, in the engine dtype."""
         if self.tokenizer is None or self.text_encoder is None:
@@ -243,13 +241,3 @@ def _repeat(embeds: torch.Tensor, k: int) -> torch.Tensor:
     # Each prompt's videos are consecutive, as diffusers orders them.
     return embeds if k == 1 else embeds.repeat_interleave(k, dim=0)
 
-
-def _vae_compression(model_dir: Path) -> tuple[int, int]:
-    """Temporal and spatial compression of the checkpoint's VAE (4 and 8 for every CogVideoX VAE)."""
-    import json
-
-    cfg_path = model_dir / "vae" / "config.json"
-    if not cfg_path.is_file():
-        return 4, 8
-    cfg = json.loads(cfg_path.read_text())
-    return int(cfg.get("temporal_compression_ratio", 4)), 2 ** (len(cfg.get("block_out_channels", [0] * 4)) - 1)

@@ -13,7 +13,10 @@ from .config import TransformerConfig
 from .transformer import CogVideoXTransformer
 from .weights import CheckpointError, load_into, read_state_dict
 
-__all__ = ["resolve_model_dir", "read_model_index", "load_transformer", "build_transformer", "CheckpointError"]
+__all__ = [
+    "resolve_model_dir", "read_model_index", "load_transformer", "build_transformer", "load_components",
+    "CheckpointError",
+]
 
 # Components a text-to-video pipeline needs, with the file each must hold.
 REQUIRED = {
@@ -102,3 +105,46 @@ def load_transformer(
     if fuse_qkv:
         model.fuse_qkv()
     return model
+
+
+def load_components(
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    fuse_qkv: bool = False,
+    scheduler: str | None = None,
+    with_vae: bool = True,
+    recipe: str | dict[str, str] | None = None,
+) -> dict:
+    """Every component of a checked checkpoint directory, loaded once.
+
+    Returns a dict with "transformer", "scheduler", "tokenizer", "text_encoder" and "vae" (None when
+    ``with_vae`` is False), and "recipes" ({component: recipe name} of what was quantized). Cheap reads and checks come first, so that a broken checkpoint fails before
+    gigabytes of weights are read.
+    """
+    from .schedulers import load_scheduler
+    from .text_encoder import PromptTokenizer, load_text_encoder
+
+    read_model_index(model_dir, {**REQUIRED, **({"vae": "config.json"} if with_vae else {})})
+    t_cfg = TransformerConfig.from_json(model_dir / "transformer" / "config.json")
+    sched = load_scheduler(model_dir / "scheduler", class_name=scheduler)
+    tokenizer = PromptTokenizer.from_dir(model_dir / "tokenizer")
+    # T5 overflows in fp16: keep it in bf16 on GPUs, fp32 on the CPU.
+    te_dtype = dtype if dtype != torch.float16 else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    text_encoder = load_text_encoder(model_dir / "text_encoder", device=device, dtype=te_dtype)
+    if text_encoder.config.d_model != t_cfg.text_embed_dim:
+        raise CheckpointError(
+            f"{model_dir}: the text encoder gives {text_encoder.config.d_model}-dim embeddings but the "
+            f"transformer expects text_embed_dim={t_cfg.text_embed_dim}"
+        )
+    vae = None
+    if with_vae:
+        from .vae import load_vae
+
+        vae = load_vae(model_dir / "vae", device=device, dtype=dtype)
+    transformer = load_transformer(model_dir / "transformer", device=device, dtype=dtype, fuse_qkv=fuse_qkv)
+    if recipe is not None:
+        raise NotImplementedError("quantization recipes are not wired in yet")
+    return dict(transformer=transformer, scheduler=sched, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                recipes={})
