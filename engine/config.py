@@ -156,7 +156,7 @@ PRESETS: dict[str, ModelPreset] = {
         TransformerConfig(
             num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
             text_embed_dim=32, num_layers=2, sample_width=16, sample_height=12, sample_frames=9,
-            max_text_seq_length=16, use_rotary_positional_embeddings=True,
+            max_text_seq_length=64, use_rotary_positional_embeddings=True,
         ),
         torch.float32, 96, 128, 9,
     ),

@@ -17,14 +17,13 @@ from .positions import Positions, make_positions
 from .schedulers import guidance_scales, randn_like_diffusers
 from .text_encoder import PromptTokenizer, encode_prompts
 from .transformer import CogVideoXTransformer
+from .vae import unscale_latents
+from .video import OUTPUT_TYPES, postprocess, write_mp4
 from .validation import check_prompts, check_sampling, check_video_shape, resolve_device, resolve_dtype
 
 __all__ = ["Engine", "GenerationResult"]
 
 log = logging.getLogger(__name__)
-
-OUTPUT_TYPES = ("latent",)
-
 
 @dataclass
 class GenerationResult:
@@ -32,15 +31,32 @@ class GenerationResult:
 
     latents: denoised latents [B, F_lat, C, H/8, W/8] in the engine dtype (for CogVideoX 1.5 the
     padding frame the model needs is already dropped, as the diffusers pipeline does before decoding).
-    frames: decoded video (None for output_type="latent").
+    frames: the decoded videos in diffusers' conventions: "np" float32 [B, F, H, W, 3] in [0, 1],
+    "pt" [B, F, 3, H, W], "pil" a list of frame lists; None for output_type="latent".
     timings: wall seconds per stage.
     """
 
     latents: torch.Tensor
     frames: Any = None
+    output_type: str = "latent"
     timesteps: list[int] = field(default_factory=list)
     guidance_scales: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike, fps: float = 8, all_videos: bool = False) -> list[Path]:
+        """Write the first video to ``path`` as mp4 (or, with ``all_videos``, each as path_0.mp4, path_1.mp4, ...).
+
+        If writing fails, the frames are saved to a temporary file and the raised
+        :class:`~cogvx.engine.video.VideoWriteError` names it: a finished generation is never lost.
+        """
+        if self.frames is None:
+            raise ValueError("this result holds latents only (output_type='latent'); generate with "
+                             "output_type='np' (the default) to get frames to save")
+        p = Path(path)
+        videos = list(self.frames) if all_videos else [self.frames[0]]
+        if len(videos) == 1:
+            return [write_mp4(p, videos[0], fps)]
+        return [write_mp4(p.with_name(f"{p.stem}_{i}{p.suffix}"), v, fps) for i, v in enumerate(videos)]
 
 
 class Engine:
@@ -118,7 +134,7 @@ class Engine:
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         callback_on_step_end: Callable | None = None,
-        output_type: str = "latent",
+        output_type: str = "np",
         max_sequence_length: int | None = None,
     ) -> GenerationResult:
         """Text-to-video denoising with classifier-free guidance (diffusers ``CogVideoXPipeline`` semantics).
@@ -143,6 +159,8 @@ class Engine:
                           self.spatial_compression * cfg.patch_size)
         check_sampling(num_inference_steps, guidance_scale, num_videos_per_prompt,
                        self.scheduler.config.num_train_timesteps)
+        if output_type != "latent" and self.vae is None:
+            raise ValueError("this engine was loaded without a VAE: only output_type='latent' is available")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))} (got {output_type!r})")
         if seed is not None and generator is not None:
@@ -151,7 +169,7 @@ class Engine:
             raise ValueError(f"seed must be a non-negative integer (got {seed!r})")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError("callback_on_step_end must be callable as f(engine, step, timestep, {'latents': x})")
-        max_len = max_sequence_length or cfg.max_text_seq_length
+        max_len = max_sequence_length or 226  # diffusers' default for every CogVideoX model
         do_cfg = guidance_scale > 1.0
         n = b * num_videos_per_prompt
         lat_frames = (num_frames - 1) // self.temporal_compression + 1
@@ -212,8 +230,27 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         timings["denoise"] = time.perf_counter() - t1
-        return GenerationResult(latents=latents[:, extra:], timesteps=ts_host, guidance_scales=scales,
-                                timings=timings)
+        latents = latents[:, extra:]
+        frames = None
+        if output_type != "latent":
+            t2 = time.perf_counter()
+            frames = postprocess(self.decode(latents), output_type)
+            timings["vae_decode"] = time.perf_counter() - t2
+        return GenerationResult(latents=latents, frames=frames, output_type=output_type, timesteps=ts_host,
+                                guidance_scales=scales, timings=timings)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Denoised latents [B, F_lat, C, h, w] -> video [B, 3, F, 8h, 8w] in [-1, 1] (VAE decode,
+        frame-batched; tiled when ``engine.vae.enable_tiling()`` was called)."""
+        if self.vae is None:
+            raise ValueError("this engine was loaded without a VAE")
+        c = self.vae.config.latent_channels
+        if latents.ndim != 5 or latents.shape[2] != c:
+            raise ValueError(f"latents must be [B, F_lat, {c}, h, w] for this VAE (got {tuple(latents.shape)})")
+        out = self.vae.decode(unscale_latents(latents.permute(0, 2, 1, 3, 4), self.vae.config))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out
 
     def save_quantized(self, out_dir: str | os.PathLike) -> Path:
         """Write this engine's (quantized) components as a diffusers-layout checkpoint that
@@ -227,7 +264,7 @@ class Engine:
         if self.tokenizer is None or self.text_encoder is None:
             raise ValueError("this engine has no text encoder; pass prompt_embeds")
         return encode_prompts(self.tokenizer, self.text_encoder, prompts,
-                              max_length or self.config.max_text_seq_length, device=self.device, dtype=self.dtype)
+                              max_length or 226, device=self.device, dtype=self.dtype)
 
     def positions(self, latent_frames: int, latent_h: int, latent_w: int) -> Positions:
         """Position tables for a latent shape, computed once per shape and kept on the device."""

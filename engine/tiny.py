@@ -1,0 +1,118 @@
+"""A small random-weight CogVideoX checkpoint in the diffusers layout, made offline with the project's
+own modules: the built-in demo model of ``cogvx generate`` and the output of ``cogvx make-tiny``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import PRESETS
+from .loader import build_transformer
+from .schedulers import SchedulerConfig
+from .tiny_tokenizer import make_tiny_tokenizer
+from .vae import CogVideoXVAE, VAEConfig
+
+__all__ = ["make_tiny_checkpoint", "default_tiny_dir", "ensure_tiny_checkpoint", "TINY_VERSION"]
+
+TINY_VERSION = 1  # bump when the tiny model's layout changes, so stale caches are rebuilt
+_DIFFUSERS_VERSION = "0.32.0"  # the oldest diffusers whose CogVideoX classes read these configs
+
+
+def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a complete tiny checkpoint (model_index.json, transformer/, vae/, text_encoder/,
+    tokenizer/, scheduler/) to ``out_dir``; atomic: built in a temporary sibling and renamed.
+
+    The weights are random (seeded): the videos it makes are noise, but every stage of the real
+    pipeline runs, and diffusers' ``CogVideoXPipeline.from_pretrained`` loads the same directory.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new directory for the tiny checkpoint")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_all(tmp, seed)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_all(d: Path, seed: int) -> None:
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    preset = PRESETS["tiny"]
+    tcfg = preset.transformer
+    # transformer
+    transformer = build_transformer(tcfg, device="cpu", dtype=torch.float32)
+    _save_module(transformer, d / "transformer", tcfg.to_dict())
+    # VAE: the real 8x / 4x compression, few channels
+    vcfg = VAEConfig.tiny()
+    if vcfg.latent_channels != tcfg.in_channels:
+        raise AssertionError("tiny VAE and transformer disagree on latent channels")
+    _save_module(CogVideoXVAE(vcfg), d / "vae", vcfg.to_dict())
+    # tokenizer + T5 encoder sized to it
+    make_tiny_tokenizer(d / "tokenizer")
+    import sentencepiece as spm
+
+    vocab = spm.SentencePieceProcessor(model_file=str(d / "tokenizer" / "spiece.model")).get_piece_size()
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=vocab, d_model=tcfg.text_embed_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False,
+    )).eval()
+    t5.save_pretrained(d / "text_encoder", safe_serialization=True)
+    # scheduler
+    (d / "scheduler").mkdir()
+    sched = {"_class_name": preset.scheduler, "_diffusers_version": _DIFFUSERS_VERSION, **SchedulerConfig().to_dict()}
+    (d / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
+    index = {
+        "_class_name": "CogVideoXPipeline",
+        "_diffusers_version": _DIFFUSERS_VERSION,
+        "_cogvx_tiny_version": TINY_VERSION,
+        "scheduler": ["diffusers", preset.scheduler],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+    }
+    (d / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _save_module(module: torch.nn.Module, d: Path, config: dict) -> None:
+    d.mkdir(parents=True)
+    config = {**config, "_diffusers_version": _DIFFUSERS_VERSION}
+    (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(d / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+
+
+def default_tiny_dir() -> Path:
+    """Where the built-in demo model is cached: $COGVX_CACHE, else $XDG_CACHE_HOME/cogvx, else ~/.cache/cogvx."""
+    root = os.environ.get("COGVX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cogvx")
+    return Path(root) / f"tiny-random-v{TINY_VERSION}"
+
+
+def ensure_tiny_checkpoint() -> tuple[Path, bool]:
+    """The cached demo checkpoint, made on first use. Returns (path, made_now)."""
+    d = default_tiny_dir()
+    if (d / "model_index.json").is_file():
+        return d, False
+    if d.exists():  # left over from an interrupted run of an older version: rebuild
+        shutil.rmtree(d)
+    try:
+        return make_tiny_checkpoint(d), True
+    except OSError:
+        if (d / "model_index.json").is_file():  # another process made it first
+            return d, False
+        raise
