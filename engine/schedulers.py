@@ -200,7 +200,7 @@ class _CogVideoXScheduler:
         """
         T = self.config.num_train_timesteps
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
-            raise ValueError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
+            raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
         if not 1 <= num_inference_steps <= T:
             raise ValueError(
                 f"num_inference_steps must be between 1 and num_train_timesteps={T} "
@@ -208,22 +208,31 @@ class _CogVideoXScheduler:
             )
         ts = _timesteps(self.config, num_inference_steps)
         prev = [t - T // num_inference_steps for t in ts]  # diffusers' formula, not ts[i + 1]
-        # Same float64 expressions as diffusers' 0-d tensor math (1/0 -> inf at the schedule's ends,
-        # which the formulas turn back into finite coefficients), vectorized over the steps.
-        ac = self.alphas_cumprod.double()
-        final = self.final_alpha_cumprod.double()
+        # diffusers' float64 0-d tensor expressions, vectorized over the steps in numpy: host math
+        # that stays off torch's thread pool. 1/0 -> inf at the schedule's ends (alpha 0 or 1) is
+        # intended; the formulas turn it back into finite coefficients. For the float32 tables
+        # (linear, squaredcos_cap_v2, trained_betas; no CogVideoX model uses them) diffusers does
+        # this math in float32, so results agree to ~1e-6 over 50 steps rather than bit for bit.
+        ac = self.alphas_cumprod.double().numpy()
+        prev_a = np.array(prev)
         a_t = ac[ts]
-        prev_t = torch.tensor(prev)
-        a_prev = torch.where(prev_t >= 0, ac[prev_t.clamp(min=0)], final)
-        if self.config.prediction_type == "epsilon" and bool((a_t == 0).any()):
+        a_prev = np.where(prev_a >= 0, ac[np.maximum(prev_a, 0)], float(self.final_alpha_cumprod))
+        if self.config.prediction_type == "epsilon" and (a_t == 0).any():
             raise ValueError(
-                f"prediction_type='epsilon' is undefined at timestep {ts[0]}, where alphas_cumprod is 0 "
+                f"prediction_type='epsilon' is undefined at timestep {ts[int(np.argmax(a_t == 0))]}, where "
+                "alphas_cumprod is 0 "
                 "(zero terminal SNR from rescale_betas_zero_snr=True); use prediction_type='v_prediction', "
                 "rescale_betas_zero_snr=False, or 'leading' spacing"
             )
-        x0_coefs = torch.stack([a_t**0.5, (1 - a_t) ** 0.5], dim=1)  # x0 from (sample, model_output)
-        coefs = torch.cat([x0_coefs, self._step_coefficients(a_t, a_prev, prev)], dim=1).tolist()
-        self._coefs = [tuple(c) for c in coefs]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # columns: sqrt(alpha_t), sqrt(1 - alpha_t) (x0 from sample, model_output), then per class
+            coefs = np.stack([np.sqrt(a_t), np.sqrt(1 - a_t), *self._step_coefficients(a_t, a_prev, prev_a)], 1)
+        if not np.isfinite(coefs).all():  # cannot happen for valid configs; never hand NaN to the loop
+            raise ValueError(
+                f"non-finite scheduler coefficients at {num_inference_steps} steps; check beta_start/beta_end, "
+                "trained_betas and snr_shift_scale in the scheduler config"
+            )
+        self._coefs = [tuple(c) for c in coefs.tolist()]
         self.num_inference_steps = num_inference_steps
         self.timesteps_host = ts
         self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
@@ -250,9 +259,9 @@ class CogVideoXDDIMScheduler(_CogVideoXScheduler):
     """Deterministic DDIM (eta = 0), as diffusers' CogVideoXDDIMScheduler."""
 
     def _step_coefficients(self, a_t, a_prev, prev):
-        a = ((1 - a_prev) / (1 - a_t)) ** 0.5
-        b = a_prev**0.5 - a_t**0.5 * a
-        return torch.stack([a, b], dim=1)
+        a = np.sqrt((1 - a_prev) / (1 - a_t))
+        b = np.sqrt(a_prev) - np.sqrt(a_t) * a
+        return a, b
 
     def step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, state=None, generator=None):
         """One DDIM step at ``self.timesteps[i]``.
@@ -273,19 +282,19 @@ class CogVideoXDPMScheduler(_CogVideoXScheduler):
     """
 
     def _step_coefficients(self, a_t, a_prev, prev):
-        lamb = ((a_t / (1 - a_t)) ** 0.5).log()
-        h = ((a_prev / (1 - a_prev)) ** 0.5).log() - lamb
-        mult1 = ((1 - a_prev) / (1 - a_t)) ** 0.5 * (-h).exp()
-        mult2 = (-2 * h).expm1() * a_prev**0.5
-        mult_noise = (1 - a_prev) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
+        lamb = np.log(np.sqrt(a_t / (1 - a_t)))  # log-SNR / 2; -inf at zero terminal SNR
+        h = np.log(np.sqrt(a_prev / (1 - a_prev))) - lamb
+        mult1 = np.sqrt((1 - a_prev) / (1 - a_t)) * np.exp(-h)
+        mult2 = np.expm1(-2 * h) * np.sqrt(a_prev)
+        mult_noise = np.sqrt(1 - a_prev) * np.sqrt(1 - np.exp(-2 * h))
         # Second order (timestep_back = previous entry) only where diffusers takes that branch;
         # elsewhere r may be 0 or undefined and mult3/mult4 are unused: store 0.
-        second = torch.tensor(prev) >= 0
+        second = prev >= 0
         second[0] = False
-        r = (lamb - torch.cat([lamb[:1], lamb[:-1]])) / h
-        mult3 = torch.where(second, 1 + 1 / (2 * r), 0.0)
-        mult4 = torch.where(second, 1 / (2 * r), 0.0)
-        return torch.stack([mult1, mult2, mult3, mult4, mult_noise, second.double()], dim=1)
+        r = (lamb - np.concatenate([lamb[:1], lamb[:-1]])) / h
+        mult3 = np.where(second, 1 + 1 / (2 * r), 0.0)
+        mult4 = np.where(second, 1 / (2 * r), 0.0)
+        return mult1, mult2, mult3, mult4, mult_noise, second.astype(np.float64)
 
     def step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, state=None, generator=None):
         """One DPM-Solver++ (2M) step at ``self.timesteps[i]``.
