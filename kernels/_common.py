@@ -7,6 +7,7 @@ the kernel object, fixed at import of its module, not of the environment at call
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -93,6 +94,11 @@ def use_triton(backend: str, device: torch.device, kernel) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and is_interpreted(kernel)
+
+
+def device_of(t: torch.Tensor):
+    """Context that makes t's CUDA device current: Triton launches on the current device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def next_pow2(n: int) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, is_interpreted, jit, next_pow2, resolve_backend, tl, use_triton, warn_once
+from ._common import HAS_TRITON, device_of, is_interpreted, jit, next_pow2, resolve_backend, tl, use_triton, warn_once
 
 if HAS_TRITON:
     import triton
@@ -150,14 +150,15 @@ def adaln_launch(x, delta, gate, weight, bias, shift, scale, n_text, eps, x_out,
         block_r = max(1, min(64, 4096 // block_d))
         num_warps = max(1, min(16, block_r * block_d // 512))
     grid = (triton.cdiv(S, block_r), B)
-    _adaln_kernel[grid](
-        x, delta, gate, weight, bias, shift, scale, x_out, y_out,
-        S, D, n_text, eps,
-        *x.stride(), *_strides(delta, 3), *_strides(gate, 3), *_strides(weight, 1), *_strides(bias, 1),
-        *shift.stride(), *scale.stride(),
-        HAS_DELTA=delta is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
-    )  # fmt: skip
+    with device_of(x):
+        _adaln_kernel[grid](
+            x, delta, gate, weight, bias, shift, scale, x_out, y_out,
+            S, D, n_text, eps,
+            *x.stride(), *_strides(delta, 3), *_strides(gate, 3), *_strides(weight, 1), *_strides(bias, 1),
+            *shift.stride(), *scale.stride(),
+            HAS_DELTA=delta is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+        )  # fmt: skip
 
 
 @torch.library.custom_op("cogvx::adaln_residual", mutates_args=())

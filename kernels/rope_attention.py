@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, is_interpreted, jit, next_pow2, resolve_backend, tl, use_triton, warn_once
+from ._common import HAS_TRITON, device_of, is_interpreted, jit, next_pow2, resolve_backend, tl, use_triton, warn_once
 
 if HAS_TRITON:
     import triton
@@ -179,21 +179,22 @@ def qk_norm_rope_launch(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, n_te
     else:
         # One head per program, heads fastest in the grid: programs that run together share their
         # RoPE rows (L1/L2) and read neighbouring bytes of each [S, H, Dh] row.
-        heads, block_s, num_warps = 1, max(1, 4096 // block_d), 4
+        heads, block_s, num_warps = 1, max(1, 2048 // block_d), 8  # ~80 registers at Dh 64 (sm_90)
     has_rope = cos is not None and cos.shape[0] > 0  # text-only input: nothing to rotate
     cs = (cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1)) if has_rope else (0, 0, 0, 0)
     if not has_rope:
         cos = sin = None
     grid = (triton.cdiv(H, heads), triton.cdiv(S, block_s), B)
-    _qk_norm_rope_kernel[grid](
-        q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, q_out, k_out,
-        S, H, Dh, n_text, eps,
-        *q.stride(), *k.stride(),
-        _stride0(q_weight), _stride0(q_bias), _stride0(k_weight), _stride0(k_bias), *cs,
-        HAS_QW=q_weight is not None, HAS_QB=q_bias is not None,
-        HAS_KW=k_weight is not None, HAS_KB=k_bias is not None, HAS_ROPE=has_rope,
-        HEADS_PER_PROG=heads, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps,
-    )  # fmt: skip
+    with device_of(q):
+        _qk_norm_rope_kernel[grid](
+            q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, q_out, k_out,
+            S, H, Dh, n_text, eps,
+            *q.stride(), *k.stride(),
+            _stride0(q_weight), _stride0(q_bias), _stride0(k_weight), _stride0(k_bias), *cs,
+            HAS_QW=q_weight is not None, HAS_QB=q_bias is not None,
+            HAS_KW=k_weight is not None, HAS_KB=k_bias is not None, HAS_ROPE=has_rope,
+            HEADS_PER_PROG=heads, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps,
+        )  # fmt: skip
 
 
 @torch.library.custom_op("cogvx::qk_norm_rope", mutates_args=())
@@ -320,7 +321,9 @@ if HAS_TRITON and not is_interpreted(_rope_flash_attn_kernel):
     _rope_flash_attn_tuned = triton.autotune(
         configs=[
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
+            # With RoPE the K-tile rotation costs registers: on sm_90, 128x64 with 4 warps spills
+            # (ptxas), 8 warps does not; 128x64/4 stays for the no-RoPE (2b) case.
+            for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
         ],
         key=["S", "HEAD_DIM", "HAS_ROPE", "DOT_PREC"],
     )(_rope_flash_attn_kernel)
@@ -341,13 +344,18 @@ def rope_flash_attention_launch(q, k, v, cos, sin, n_text, out) -> None:
         q, k, v, cos, sin, out, S, H, n_text, math.log2(math.e) / math.sqrt(Dh),
         *q.stride(), *k.stride(), *v.stride(), *cs,
     )  # fmt: skip
-    meta = dict(HAS_ROPE=has_rope, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", HEAD_DIM=Dh)
-    if _rope_flash_attn_tuned is None:  # interpreter: fixed small tiles, autotuning would be minutes
-        block_m, block_n = 64, 32
-        _rope_flash_attn_kernel[(triton.cdiv(S, block_m), B * H)](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
-    else:
-        grid = lambda m: (triton.cdiv(S, m["BLOCK_M"]), B * H)  # noqa: E731
-        _rope_flash_attn_tuned[grid](*args, **meta)
+    # fp32 inputs: full-precision dots (tf32 would be a different answer); others: the default.
+    meta = {"HAS_ROPE": has_rope, "DOT_PREC": "ieee" if q.dtype == torch.float32 else None, "HEAD_DIM": Dh}
+    with device_of(q):
+        if _rope_flash_attn_tuned is None or q.dtype == torch.float32:
+            # Interpreter: autotuning would take minutes. fp32 (ieee dots) is for checking, not speed:
+            # one small configuration instead of compiling five slow-to-build ones.
+            block_m, block_n = 64, 32
+            grid = (triton.cdiv(S, block_m), B * H)
+            _rope_flash_attn_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
+        else:
+            grid = lambda m: (triton.cdiv(S, m["BLOCK_M"]), B * H)  # noqa: E731
+            _rope_flash_attn_tuned[grid](*args, **meta)
 
 
 @torch.library.custom_op("cogvx::rope_flash_attention", mutates_args=())
@@ -386,10 +394,48 @@ def _rope_table_problem(cos, sin, n_video: int, dh: int, what: str) -> str | Non
         return f"{what}: RoPE needs an even head dim (got {dh})"
     for name, t in (("cos", cos), ("sin", sin)):
         if tuple(t.shape) != (n_video, dh):
-            return f"{what} triton kernel needs {name} of shape [S - n_text, Dh] = {[n_video, dh]} (got {list(t.shape)})"
+            want = [n_video, dh]
+            return f"{what} triton kernel needs {name} of shape [S - n_text, Dh] = {want} (got {list(t.shape)})"
         if t.dtype not in _DTYPES:
             return f"{what} triton kernel supports float32/float16/bfloat16 RoPE tables, not {t.dtype}"
     return None
+
+
+def _qk_problem(q, k, norms, cos, sin, n_text) -> str | None:
+    """Why the qk_norm_rope kernel cannot take these inputs, or None when it can."""
+    tensors = [t for t in (q, k, *norms, cos, sin) if t is not None]
+    if q.dim() != 4 or q.shape != k.shape:
+        shapes = f"{list(q.shape)}, {list(k.shape)}"
+        return f"qk_norm_rope triton kernel needs q, k of one shape [B, S, H, Dh] (got {shapes})"
+    if any(t.dtype not in _DTYPES for t in tensors):
+        return "qk_norm_rope triton kernel supports float32/float16/bfloat16 only"
+    if any(t.device != q.device for t in tensors):
+        return "qk_norm_rope triton kernel needs all tensors on one device"
+    dh = q.shape[-1]
+    if dh > _MAX_HEAD_DIM:
+        return f"qk_norm_rope triton kernel supports head dim <= {_MAX_HEAD_DIM} (got {dh})"
+    if any(w is not None and tuple(w.shape) != (dh,) for w in norms):
+        return f"qk_norm_rope triton kernel needs LayerNorm weight and bias of shape [{dh}]"
+    return _rope_table_problem(cos, sin, q.shape[1] - n_text, dh, "qk_norm_rope")
+
+
+def _attn_problem(q, k, v, cos, sin, n_text) -> str | None:
+    """Why the flash-attention kernel cannot take these inputs, or None when it can."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        shapes = ", ".join(str(list(t.shape)) for t in (q, k, v))
+        return f"rope_attention triton kernel needs q, k, v of one shape [B, H, S, Dh] (got {shapes})"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        dtypes = ", ".join(str(t.dtype) for t in (q, k, v))
+        return f"rope_attention triton kernel needs q, k, v of one dtype, float32/float16/bfloat16 (got {dtypes})"
+    if any(t is not None and t.device != q.device for t in (k, v, cos, sin)):
+        return "rope_attention triton kernel needs all tensors on one device"
+    if q.shape[-1] not in _FLASH_HEAD_DIMS:
+        return f"rope_attention triton kernel supports head dim in {_FLASH_HEAD_DIMS} (got {q.shape[-1]})"
+    if q.dtype == torch.bfloat16 and is_interpreted(_rope_flash_attn_kernel):
+        return "rope_attention: tl.dot on bfloat16 is wrong under TRITON_INTERPRET=1"
+    if q.shape[2] == 0:
+        return "rope_attention triton kernel needs S >= 1"
+    return _rope_table_problem(cos, sin, q.shape[2] - n_text, q.shape[-1], "rope_attention")
 
 
 def qk_norm_rope(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, n_text, eps=1e-6, backend="torch"):
@@ -401,21 +447,9 @@ def qk_norm_rope(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, n_text, eps
     """
     if not use_triton(backend, q.device, _qk_norm_rope_kernel):
         return qk_norm_rope_reference(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, n_text, eps)
-    reason = None
-    tensors = [t for t in (q, k, q_weight, q_bias, k_weight, k_bias, cos, sin) if t is not None]
-    if q.dim() != 4 or q.shape != k.shape:
-        reason = f"qk_norm_rope triton kernel needs q, k of one shape [B, S, H, Dh] (got {list(q.shape)}, {list(k.shape)})"
-    elif any(t.dtype not in _DTYPES for t in tensors):
-        reason = "qk_norm_rope triton kernel supports float32/float16/bfloat16 only"
-    elif any(t.device != q.device for t in tensors):
-        reason = "qk_norm_rope triton kernel needs all tensors on one device"
-    elif q.shape[-1] > _MAX_HEAD_DIM:
-        reason = f"qk_norm_rope triton kernel supports head dim <= {_MAX_HEAD_DIM} (got {q.shape[-1]})"
-    elif any(w is not None and tuple(w.shape) != (q.shape[-1],) for w in (q_weight, q_bias, k_weight, k_bias)):
-        reason = f"qk_norm_rope triton kernel needs LayerNorm weight and bias of shape [{q.shape[-1]}]"
-    else:
+    if q.dim() == 4:
         n_text = _clamp_n_text(n_text, q.shape[1])
-        reason = _rope_table_problem(cos, sin, q.shape[1] - n_text, q.shape[-1], "qk_norm_rope")
+    reason = _qk_problem(q, k, (q_weight, q_bias, k_weight, k_bias), cos, sin, n_text)
     if reason is not None:
         warn_once(reason + "; using the PyTorch reference")
         return qk_norm_rope_reference(q, k, q_weight, q_bias, k_weight, k_bias, cos, sin, n_text, eps)
@@ -432,23 +466,9 @@ def rope_attention(q, k, v, cos=None, sin=None, n_text=0, backend="torch"):
     """
     if not use_triton(backend, q.device, _rope_flash_attn_kernel):
         return rope_flash_attention_reference(q, k, v, cos, sin, n_text)
-    reason = None
-    tensors = [t for t in (q, k, v, cos, sin) if t is not None]
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        reason = f"rope_attention triton kernel needs q, k, v of one shape [B, H, S, Dh] (got {list(q.shape)}, {list(k.shape)}, {list(v.shape)})"
-    elif q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        reason = f"rope_attention triton kernel needs q, k, v of one dtype among float32/float16/bfloat16 (got {q.dtype}, {k.dtype}, {v.dtype})"
-    elif any(t.device != q.device for t in tensors):
-        reason = "rope_attention triton kernel needs all tensors on one device"
-    elif q.shape[-1] not in _FLASH_HEAD_DIMS:
-        reason = f"rope_attention triton kernel supports head dim in {_FLASH_HEAD_DIMS} (got {q.shape[-1]})"
-    elif q.dtype == torch.bfloat16 and is_interpreted(_rope_flash_attn_kernel):
-        reason = "rope_attention: tl.dot on bfloat16 is wrong under TRITON_INTERPRET=1"
-    elif q.shape[2] == 0:
-        reason = "rope_attention triton kernel needs S >= 1"
-    else:
+    if q.dim() == 4:
         n_text = _clamp_n_text(n_text, q.shape[2])
-        reason = _rope_table_problem(cos, sin, q.shape[2] - n_text, q.shape[-1], "rope_attention")
+    reason = _attn_problem(q, k, v, cos, sin, n_text)
     if reason is not None:
         warn_once(reason + "; using the PyTorch reference")
         return rope_flash_attention_reference(q, k, v, cos, sin, n_text)
