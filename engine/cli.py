@@ -38,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae-tiling", action="store_true", help="decode in overlapping tiles (less memory)")
     g.add_argument("--fps", type=float, default=8)
     g.add_argument("--out", default="video.mp4", help="output mp4 path (default video.mp4)")
+    g.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                   help="fused Triton kernels (auto: on CUDA) or the PyTorch references")
+    g.add_argument("--compile", nargs="?", const="default", choices=["default", "max-autotune"], default=None,
+                   help="torch.compile the transformer (optionally with max-autotune)")
+    g.add_argument("--profile", action="store_true", help="print time per stage, compile time, peak memory, "
+                                                           "achieved FLOP/s")
+    g.add_argument("--profile-json", default=None, help="also write the profile as JSON to this path")
+    g.add_argument("--profile-trace", default=None, help="write a torch.profiler Chrome trace to this path")
     _add_recipe_flag(g)
     g.set_defaults(func=cmd_generate)
 
@@ -85,6 +93,10 @@ def cmd_generate(args) -> int:
     steps = args.steps if args.steps is not None else defaults["steps"]
     check_video_shape(frames, height, width)  # every CogVideoX VAE: 4x temporal, 8x spatial, patch 2
     check_sampling(steps, args.guidance, 1, max_steps=1000)
+    for flag in ("profile_json", "profile_trace"):
+        path = getattr(args, flag)
+        if path is not None and (Path(path).is_dir() or not Path(path).expanduser().parent.is_dir()):
+            raise ValueError(f"--{flag.replace('_', '-')} {path} must be a file in an existing directory")
     cuda = torch.cuda.is_available()
     device = args.device or ("cuda" if cuda else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
@@ -101,8 +113,9 @@ def cmd_generate(args) -> int:
     else:
         model = args.model
     recipe = getattr(args, "recipe", None)
-    engine = Engine.load(model, device=device, dtype=dtype, scheduler=args.scheduler,
-                         **({"recipe": recipe} if recipe else {}))
+    compile_mode = {None: False, "default": True, "max-autotune": "max-autotune"}[args.compile]
+    engine = Engine.load(model, device=device, dtype=dtype, scheduler=args.scheduler, kernels=args.kernels,
+                         compile=compile_mode, **({"recipe": recipe} if recipe else {}))
     if args.vae_tiling:
         engine.vae.enable_tiling()
     timings["load"] = time.perf_counter() - t0
@@ -117,7 +130,8 @@ def cmd_generate(args) -> int:
         result = engine.generate(args.prompt, negative_prompt=args.negative_prompt, num_frames=frames,
                                  height=height, width=width, num_inference_steps=steps,
                                  guidance_scale=args.guidance, use_dynamic_cfg=args.dynamic_cfg, seed=args.seed,
-                                 callback_on_step_end=on_step, output_type="np")
+                                 callback_on_step_end=on_step, output_type="np",
+                                 profile_trace=args.profile_trace)
     finally:
         bar.close()
     timings.update(result.timings)
@@ -131,6 +145,11 @@ def cmd_generate(args) -> int:
     f, h, w = result.frames.shape[1:4]
     print(f"wrote {written} ({f} frames, {w}x{h}, {args.fps:g} fps)")
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    if args.profile:
+        print(result.profile.table())
+    if args.profile_json:
+        result.profile.to_json(args.profile_json)
+        print(f"profile written to {args.profile_json}")
     return 0
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cogvx.kernels.adaln import adaptive_layernorm
-from cogvx.kernels.rope_attention import attention, qk_norm_rope
+from cogvx.kernels.rope_attention import attention, qk_norm_rope, rope_attention
 
 from .config import TransformerConfig
 from .positions import Positions, sincos_embedding, video_grid
@@ -115,7 +115,8 @@ class Attention(nn.Module):
         self.norm_q = nn.LayerNorm(dh, eps=1e-6)
         self.norm_k = nn.LayerNorm(dh, eps=1e-6)
         self.to_out = nn.ModuleList([nn.Linear(d, d, bias=True), nn.Dropout(cfg.dropout)])
-        self.backend = "torch"
+        self.backend = "torch"  # QK-norm + RoPE kernel: "torch" (reference) or "triton"
+        self.attention = "sdpa"  # "sdpa" after the QK kernel, or "flash": Triton attention that rotates its tiles
 
     @torch.no_grad()
     def fuse_qkv(self) -> None:
@@ -139,11 +140,13 @@ class Attention(nn.Module):
         else:
             q, k, v = self.to_q(x).view(shape), self.to_k(x).view(shape), self.to_v(x).view(shape)
         cos, sin = rope if rope is not None else (None, None)
-        q, k = qk_norm_rope(
-            q, k, self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias,
-            cos, sin, n_text, self.norm_q.eps, backend=self.backend,
-        )
-        o = attention(q, k, v.transpose(1, 2), backend=self.backend)  # [B, H, S, Dh]
+        norms = (self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias)
+        if self.attention == "flash":  # RoPE applied inside the attention kernel, on its Q/K tiles
+            q, k = qk_norm_rope(q, k, *norms, None, None, n_text, self.norm_q.eps, backend=self.backend)
+            o = rope_attention(q, k, v.transpose(1, 2), cos, sin, n_text, backend="triton")
+        else:
+            q, k = qk_norm_rope(q, k, *norms, cos, sin, n_text, self.norm_q.eps, backend=self.backend)
+            o = attention(q, k, v.transpose(1, 2), backend="torch")  # SDPA, [B, H, S, Dh]
         return self.to_out[0](o.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -229,10 +232,16 @@ class CogVideoXTransformer(nn.Module):
         for blk in self.transformer_blocks:
             blk.attn1.fuse_qkv()
 
-    def set_kernel_backend(self, backend: str) -> None:
+    def set_kernel_backend(self, backend: str, attention: str = "sdpa") -> None:
+        """backend: "torch" (PyTorch references) or "triton" (fused kernels) for the adaptive LayerNorm
+        and QK-norm + RoPE; attention: "sdpa" or "flash" (the Triton attention with RoPE on its tiles)."""
+        if backend not in ("torch", "triton") or attention not in ("sdpa", "flash"):
+            raise ValueError(f"backend must be 'torch' or 'triton' and attention 'sdpa' or 'flash' "
+                             f"(got {backend!r}, {attention!r})")
         for blk in self.transformer_blocks:
             blk.backend = backend
             blk.attn1.backend = backend
+            blk.attn1.attention = attention
 
     # -- forward -------------------------------------------------------------------------
     def forward(

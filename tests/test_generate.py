@@ -84,7 +84,7 @@ def test_no_cfg_and_prompt_path(ckpt_factory):
     """guidance <= 1 runs without the unconditional branch; prompts go through our tokenizer + T5."""
     engine = Engine.load(ckpt_factory("rope"))
     pipe = _pipeline("rope", "CogVideoXDDIMScheduler")
-    pe = engine.encode(["a red fox"], 7)
+    pe = engine.encode(["a red fox"])
     lat = torch.randn(1, 2, 4, 4, 6, generator=torch.Generator().manual_seed(1))
     common = dict(num_frames=5, height=32, width=48, num_inference_steps=3, guidance_scale=1.0)
     expected = pipe(prompt_embeds=pe, latents=lat.clone(), output_type="latent", **common).frames

@@ -1,0 +1,149 @@
+"""What a generate call cost: wall time per stage, compile time apart from run time, peak memory,
+and achieved FLOP/s of the denoising steps from an analytic FLOP count of the transformer."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import TransformerConfig
+
+__all__ = ["Profile", "transformer_flops", "PeakMemory", "stage"]
+
+
+def transformer_flops(cfg: TransformerConfig, batch: int, n_text: int, n_video: int) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one transformer forward on [batch, n_text + n_video] tokens.
+
+    Counts the GEMMs (patch/text embedding, q/k/v/out projections, feed-forward, output head) and
+    attention's two matmuls; elementwise work (norms, RoPE, GELU) is left out, as FLOP/s figures
+    conventionally do.
+    """
+    d, s = cfg.inner_dim, n_text + n_video
+    p, pt = cfg.patch_size, cfg.patch_size_t or 1
+    patch_in = cfg.in_channels * p * p * pt
+    per_block = 2 * s * d * (3 * d) + 2 * s * d * d  # q, k, v, out
+    per_block += 2 * 2 * s * s * d  # Q K^T and P V over all heads
+    per_block += 2 * s * d * (4 * d) * 2  # feed-forward up and down
+    per_block += 2 * 2 * (cfg.time_embed_dim * 6 * d)  # two modulation linears (per sample, tiny)
+    total = cfg.num_layers * per_block
+    total += 2 * n_video * patch_in * d + 2 * n_text * cfg.text_embed_dim * d  # embeddings
+    total += 2 * n_video * d * (p * p * pt * cfg.out_channels_)  # proj_out
+    total += 2 * cfg.time_embed_dim * 2 * d  # output-norm modulation
+    total += 2 * (d * cfg.time_embed_dim + cfg.time_embed_dim**2)  # timestep MLP
+    if cfg.ofs_embed_dim:
+        total += 2 * 2 * cfg.ofs_embed_dim**2
+    return batch * total
+
+
+class PeakMemory:
+    """Peak memory over a region: CUDA allocated/reserved (reset at start), or on the CPU the peak
+    resident set size (Linux VmHWM, reset through /proc/self/clear_refs; else the process maximum)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.result: dict[str, int] = {}
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.result = {
+                "cuda_peak_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
+                "cuda_peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
+            }
+        else:
+            self.result = {"cpu_peak_rss_bytes": _peak_rss()}
+        return False
+
+
+def _peak_rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Profile:
+    """Per-stage wall seconds of one generate call, and what the denoising achieved.
+
+    stages: tokenize+text_encode, compile (first call of a compiled shape), denoise (the loop),
+    vae_decode, save (filled in by ``GenerationResult.save``). steps: seconds per denoising step.
+    """
+
+    stages: dict[str, float] = field(default_factory=dict)
+    steps: list[float] = field(default_factory=list)
+    total_seconds: float = 0.0
+    memory: dict[str, int] = field(default_factory=dict)
+    flops_per_step: int = 0
+    device: str = ""
+    dtype: str = ""
+    shape: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def step_median(self) -> float:
+        return statistics.median(self.steps) if self.steps else 0.0
+
+    @property
+    def tflops(self) -> float:
+        """Achieved TFLOP/s of the denoising steps (median step)."""
+        return self.flops_per_step / self.step_median / 1e12 if self.step_median else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(step_median_seconds=self.step_median, achieved_tflops=self.tflops)
+        return d
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    def table(self) -> str:
+        """A short human-readable table (what ``cogvx generate --profile`` prints)."""
+        rows = [(k, f"{v:9.3f} s") for k, v in self.stages.items()]
+        if self.steps:
+            rows.append(("step (median)", f"{self.step_median:9.3f} s  x {len(self.steps)}"))
+            rows.append(("achieved", f"{self.tflops * 1e3:9.1f} GFLOP/s ({self.flops_per_step / 1e9:.1f} GFLOP/step)"))
+        rows.append(("total", f"{self.total_seconds:9.3f} s"))
+        for k, v in self.memory.items():
+            rows.append((k.replace("_bytes", ""), f"{v / 2**30:9.3f} GiB"))
+        width = max(len(r[0]) for r in rows)
+        head = f"profile ({self.device}, {self.dtype}, {self.shape})"
+        return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+@contextmanager
+def stage(profile: Profile, name: str, device: torch.device):
+    """Time a stage (synchronizing CUDA at both ends so the time is the device's, not the launch's)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        profile.stages[name] = profile.stages.get(name, 0.0) + time.perf_counter() - t0
