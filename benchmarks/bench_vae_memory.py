@@ -7,8 +7,8 @@ resident set size (VmHWM, reset through /proc/self/clear_refs just before the de
 resident size at that moment. The decoded video itself
 (3 x F x H x W floats) is part of the peak and is reported beside it.
 
-    python -m benchmarks.bench_vae_memory                      # CPU: 64x96 px, fp32
-    python -m benchmarks.bench_vae_memory --height 480 --width 720 --frames 9 17 25 49   # GPU
+    python benchmarks/bench_vae_memory.py                      # CPU: 64x96 px, fp32
+    python benchmarks/bench_vae_memory.py --height 480 --width 720 --frames 9 17 25 49   # GPU
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     rows = []
     for mode in args.modes:
         for f in args.frames:
-            cmd = [sys.executable, "-m", "benchmarks.bench_vae_memory", "--child", mode, str(f),
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, str(f),
                    str(args.height), str(args.width), dtype, device]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
             if out.returncode:

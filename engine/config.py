@@ -150,6 +150,11 @@ PRESETS: dict[str, ModelPreset] = {
         TransformerConfig(in_channels=32, out_channels=16, ofs_embed_dim=512, **_15),
         torch.bfloat16, 768, 1360, 81, scheduler="CogVideoXDPMScheduler", image_to_video=True,
     ),
+    # The CPU benchmark shape: 2b block dimensions, 2 layers, 9 frames at 240x352, fp32.
+    "cpu-bench": ModelPreset(
+        "cpu-bench", TransformerConfig(num_attention_heads=30, num_layers=2, **_V10), torch.float32, 240, 352, 9,
+        vae_scaling_factor=1.15258426,
+    ),
     # Small enough for a 2-core CPU test; RoPE so the 5b code path is what the tests exercise.
     "tiny": ModelPreset(
         "tiny",

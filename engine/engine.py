@@ -150,13 +150,59 @@ class Engine:
             raise ValueError(f"compile must be False, True or 'max-autotune' (got {compile!r})")
         backend = resolve_backend(kernels, dev)
         parts = load_components(model_dir, dev, dt, fuse_qkv=fuse_qkv, scheduler=scheduler, recipe=recipe)
-        engine = cls(**parts, device=dev, dtype=dt, model_dir=model_dir)
+        return cls(**parts, device=dev, dtype=dt, model_dir=model_dir)._finish(backend, kernels, compile,
+                                                                              compile_cache_dir)
+
+    @classmethod
+    def from_preset(
+        cls,
+        preset: str,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        *,
+        recipe: str | dict[str, str] | None = None,
+        kernels: str = "auto",
+        compile: bool | str = False,
+        compile_cache_dir: str | os.PathLike | None = None,
+        text_encoder: bool = True,
+        vae: bool = True,
+        seed: int = 0,
+    ) -> "Engine":
+        """A real-shape model (``cogvx.engine.config.PRESETS``) with random weights, built on the device:
+        for benchmarks when no checkpoint is on disk. dtype defaults to the preset's on CUDA, float32
+        on the CPU; ``text_encoder=False`` / ``vae=False`` leave those out (pass prompt_embeds, and
+        output_type="latent")."""
+        from .config import get_preset
+        from .loader import quantize_text_encoder, quantize_transformer
+        from .random_model import random_components
+
+        p = get_preset(preset)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype or (p.dtype if dev.type == "cuda" else torch.float32), dev)
+        backend = resolve_backend(kernels, dev)
+        if compile not in (False, True, "max-autotune"):
+            raise ValueError(f"compile must be False, True or 'max-autotune' (got {compile!r})")
+        requested = {}
+        if recipe is not None:
+            from cogvx.quantize import resolve_recipes
+
+            requested = resolve_recipes(recipe, dev)
+        parts = random_components(preset, dev, dt, text_encoder=text_encoder, vae=vae, seed=seed)
+        if "text_encoder" in requested:
+            quantize_text_encoder(parts["text_encoder"], requested["text_encoder"], parts["tokenizer"])
+        if "transformer" in requested:
+            quantize_transformer(parts["transformer"], requested["transformer"], parts["tokenizer"],
+                                 parts["text_encoder"], dt)
+        parts["recipes"] = {c: r.name for c, r in requested.items()}
+        return cls(**parts, device=dev, dtype=dt)._finish(backend, kernels, compile, compile_cache_dir)
+
+    def _finish(self, backend: str, kernels: str, compile, compile_cache_dir) -> "Engine":
         # "auto" keeps SDPA for attention: the fused flash kernel has not been measured faster (issue note).
-        engine.transformer.set_kernel_backend(backend, "flash" if kernels == "triton" else "sdpa")
-        engine.kernels = kernels
+        self.transformer.set_kernel_backend(backend, "flash" if kernels == "triton" else "sdpa")
+        self.kernels = kernels
         if compile:
-            engine.compile(compile, compile_cache_dir)
-        return engine
+            self.compile(compile, compile_cache_dir)
+        return self
 
     def compile(self, mode: bool | str = True, cache_dir: str | os.PathLike | None = None) -> None:
         """Compile the transformer forward (fullgraph, static shapes) with a persistent cache."""
@@ -349,12 +395,13 @@ class Engine:
             torch.cuda.synchronize(self.device)
         return out
 
-    def save_quantized(self, out_dir: str | os.PathLike) -> Path:
+    def save_quantized(self, out_dir: str | os.PathLike, **kwargs) -> Path:
         """Write this engine's (quantized) components as a diffusers-layout checkpoint that
-        ``Engine.load`` reads back without re-quantizing; atomic (a temporary directory renamed at the end)."""
+        ``Engine.load`` reads back without re-quantizing; atomic (a temporary directory renamed at the end).
+        kwargs: ``overwrite``, ``max_shard_bytes`` (``cogvx.quantize.serialization.save_quantized``)."""
         from cogvx.quantize.serialization import save_quantized
 
-        return save_quantized(self, out_dir)
+        return save_quantized(self, out_dir, **kwargs)
 
     def encode(self, prompts: list[str], max_length: int = 226) -> torch.Tensor:
         """T5 embeddings [B, max_length, text_embed_dim] of prompts, in the engine dtype."""

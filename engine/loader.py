@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from .weights import CheckpointError, load_into, read_state_dict
 
 __all__ = [
     "resolve_model_dir", "read_model_index", "load_transformer", "build_transformer", "load_components",
-    "CheckpointError",
+    "quantize_transformer", "quantize_text_encoder", "text_encoder_dtype", "CheckpointError",
 ]
 
 # Components a text-to-video pipeline needs, with the file each must hold.
@@ -120,31 +121,125 @@ def load_components(
     """Every component of a checked checkpoint directory, loaded once.
 
     Returns a dict with "transformer", "scheduler", "tokenizer", "text_encoder" and "vae" (None when
-    ``with_vae`` is False), and "recipes" ({component: recipe name} of what was quantized). Cheap reads and checks come first, so that a broken checkpoint fails before
-    gigabytes of weights are read.
+    ``with_vae`` is False), and "recipes" ({component: recipe name} of what is quantized). Cheap reads
+    and checks come first (recipe names and availability, quantization files), so that a bad request
+    or a broken checkpoint fails before gigabytes of weights are read.
+
+    recipe: a recipe name for the transformer or {component: name} (``cogvx.quantize.RECIPES``),
+        applied after loading the full-precision weights. A component folder that holds a quantized
+        checkpoint (``quantization.json``) loads as saved, never re-quantized; asking for a different
+        recipe for it is an error.
     """
     from .schedulers import load_scheduler
     from .text_encoder import PromptTokenizer, load_text_encoder
 
     read_model_index(model_dir, {**REQUIRED, **({"vae": "config.json"} if with_vae else {})})
     t_cfg = TransformerConfig.from_json(model_dir / "transformer" / "config.json")
+    requested, saved = _check_quantization(model_dir, device, dtype, recipe)
     sched = load_scheduler(model_dir / "scheduler", class_name=scheduler)
     tokenizer = PromptTokenizer.from_dir(model_dir / "tokenizer")
-    # T5 overflows in fp16: keep it in bf16 on GPUs, fp32 on the CPU.
-    te_dtype = dtype if dtype != torch.float16 else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    text_encoder = load_text_encoder(model_dir / "text_encoder", device=device, dtype=te_dtype)
+    te_dtype = text_encoder_dtype(dtype, device)
+    if "text_encoder" in saved:
+        from cogvx.quantize.serialization import load_quantized_text_encoder
+
+        text_encoder = load_quantized_text_encoder(model_dir / "text_encoder", device, te_dtype,
+                                                   info=saved["text_encoder"])
+    else:
+        text_encoder = load_text_encoder(model_dir / "text_encoder", device=device, dtype=te_dtype)
     if text_encoder.config.d_model != t_cfg.text_embed_dim:
         raise CheckpointError(
             f"{model_dir}: the text encoder gives {text_encoder.config.d_model}-dim embeddings but the "
             f"transformer expects text_embed_dim={t_cfg.text_embed_dim}"
         )
+    if "text_encoder" in requested:
+        quantize_text_encoder(text_encoder, requested["text_encoder"], tokenizer)
     vae = None
     if with_vae:
         from .vae import load_vae
 
         vae = load_vae(model_dir / "vae", device=device, dtype=dtype)
-    transformer = load_transformer(model_dir / "transformer", device=device, dtype=dtype, fuse_qkv=fuse_qkv)
-    if recipe is not None:
-        raise NotImplementedError("quantization recipes are not wired in yet")
+    if "transformer" in saved:
+        from cogvx.quantize.serialization import load_quantized_transformer
+
+        transformer = load_quantized_transformer(model_dir / "transformer", device, dtype, fuse_qkv=fuse_qkv,
+                                                 info=saved["transformer"])
+    else:
+        transformer = load_transformer(model_dir / "transformer", device=device, dtype=dtype, fuse_qkv=fuse_qkv)
+    if "transformer" in requested:
+        quantize_transformer(transformer, requested["transformer"], tokenizer, text_encoder, dtype)
+    recipes = {c: info["recipe"]["name"] for c, info in saved.items()}
+    recipes.update({c: r.name for c, r in requested.items()})
     return dict(transformer=transformer, scheduler=sched, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                recipes={})
+                recipes=recipes)
+
+
+def _check_quantization(model_dir: Path, device: torch.device, dtype: torch.dtype, recipe) -> tuple[dict, dict]:
+    """(recipes to apply {component: Recipe}, quantized folders {component: quantization info}).
+
+    Every recipe, requested or saved, must run on ``device``; a saved one loads only in the dtype it
+    was exported in; a requested recipe for a component that is already quantized must be the saved
+    one (it is then not applied again).
+    """
+    from cogvx.quantize import check_runnable, resolve_recipes
+    from cogvx.quantize.filters import COMPONENTS
+    from cogvx.quantize.serialization import check_load_dtype, read_quantization
+
+    requested = resolve_recipes(recipe, device)
+    saved = {}
+    for comp in COMPONENTS:
+        info = read_quantization(model_dir / comp)
+        if info is None:
+            continue
+        name = info["recipe"]["name"]
+        check_runnable(name, device)
+        comp_dtype = text_encoder_dtype(dtype, device) if comp == "text_encoder" else dtype
+        check_load_dtype(info, model_dir / comp, comp_dtype)
+        if comp in requested:
+            if requested[comp].name != name:
+                raise CheckpointError(
+                    f"{model_dir / comp} is already quantized with {name!r}; it loads as saved: drop "
+                    f"recipe {requested[comp].name!r} for the {comp}, or quantize the full-precision checkpoint"
+                )
+            del requested[comp]
+        saved[comp] = info
+    return requested, saved
+
+
+def quantize_transformer(transformer, recipe, tokenizer=None, text_encoder=None, dtype=torch.float32) -> None:
+    """Apply ``recipe`` to a loaded transformer; a recipe with static activation scales is calibrated
+    on a CFG pair of stock prompts embedded by ``text_encoder`` (``cogvx.quantize.calibration``)."""
+    from cogvx.quantize import get_recipe, quantize_
+    from cogvx.quantize.calibration import CALIBRATION_PROMPTS, transformer_calibration
+
+    recipe = get_recipe(recipe)
+    calibrate = None
+    if recipe.needs_calibration:
+        from .text_encoder import PromptTruncationWarning, encode_prompts
+
+        if tokenizer is None or text_encoder is None:
+            raise ValueError(f"recipe {recipe.name!r} calibrates on prompt embeddings: pass tokenizer and text_encoder")
+        with warnings.catch_warnings():  # a tiny test model's text length truncates the stock prompts
+            warnings.simplefilter("ignore", PromptTruncationWarning)
+            embeds = encode_prompts(tokenizer, text_encoder, list(CALIBRATION_PROMPTS[:2]),
+                                    transformer.config.max_text_seq_length, dtype=dtype)
+        calibrate = transformer_calibration(embeds)
+    quantize_(transformer, recipe, "transformer", calibrate=calibrate)
+
+
+def quantize_text_encoder(text_encoder, recipe, tokenizer=None) -> None:
+    """Apply ``recipe`` to a loaded T5 encoder (calibrated on stock prompts when the recipe needs it)."""
+    from cogvx.quantize import get_recipe, quantize_
+    from cogvx.quantize.calibration import CALIBRATION_PROMPTS, text_encoder_calibration
+
+    recipe = get_recipe(recipe)
+    calibrate = None
+    if recipe.needs_calibration:
+        if tokenizer is None:
+            raise ValueError(f"recipe {recipe.name!r} calibrates on prompts: pass the tokenizer")
+        calibrate = text_encoder_calibration(tokenizer(list(CALIBRATION_PROMPTS)).input_ids)
+    quantize_(text_encoder, recipe, "text_encoder", calibrate=calibrate)
+
+
+def text_encoder_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """T5 overflows in fp16: it runs in bf16 on GPUs and fp32 on the CPU when fp16 is asked for."""
+    return dtype if dtype != torch.float16 else (torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -1,0 +1,73 @@
+"""A real-shape pipeline with random weights, built straight on the target device: what GPU
+benchmarks run when no checkpoint is on disk (DESIGN §3 "Real-shape presets")."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import get_preset
+from .loader import build_transformer
+from .schedulers import SCHEDULERS, SchedulerConfig
+from .text_encoder import PromptTokenizer
+from .tiny_tokenizer import make_tiny_tokenizer
+from .vae import CogVideoXVAE, VAEConfig
+
+__all__ = ["random_components", "T5_XXL"]
+
+# The released CogVideoX text encoder (T5 v1.1 XXL encoder, 4.7B parameters).
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, dropout_rate=0.0)
+
+
+@torch.no_grad()
+def _init_(module: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
+    """Seeded normal weights, LayerNorm/GroupNorm weights at 1 and biases at 0, drawn on the module's device."""
+    g = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    for mod in module.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)) or name == "bias":
+                p.fill_(1.0 if name == "weight" else 0.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32) * std)
+    return module
+
+
+def random_components(preset: str, device: torch.device, dtype: torch.dtype, *, text_encoder: bool = True,
+                      vae: bool = True, seed: int = 0) -> dict:
+    """Engine components of a preset with random weights (keys as ``loader.load_components``).
+
+    The tokenizer is a small sentencepiece model (its ids fall inside T5's vocabulary); the T5-XXL
+    encoder is real-size unless the preset is ``tiny``. Weights are materialized once, on ``device``.
+    """
+    p = get_preset(preset)
+    cfg = p.transformer
+    transformer = build_transformer(cfg).to_empty(device=device)
+    _init_(transformer, seed)
+    transformer = transformer.to(dtype)
+    tok_dir = Path(tempfile.mkdtemp(prefix="cogvx-tok-"))
+    make_tiny_tokenizer(tok_dir)
+    tokenizer = PromptTokenizer.from_dir(tok_dir)
+    te = None
+    if text_encoder:
+        from transformers import T5Config, T5EncoderModel
+
+        kw = dict(T5_XXL) if cfg.text_embed_dim == 4096 else dict(
+            T5_XXL, d_model=cfg.text_embed_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+        with torch.device("meta"):
+            te = T5EncoderModel(T5Config(**kw))
+        te = _init_(te.to_empty(device=device), seed + 1)
+        te.encoder.embed_tokens.weight = te.shared.weight
+        te = te.to(dtype if dtype != torch.float16 else torch.bfloat16).eval()
+    v = None
+    if vae:
+        vcfg = VAEConfig.tiny() if preset == "tiny" else VAEConfig(scaling_factor=p.vae_scaling_factor)
+        with torch.device("meta"):
+            v = CogVideoXVAE(vcfg)
+        v = _init_(v.to_empty(device=device), seed + 2).to(dtype).eval()
+    scheduler = SCHEDULERS[p.scheduler](SchedulerConfig())
+    return dict(transformer=transformer.eval().requires_grad_(False), scheduler=scheduler, tokenizer=tokenizer,
+                text_encoder=te, vae=v, recipes={})

@@ -1,0 +1,202 @@
+"""The registry of named quantization recipes (DESIGN §3: recipes are data).
+
+A recipe is a frozen dataclass: its name, the backend library that runs it, the backend's settings,
+the module filter per component, and what hardware it needs. ``RECIPES[name]`` is the only way a
+recipe is chosen; nothing is inferred from file names. ``availability(recipe, device)`` says
+whether this machine can run it and, if not, why.
+
+Accuracy on the fixed tiny checkpoint (tests/test_quantize_accuracy.py; fp32, CPU): SQNR of one
+transformer forward and PSNR of decoded frames after a 4-step seeded generation, both against the
+unquantized fp32 model. The floors are what the tests assert (a few dB below the measured value;
+measured values in tests/quantize_accuracy.json).
+
+    recipe        backend  SQNR dB (floor)   PSNR dB (floor)   runs on this CPU
+    int8wo        torchao  53.6 (50)         67.0 (63)         yes
+    int8dq        torchao  49.1 (46)         51.9 (48)         yes (slow)
+    fp8wo         torchao  41.5 (38)         53.2 (50)         yes
+    fp8dq         torchao  -                 -                 needs CUDA SM 8.9+
+    fp8dq-row     torchao  -                 -                 needs CUDA SM 8.9+
+    quanto-int8   quanto   53.7 (50)         67.4 (63)         yes
+    quanto-fp8    quanto   41.5 (38)         53.2 (50)         yes
+    quanto-w8a8   quanto   36.9 (33)         41.8 (38)         yes
+    bnb-int8      bnb      49.3 (46)         52.0 (48)         yes
+    bnb-nf4       bnb      23.8 (20)         37.2 (33)         yes
+
+int8 weight-only sits 12 dB above fp8 weight-only (per-channel int8 keeps ~8 bits per weight where
+e4m3 keeps 4). Recipes that also quantize activations (int8dq, quanto-w8a8, and bnb-int8, whose
+LLM.int8 matmul quantizes activations row-wise) lose more end to end than their single-forward SQNR
+suggests: the error compounds over the denoising steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .backends import backend_status
+from .filters import COMPONENTS, DEFAULT_FILTERS, ModuleFilter, default_filter
+
+__all__ = [
+    "Recipe", "RecipeError", "RECIPES", "get_recipe", "availability", "runnable_recipes", "check_runnable",
+    "resolve_recipes", "parse_recipe_spec",
+]
+
+
+class RecipeError(ValueError):
+    """An unknown recipe, a recipe this machine cannot run, or a malformed recipe argument."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One quantization recipe.
+
+    name: registry key (``int8wo``). backend: "torchao", "quanto" or "bnb".
+    settings: backend knobs as (key, value) pairs (a tuple keeps the dataclass hashable);
+        read them through :attr:`options`.
+    filters: (component, ModuleFilter) pairs; components not listed use the default filter.
+    needs_cuda_capability: minimum CUDA compute capability, or None when the CPU can run it.
+    needs_calibration: activation scales are static and are measured on sample inputs at quantization time.
+    """
+
+    name: str
+    backend: str
+    description: str
+    settings: tuple[tuple[str, Any], ...] = ()
+    filters: tuple[tuple[str, ModuleFilter], ...] = ()
+    needs_cuda_capability: tuple[int, int] | None = None
+    needs_calibration: bool = False
+    cpu_note: str = ""
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    def filter_for(self, component: str) -> ModuleFilter:
+        return dict(self.filters).get(component) or default_filter(component)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, saved next to a quantized checkpoint."""
+        return {
+            "name": self.name, "backend": self.backend, "settings": dict(self.settings),
+            "filters": {c: self.filter_for(c).to_dict() for c in COMPONENTS},
+        }
+
+
+def _fp8_filters() -> tuple[tuple[str, ModuleFilter], ...]:
+    # torch._scaled_mm needs both GEMM dims to be multiples of 16.
+    return tuple((c, f.with_dims_multiple_of(16)) for c, f in DEFAULT_FILTERS.items())
+
+
+_SM89 = (8, 9)
+_RECIPES = [
+    Recipe("int8wo", "torchao", "int8 weight-only, per-channel scales",
+           (("config", "Int8WeightOnlyConfig"),)),
+    Recipe("int8dq", "torchao", "int8 dynamic per-token activations + int8 per-channel weights",
+           (("config", "Int8DynamicActivationInt8WeightConfig"),),
+           cpu_note="runs; much slower than fp32 on a CPU (DESIGN §7: 25x on an AVX2 CPU)"),
+    Recipe("fp8wo", "torchao", "float8 e4m3 weight-only, per-channel scales",
+           (("config", "Float8WeightOnlyConfig"),)),
+    Recipe("fp8dq", "torchao", "float8 e4m3 dynamic activations + weights, per-tensor scales",
+           (("config", "Float8DynamicActivationFloat8WeightConfig"), ("granularity", "PerTensor")),
+           _fp8_filters(), needs_cuda_capability=_SM89),
+    Recipe("fp8dq-row", "torchao", "float8 e4m3 dynamic activations + weights, per-row scales",
+           (("config", "Float8DynamicActivationFloat8WeightConfig"), ("granularity", "PerRow")),
+           _fp8_filters(), needs_cuda_capability=_SM89),
+    Recipe("quanto-int8", "quanto", "optimum-quanto int8 weights, per-channel scales",
+           (("weights", "qint8"), ("activations", None))),
+    Recipe("quanto-fp8", "quanto", "optimum-quanto float8 e4m3 weights, per-channel scales",
+           (("weights", "qfloat8"), ("activations", None))),
+    Recipe("quanto-w8a8", "quanto", "optimum-quanto int8 weights + int8 activations (static scales, calibrated)",
+           (("weights", "qint8"), ("activations", "qint8")), needs_calibration=True),
+    Recipe("bnb-int8", "bnb", "bitsandbytes LLM.int8 (int8 weights, fp16 outlier columns above 6.0)",
+           (("kind", "int8"), ("threshold", 6.0))),
+    Recipe("bnb-nf4", "bnb", "bitsandbytes 4-bit NormalFloat, blocks of 64, double-quantized scales",
+           (("kind", "nf4"), ("blocksize", 64), ("compress_statistics", True))),
+]
+RECIPES: dict[str, Recipe] = {r.name: r for r in _RECIPES}
+
+
+def get_recipe(name: str | Recipe) -> Recipe:
+    if isinstance(name, Recipe):
+        return name
+    try:
+        return RECIPES[name]
+    except (KeyError, TypeError):
+        raise RecipeError(f"unknown quantization recipe {name!r}; known recipes: {', '.join(RECIPES)}") from None
+
+
+def availability(recipe: str | Recipe, device: str | torch.device = "cpu") -> tuple[bool, str]:
+    """(runs here, reason). The reason names what is missing, or notes a caveat when it runs."""
+    r = get_recipe(recipe)
+    dev = torch.device(device)
+    ok, why = backend_status(r.backend)
+    if not ok:
+        return False, why
+    if r.needs_cuda_capability is not None:
+        need = "%d.%d" % r.needs_cuda_capability
+        if dev.type != "cuda":
+            return False, f"needs a CUDA GPU with compute capability >= {need} (device is {dev})"
+        cap = torch.cuda.get_device_capability(dev)
+        if cap < r.needs_cuda_capability:
+            return False, (f"needs CUDA compute capability >= {need}; {torch.cuda.get_device_name(dev)} "
+                           f"is {cap[0]}.{cap[1]}")
+    return True, (r.cpu_note if dev.type == "cpu" else "")
+
+
+def runnable_recipes(device: str | torch.device = "cpu") -> list[str]:
+    return [n for n in RECIPES if availability(n, device)[0]]
+
+
+def check_runnable(recipe: str | Recipe, device: str | torch.device = "cpu") -> Recipe:
+    """The recipe, or a RecipeError saying why it cannot run here and which recipes would."""
+    r = get_recipe(recipe)
+    ok, why = availability(r, device)
+    if not ok:
+        raise RecipeError(
+            f"recipe {r.name!r} cannot run on {torch.device(device)}: {why}. Recipes that run here: "
+            f"{', '.join(runnable_recipes(device)) or 'none'} (see `cogvx recipes`)"
+        )
+    return r
+
+
+def parse_recipe_spec(spec: str | Mapping[str, str] | None) -> dict[str, str]:
+    """{component: recipe name} from ``"int8wo"`` (the transformer), ``"transformer=fp8dq-row,text_encoder=int8wo"``
+    or a mapping; names and components are checked, availability is not."""
+    if spec is None:
+        return {}
+    if isinstance(spec, Recipe):
+        return {"transformer": spec.name}
+    if isinstance(spec, str):
+        s = spec.strip()
+        if not s:
+            raise RecipeError("empty recipe; give a name (int8wo) or component=name pairs "
+                              "(transformer=fp8dq-row,text_encoder=int8wo)")
+        if "=" not in s and "," not in s:
+            spec = {"transformer": s}
+        else:
+            pairs = {}
+            for part in s.split(","):
+                comp, eq, name = (x.strip() for x in part.partition("="))
+                if not eq or not comp or not name:
+                    raise RecipeError(f"bad recipe item {part.strip()!r} in {spec!r}; expected component=name, "
+                                      "e.g. transformer=int8wo,text_encoder=int8wo")
+                if comp in pairs:
+                    raise RecipeError(f"component {comp!r} is given twice in {spec!r}")
+                pairs[comp] = name
+            spec = pairs
+    if not isinstance(spec, Mapping):
+        raise RecipeError(f"recipe must be a name or a {{component: name}} mapping (got {type(spec).__name__})")
+    out = {}
+    for comp, name in spec.items():
+        if comp not in COMPONENTS:
+            raise RecipeError(f"cannot quantize component {comp!r}; quantizable components: {', '.join(COMPONENTS)}")
+        out[comp] = get_recipe(name).name
+    return out
+
+
+def resolve_recipes(spec, device: str | torch.device = "cpu") -> dict[str, Recipe]:
+    """Parse ``spec`` and check that every recipe runs on ``device`` (before any weight is read)."""
+    return {c: check_runnable(n, device) for c, n in parse_recipe_spec(spec).items()}
