@@ -147,7 +147,7 @@ class VAEConfig:
 
     @classmethod
     def tiny(cls) -> "VAEConfig":
-        """A few-thousand-parameter VAE with the real 8x spatial / 4x temporal compression, for tests."""
+        """A 56k-parameter VAE with the real 8x spatial / 4x temporal compression, for tests."""
         return cls(block_out_channels=(4, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
                    sample_height=64, sample_width=64)
 
@@ -158,17 +158,20 @@ class ConvCache:
     One object per stream of batches (a whole video, or one spatial tile of it), created by the batch
     loop and passed explicitly through ``forward``. Each CausalConv3d takes its entry out (so the previous
     batch's frames are freed as soon as they are used) and puts back the tail of its current input. An
-    empty cache means "first batch": the conv then pads with copies of the first frame.
+    empty cache means "first batch": the conv then pads with copies of the first frame. During the last
+    batch (``keep = False``) nothing is put back, so the cache empties as the batch runs.
     """
 
     def __init__(self) -> None:
         self._tails: dict[nn.Module, torch.Tensor] = {}
+        self.keep = True
 
     def take(self, conv: nn.Module) -> torch.Tensor | None:
         return self._tails.pop(conv, None)
 
     def put(self, conv: nn.Module, tail: torch.Tensor) -> None:
-        self._tails[conv] = tail
+        if self.keep:
+            self._tails[conv] = tail
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tails.values())
@@ -203,7 +206,7 @@ class CausalConv3d(nn.Module):
             head = prev if prev is not None else x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)
             x = torch.cat([head, x], dim=2)
             del prev, head
-            if cache is not None:  # clone: a view would keep the whole padded input alive
+            if cache is not None and cache.keep:  # clone: a view would keep the whole padded input alive
                 cache.put(self, x[:, :, -self.time_pad:].clone())
         return safe_conv3d(self.conv, x)
 
@@ -516,7 +519,9 @@ class CogVideoXVAE(nn.Module):
     def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
         """Causal decode of one video or tile over latent-frame batches sharing one ConvCache."""
         cache, out = ConvCache(), []
-        for frames in frame_batches(z.shape[2], self.num_latent_frames_batch_size):
+        batches = frame_batches(z.shape[2], self.num_latent_frames_batch_size)
+        for i, frames in enumerate(batches):
+            cache.keep = i + 1 < len(batches)
             zi = z[:, :, frames]
             if self.post_quant_conv is not None:
                 zi = self.post_quant_conv(zi)
@@ -544,7 +549,9 @@ class CogVideoXVAE(nn.Module):
 
     def _encode_frames(self, x: torch.Tensor) -> torch.Tensor:
         cache, out = ConvCache(), []
-        for frames in frame_batches(x.shape[2], self.num_sample_frames_batch_size):
+        batches = frame_batches(x.shape[2], self.num_sample_frames_batch_size)
+        for i, frames in enumerate(batches):
+            cache.keep = i + 1 < len(batches)
             h = self.encoder(x[:, :, frames], cache)
             out.append(h if self.quant_conv is None else self.quant_conv(h))
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)

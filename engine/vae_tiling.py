@@ -8,8 +8,9 @@ is blended against neighbours that were themselves already blended: the result i
 this module keeps the order.
 
 Memory: diffusers keeps every tile's output until all tiles are done. Here a finished row is cropped
-into the result as soon as the row below it has been blended, so at most two rows of tile outputs are
-alive next to the result. The numbers do not change: blending row ``i`` only reads row ``i - 1``.
+into the result at once, and only the bottom ``blend`` rows of its tiles are kept for the row below, so
+one row of tile outputs is alive next to the result. The numbers do not change: blending row ``i`` only
+reads the bottom strip of row ``i - 1``.
 """
 
 from __future__ import annotations
@@ -97,7 +98,10 @@ def tiled_map(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], grid:
                 blend_h(row[-1], tile, bw)
             row.append(tile)
         rows.append(torch.cat([t[:, :, :, :kh, :kw] for t in row], dim=4))
-        above = row  # the previous row of tiles is released here: nothing below it reads it again
+        # The next row only reads the bottom `bh` rows of these tiles: keep copies of those strips and
+        # let the full tiles go (blend_v clamps its extent to the strip height, which is the same extent).
+        above = [t[:, :, :, t.shape[3] - min(bh, t.shape[3]):].clone() for t in row]
+        del row
     return torch.cat(rows, dim=3)
 
 
