@@ -14,48 +14,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
-import re
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from _util import REPO, copy_bandwidth_gbps, git_commit, write_results  # noqa: E402  (benchmarks/ is sys.path[0])
 N_TEXT, N_VIDEO = 226, 17_550  # 720x480, 49 frames: 13 x 30 x 45 latent patches
 MODELS = {"2b": 1920, "5b": 3072}  # model -> hidden size D
-
-
-def git_commit() -> tuple[str, bool]:
-    """Short commit of the working tree and whether it has uncommitted changes."""
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
-        dirty = bool(subprocess.check_output(["git", "status", "--porcelain"], cwd=REPO, text=True).strip())
-        return commit, dirty
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown", False
-
-
-def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy: (read + write) bytes / median time, in GB/s."""
-    from triton.testing import do_bench
-
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def write_results(name: str, payload: dict) -> Path:
-    device = re.sub(r"[^A-Za-z0-9]+", "-", payload["device"]).strip("-")
-    date = datetime.date.today().strftime("%Y%m%d")
-    path = REPO / "benchmarks" / "results" / f"{name}-{device}-{date}-{payload['commit']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
 
 
 def make_inputs(B: int, D: int, dtype: torch.dtype, residual: bool) -> dict:

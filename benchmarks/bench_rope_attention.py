@@ -15,51 +15,19 @@ Needs a CUDA device; writes benchmarks/results/rope_attention-<device>-<date>-<c
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
+import datetime
 import platform
-import re
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
+from _util import REPO, copy_bandwidth_gbps, git_commit, write_results  # noqa: E402  (benchmarks/ is sys.path[0])
 N_TEXT, N_VIDEO = 226, 17_550  # 720x480, 49 frames: 13 x 30 x 45 latent patches
 HEAD_DIM = 64
 MODELS = {"2b": (30, False), "5b": (48, True)}  # model -> (heads, has RoPE)
-
-
-def git_commit() -> tuple[str, bool]:
-    """Short commit of the working tree and whether it has uncommitted changes."""
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
-        dirty = bool(subprocess.check_output(["git", "status", "--porcelain"], cwd=REPO, text=True).strip())
-        return commit, dirty
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown", False
-
-
-def copy_bandwidth_gbps(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy: (read + write) bytes / median time, in GB/s."""
-    from triton.testing import do_bench
-
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
-    return 2 * nbytes / (ms * 1e-3) / 1e9
-
-
-def write_results(name: str, payload: dict) -> Path:
-    device = re.sub(r"[^A-Za-z0-9]+", "-", payload["device"]).strip("-")
-    date = datetime.date.today().strftime("%Y%m%d")
-    path = REPO / "benchmarks" / "results" / f"{name}-{device}-{date}-{payload['commit']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
 
 
 def rope_tables(n_video: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +126,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--batch", type=int, default=2, help="2 = classifier-free guidance (uncond + cond)")
+    parser.add_argument("--record", action="store_true",
+                        help="write the faster attention path per shape to kernels/attention_choice.json, "
+                             "which Engine.load(kernels='auto') reads")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_rope_attention needs a CUDA device (none found); nothing was measured.")
@@ -182,7 +153,29 @@ def main() -> int:
         "results": record.rows,
     })  # fmt: skip
     print(f"wrote {path.relative_to(REPO)}")
+    if args.record:
+        record_choice(device, getattr(torch, args.dtype), record.rows)
     return 0
+
+
+def record_choice(device: str, dtype: torch.dtype, rows: list[dict]) -> None:
+    """Per model shape: the flash path (QK-norm without RoPE + fused attention) against SDPA after the
+    fused QK-norm + RoPE kernel; the faster one goes to kernels/attention_choice.json."""
+    from cogvx.kernels.select import CHOICE_FILE, shape_key
+
+    def ms(model, kernel, provider):
+        return next((r["median_ms"] for r in rows if (r["model"], r["kernel"], r["provider"]) ==
+                     (model, kernel, provider)), None)
+
+    table = json.loads(CHOICE_FILE.read_text()) if CHOICE_FILE.exists() else {}
+    for model, (heads, _) in MODELS.items():
+        flash, sdpa, qk = ms(model, "attention", "ours"), ms(model, "attention", "sdpa"), ms(model, "qk_norm_rope", "ours")
+        if None in (flash, sdpa, qk):
+            continue
+        # The QK kernel runs on both paths (with or without rotation: same bytes), so attention decides.
+        table.setdefault(device, {})[shape_key(heads, N_TEXT + N_VIDEO, dtype)] = "flash" if flash < sdpa else "sdpa"
+    CHOICE_FILE.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    print(f"recorded attention choice in {CHOICE_FILE}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Each configuration runs in its own process so peaks do not mix. The model is the
 architecture (VAEConfig.real("5b")) with random weights. On CUDA the figure is
 torch.cuda.max_memory_allocated above the memory held before the decode; on the CPU it is the peak
 resident set size (VmHWM, reset through /proc/self/clear_refs just before the decode) above the
-resident size at that moment. The decoded video itself
+resident size at that moment; the children run with glibc's mmap threshold lowered so that resident
+size tracks live memory (otherwise the heap glibc keeps after frees grows with every frame batch). The decoded video itself
 (3 x F x H x W floats) is part of the peak and is reported beside it.
 
     python benchmarks/bench_vae_memory.py                      # CPU: 64x96 px, fp32
@@ -15,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _util import git_commit, results_path  # benchmarks/ is sys.path[0]
 
 MODES = ("frame-batched", "tiled", "one-batch")
 
@@ -67,7 +71,7 @@ def _child(mode: str, frames: int, height: int, width: int, dtype_name: str, dev
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--frames", type=int, nargs="+", default=[9, 17, 33])
+    p.add_argument("--frames", type=int, nargs="+", default=[9, 17, 33, 49])
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--width", type=int, default=96)
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
@@ -88,7 +92,11 @@ def main(argv=None) -> int:
         for f in args.frames:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, str(f),
                    str(args.height), str(args.width), dtype, device]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+            # Large buffers through mmap: freed memory goes back to the OS at once, so the resident-size
+            # peak follows live memory instead of glibc's retained heap (which grows with every batch).
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                                 env=env)
             if out.returncode:
                 print(out.stderr, file=sys.stderr)
                 return 1
@@ -98,9 +106,7 @@ def main(argv=None) -> int:
                   f"{r['peak_bytes'] / 2**20:8.1f} MiB  (output {r['output_bytes'] / 2**20:6.1f} MiB)  "
                   f"{r['seconds']:6.1f} s", flush=True)
     meta = _meta(device, dtype, args)
-    results = Path(__file__).parent / "results"
-    results.mkdir(exist_ok=True)
-    path = results / f"vae-memory-{meta['device_name'].replace(' ', '_')}-{meta['date']}-{meta['commit']}.json"
+    path = results_path("vae-memory", meta["device_name"], meta["commit"])
     path.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
@@ -111,12 +117,11 @@ def _meta(device: str, dtype: str, args) -> dict:
 
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    commit, dirty = git_commit()
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu-{platform.machine()}"
     return dict(benchmark="vae_decode_peak_memory", device=device, device_name=name, dtype=dtype,
                 vae="VAEConfig.real('5b'), random weights", height=args.height, width=args.width,
-                batch=1, commit=commit, date=time.strftime("%Y%m%d"), torch=torch.__version__,
+                batch=1, commit=commit, dirty=dirty, date=time.strftime("%Y%m%d"), torch=torch.__version__,
                 unit="bytes above the pre-decode baseline")
 
 

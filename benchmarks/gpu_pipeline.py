@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from _util import git_commit, results_path  # benchmarks/ is sys.path[0]
+
 CONFIGS = {
     "cogvx-eager": dict(impl="cogvx", recipe=None, compile=False, kernels="auto"),
     "cogvx-compiled": dict(impl="cogvx", recipe=None, compile=True, kernels="auto"),
@@ -71,11 +73,14 @@ def _diffusers(model: str, c: dict, device: str, dtype, shape: dict, steps: int)
     t0 = time.perf_counter()
     engine = Engine.from_preset(model, device, dtype)
     cfg = {k: v for k, v in engine.config.to_dict().items() if not k.startswith("_")}
-    with torch.device("meta"):
-        tr = CogVideoXTransformer3DModel(**cfg)
-        vae = AutoencoderKLCogVideoX(**{k: v for k, v in engine.vae.config.to_dict().items() if not k.startswith("_")})
-    tr.load_state_dict(engine.transformer.state_dict(), assign=True)
-    vae.load_state_dict(engine.vae.state_dict(), assign=True)
+    # Built on the device (not meta): the 2b sin-cos table is a non-persistent buffer made in __init__.
+    with torch.device(device):
+        tr = CogVideoXTransformer3DModel(**cfg).to(dtype)
+        vae = AutoencoderKLCogVideoX(**{k: v for k, v in engine.vae.config.to_dict().items()
+                                        if not k.startswith("_")}).to(dtype)
+    tr.load_state_dict(engine.transformer.state_dict())
+    vae.load_state_dict(engine.vae.state_dict())
+    engine.transformer, engine.vae = None, None  # their weights now live in the diffusers modules
     tok = T5Tokenizer.from_pretrained(str(engine.tokenizer.source.parent))
     sched = CogVideoXDDIMScheduler(**engine.scheduler.config.to_dict())
     pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=engine.text_encoder, vae=vae.eval(), transformer=tr.eval(),
@@ -143,16 +148,13 @@ def main(argv=None) -> int:
             peak = max(r["memory"].values()) / 2**30 if r.get("memory") else float("nan")
             print(f"{model:4} {name:26} total {r['total_s']:8.1f} s  step {r['step_median_s'] or 0:7.3f} s  "
                   f"peak {peak:6.1f} GiB", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    commit, dirty = git_commit()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu"
     meta = dict(benchmark="text_to_video_pipeline", device=device, dtype="float32" if args.smoke else "bfloat16",
                 frames=9 if args.smoke else 49, size="64x48" if args.smoke else "720x480",
-                steps=2 if args.smoke else 50, cfg=True, commit=commit, date=time.strftime("%Y-%m-%d"),
+                steps=2 if args.smoke else 50, cfg=True, commit=commit, dirty=dirty, date=time.strftime("%Y-%m-%d"),
                 torch=torch.__version__, smoke=args.smoke)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"pipeline-{device.replace(' ', '_')}-{meta['date']}-{commit}.json"
+    path = results_path("pipeline", device, commit, out=Path(args.out))
     path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
     print(f"wrote {path}")
     return 1 if any("error" in r for r in rows) else 0

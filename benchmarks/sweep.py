@@ -20,20 +20,17 @@ import gc
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from _util import RESULTS, git_commit, results_path  # benchmarks/ is sys.path[0]
 from cogvx.engine.config import PRESETS, TransformerConfig
 from cogvx.engine.loader import build_transformer, load_transformer
 from cogvx.engine.positions import make_positions
 from cogvx.engine.profiling import PeakMemory, transformer_flops
-
-RESULTS = Path(__file__).parent / "results"
-
 
 def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
     ref, x = ref.double(), x.double()
@@ -137,6 +134,8 @@ def run(args) -> dict:
             for compiled in args.compile:
                 torch._dynamo.reset()
                 model = fresh()
+                if args.fuse_qkv:
+                    model.fuse_qkv()
                 from cogvx.kernels import resolve_backend
 
                 model.set_kernel_backend(resolve_backend(kernels, device), "sdpa")
@@ -160,10 +159,11 @@ def run(args) -> dict:
             rope = pos.rope
             for compiled in args.compile:
                 torch._dynamo.reset()
-                with torch.device("meta"):
+                # Built on the device (not meta): its sin-cos table is a non-persistent buffer made in __init__.
+                with torch.device(device):
                     ref = CogVideoXTransformer3DModel(**{k: v for k, v in cfg.to_dict().items() if k[0] != "_"})
-                ref.load_state_dict(state, assign=True)
-                ref = ref.to(device).eval()
+                ref.load_state_dict(state)
+                ref = ref.to(dtype).eval()
                 fn = ref if compiled == "off" else _compile(ref, device)
 
                 def step(fn=fn):
@@ -199,14 +199,11 @@ def _meta(device, dtype, cfg, frames, height, width, args, lat, text, nv, flops)
             versions[mod] = __import__(mod, fromlist=["__version__"]).__version__
         except Exception:
             pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip())
+    commit, dirty = git_commit()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
     return dict(
         benchmark="denoising_step_sweep", device=str(device), device_name=name, dtype=str(dtype).split(".")[-1],
-        threads=torch.get_num_threads(), preset=args.preset, model=args.model, num_layers=cfg.num_layers,
+        threads=torch.get_num_threads(), fuse_qkv=args.fuse_qkv, preset=args.preset, model=args.model, num_layers=cfg.num_layers,
         inner_dim=cfg.inner_dim, frames=frames, height=height, width=width, cfg_batch=lat.shape[0],
         latent_shape=list(lat.shape), text_tokens=text.shape[1], video_tokens=nv, flops_per_step=flops,
         matmul_gflops=matmul_gflops(device, dtype), repeats=args.repeats, commit=commit, dirty=dirty,
@@ -271,6 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", nargs="+", default=["none"])
     p.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
     p.add_argument("--kernels", nargs="+", default=["auto"], choices=["auto", "triton", "torch"])
+    p.add_argument("--fuse-qkv", action="store_true", help="cogvx rows with q/k/v fused into one GEMM")
     p.add_argument("--no-diffusers", dest="diffusers", action="store_false")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -279,10 +277,8 @@ def main(argv=None) -> int:
     if (args.preset is None) == (args.model is None):
         p.error("give exactly one of --preset or --model")
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     m = result["meta"]
-    stem = out / f"sweep-{m['device_name'].replace(' ', '_')}-{m['date']}-{m['commit']}"
+    stem = results_path("sweep", m["device_name"], m["commit"], suffix="", out=Path(args.out))
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     Path(f"{stem}.md").write_text(markdown(result))
     chart(result, Path(f"{stem}.png"))

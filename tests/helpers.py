@@ -57,3 +57,29 @@ TRANSFORMER_VARIANTS = {
                     sample_frames=9, max_text_seq_length=7, use_rotary_positional_embeddings=True, patch_size_t=2,
                     patch_bias=False),
 }
+
+
+# Absolute tolerance per dtype for the low-precision rule below.
+LOWP_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def assert_close_lowp(ours, ref64, lowp, atol, what=""):
+    """STYLE rule: max|ours - ref64| <= 2 * max|torch_lowp - ref64| + atol; says where it fails.
+
+    ours: the kernel's output; ref64: the float64 reference; lowp: PyTorch's own result in the
+    kernel's dtype (its error sets the yardstick). A non-finite element (an unwritten, poisoned
+    output) fails with its index."""
+    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
+    ours, ref64, lowp = ours.cpu(), ref64.cpu(), lowp.cpu()
+    if not bool(torch.isfinite(ours).all()):
+        idx = (~torch.isfinite(ours)).nonzero()[0].tolist()
+        raise AssertionError(f"{what}: non-finite output at {idx} (unwritten element?)")
+    err = (ours.double() - ref64).abs()
+    bound = 2 * (lowp.double() - ref64).abs().max().item() + atol
+    worst = err.max().item()
+    if worst > bound:
+        idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+        raise AssertionError(
+            f"{what}: max error {worst:.3g} > bound {bound:.3g} at {list(idx)}: ours {ours[idx].item():.6g}, "
+            f"ref64 {ref64[idx].item():.6g}, {int((err > bound).sum())} of {err.numel()} elements over"
+        )

@@ -112,3 +112,15 @@ def test_flop_count_matches_torch_flop_counter(ckpt_factory, variant, shape):
     ours = transformer_flops(cfg, 2, 9, nv)
     counted = counter.get_total_flops()
     assert abs(ours - counted) <= 0.001 * counted, (ours, counted)
+
+
+def test_auto_attention_choice_follows_recorded_benchmarks():
+    from cogvx.kernels.select import attention_for, choose, shape_key
+
+    rows = {shape_key(48, 17776, torch.bfloat16): "flash", shape_key(48, 4000, torch.bfloat16): "sdpa",
+            shape_key(30, 17776, torch.float16): "flash"}
+    assert choose(rows, 48, 17000, torch.bfloat16) == "flash"
+    assert choose(rows, 48, 5000, torch.bfloat16) == "sdpa"
+    assert choose(rows, 30, 17776, torch.bfloat16) == "sdpa"  # not measured in bf16: SDPA
+    assert choose({}, 48, 17776, torch.bfloat16) == "sdpa"
+    assert attention_for(torch.device("cpu"), 48, 17776, torch.bfloat16) == "sdpa"

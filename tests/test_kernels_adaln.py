@@ -22,9 +22,11 @@ import pytest  # noqa: E402
 from cogvx.kernels import _common  # noqa: E402
 from cogvx.kernels.adaln import _adaln_kernel, adaln_launch, adaln_reference, adaptive_layernorm  # noqa: E402
 
+from helpers import LOWP_ATOL, assert_close_lowp  # noqa: E402
+
 pytestmark = pytest.mark.triton
 
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ATOL = LOWP_ATOL
 _interp = pytest.mark.skipif(
     not _common.is_interpreted(_adaln_kernel),
     reason="cogvx.kernels was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)",
@@ -37,25 +39,6 @@ DEVICE_DTYPES = [
     pytest.param("cuda", dt, marks=_cuda, id=f"cuda-{str(dt)[6:]}")
     for dt in (torch.float32, torch.float16, torch.bfloat16)
 ]
-
-
-def assert_close_lowp(ours, ref64, lowp, atol, what=""):
-    """STYLE rule: max|ours - ref64| <= 2 * max|torch_lowp - ref64| + atol; says where it fails."""
-    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
-    err = (ours.double() - ref64).abs()
-    bound = 2 * (lowp.double() - ref64).abs().max().item() + atol
-    if not bool(torch.isfinite(ours).all()):
-        idx = (~torch.isfinite(ours)).nonzero()[0].tolist()
-        raise AssertionError(f"{what}: non-finite output at {idx} (unwritten element?)")
-    worst = err.max().item()
-    if worst > bound:
-        idx = torch.unravel_index(torch.tensor(err.argmax().item()), err.shape)
-        idx = [int(i) for i in idx]
-        raise AssertionError(
-            f"{what}: max error {worst:.3g} > bound {bound:.3g} at {idx}: "
-            f"ours {ours[tuple(idx)].item():.6g}, ref64 {ref64[tuple(idx)].item():.6g}, "
-            f"{int((err > bound).sum())} of {err.numel()} elements over"
-        )
 
 
 def make_inputs(B, S, D, dtype, device, delta=True, affine=True, seed=0):

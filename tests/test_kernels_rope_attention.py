@@ -31,9 +31,11 @@ from cogvx.kernels.rope_attention import (  # noqa: E402
     rope_flash_attention_reference,
 )
 
+from helpers import LOWP_ATOL, assert_close_lowp  # noqa: E402
+
 pytestmark = pytest.mark.triton
 
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ATOL = LOWP_ATOL
 _interp = pytest.mark.skipif(
     not _common.is_interpreted(_qk_norm_rope_kernel),
     reason="cogvx.kernels was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)",
@@ -46,24 +48,6 @@ DEVICE_DTYPES = [
     pytest.param("cuda", dt, marks=_cuda, id=f"cuda-{str(dt)[6:]}")
     for dt in (torch.float32, torch.float16, torch.bfloat16)
 ]
-
-
-def assert_close_lowp(ours, ref64, lowp, atol, what=""):
-    """STYLE rule: max|ours - ref64| <= 2 * max|torch_lowp - ref64| + atol; says where it fails."""
-    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
-    ours, ref64, lowp = ours.cpu(), ref64.cpu(), lowp.cpu()
-    if not bool(torch.isfinite(ours).all()):
-        idx = (~torch.isfinite(ours)).nonzero()[0].tolist()
-        raise AssertionError(f"{what}: non-finite output at {idx} (unwritten element?)")
-    err = (ours.double() - ref64).abs()
-    bound = 2 * (lowp.double() - ref64).abs().max().item() + atol
-    worst = err.max().item()
-    if worst > bound:
-        idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
-        raise AssertionError(
-            f"{what}: max error {worst:.3g} > bound {bound:.3g} at {list(idx)}: ours {ours[idx].item():.6g}, "
-            f"ref64 {ref64[idx].item():.6g}, {int((err > bound).sum())} of {err.numel()} elements over"
-        )
 
 
 def rope_tables(table, n_video, dh, device="cpu"):

@@ -308,3 +308,27 @@ def test_conv_cache_holds_only_temporal_convs(vaes):
         ours.decoder(torch.randn(1, 4, 2, 5, 7), cache)
     n3 = sum(1 for m in ours.decoder.modules() if getattr(m, "time_pad", 0) == 2)
     assert len(cache._tails) == n3 and all(t.shape[2] == 2 for t in cache._tails.values())
+
+
+# ---------------------------------------------------------------- speed options keep the numbers
+
+
+@pytest.mark.parametrize("option", ["channels_last", "compiled"])
+def test_decode_speed_options_match_diffusers(vaes, tmp_path, option):
+    """channels_last_3d and the compiled frame-batch decoder compute the same decode (fresh model: the
+    options change its state)."""
+    ref, _, d = vaes["tiny"]
+    ours = load_vae(d)
+    if option == "channels_last":
+        ours.set_channels_last()
+        assert ours.decoder.conv_in.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    else:
+        torch._dynamo.reset()
+        ours.compile_decoder()
+    keys = set(ours.state_dict())
+    z = torch.randn(1, ours.config.latent_channels, 5, 5, 7, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = ref.decode(z).sample
+    _close(ours.decode(z), expected, f"{option} decode")
+    _close(ours.decode(z), expected, f"{option} decode, second call")
+    assert set(ours.state_dict()) == keys  # the compiled decoder is not registered as a submodule
