@@ -13,9 +13,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["TransformerConfig", "ModelPreset", "PRESETS", "get_preset"]
+__all__ = ["TransformerConfig", "ModelPreset", "PRESETS", "get_preset", "known_fields"]
 
 log = logging.getLogger(__name__)
+
+
+def known_fields(cls, d: dict[str, Any], what: str) -> dict[str, Any]:
+    """The entries of a diffusers config dict that are fields of dataclass ``cls``; ``_``-prefixed
+    keys (``_class_name``, ``_diffusers_version``) are skipped and unknown keys logged at debug."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in d if k not in names and not k.startswith("_"))
+    if unknown:
+        log.debug("%s config: ignoring unknown keys %s", what, unknown)
+    return {k: v for k, v in d.items() if k in names}
 
 
 @dataclass(frozen=True)
@@ -86,11 +96,7 @@ class TransformerConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TransformerConfig":
         """Build from a diffusers config dict; ``_``-prefixed keys and unknown keys are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in names and not k.startswith("_"))
-        if unknown:
-            log.debug("transformer config: ignoring unknown keys %s", unknown)
-        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs = known_fields(cls, d, "transformer")
         for k in ("sample_width", "sample_height", "sample_frames", "num_layers", "num_attention_heads"):
             if k in kwargs and not isinstance(kwargs[k], int):
                 raise ValueError(f"transformer config: {k} must be an integer (got {kwargs[k]!r})")

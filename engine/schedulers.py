@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import known_fields
+
 __all__ = [
     "SchedulerConfig",
     "CogVideoXDDIMScheduler",
@@ -108,18 +110,7 @@ class SchedulerConfig:
     @classmethod
     def from_dict(cls, d: dict) -> SchedulerConfig:
         """Build from a diffusers config dict. Keys starting with ``_`` and unknown keys are skipped."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs, unknown = {}, []
-        for k, v in d.items():
-            if k.startswith("_"):
-                continue
-            if k in fields:
-                kwargs[k] = v
-            else:
-                unknown.append(k)
-        if unknown:
-            logger.debug("scheduler config: ignoring unknown keys %s", sorted(unknown))
-        return cls(**kwargs)
+        return cls(**known_fields(cls, d, "scheduler"))
 
     def to_dict(self) -> dict:
         """JSON-ready dict with diffusers' key names (``trained_betas`` as a list or None)."""

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from .config import known_fields
 from .vae_tiling import TileSpec, decode_grid, encode_grid, tiled_map
 from .weights import CheckpointError, load_into, read_state_dict, weight_files
 
@@ -119,11 +120,7 @@ class VAEConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
         """From a diffusers ``config.json`` dict; ``_``-prefixed and unknown keys are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in names and not k.startswith("_"))
-        if unknown:
-            log.debug("VAE config: ignoring unknown keys %s", unknown)
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**known_fields(cls, d, "VAE"))
 
     def to_dict(self) -> dict[str, Any]:
         """A diffusers-loadable config dict (lists, with ``_class_name``)."""

@@ -265,6 +265,6 @@ def test_randn_cpu_generator_to_cuda_matches_diffusers():
 def test_config_round_trip_and_unknown_keys(caplog):
     cfg = SchedulerConfig(timestep_spacing="leading", snr_shift_scale=1.5)
     assert SchedulerConfig.from_dict(cfg.to_dict()) == cfg
-    with caplog.at_level(logging.DEBUG, logger="cogvx.engine.schedulers"):
+    with caplog.at_level(logging.DEBUG, logger="cogvx.engine"):
         assert SchedulerConfig.from_dict({"_diffusers_version": "0.30", "eta_future": 1}) == SchedulerConfig()
     assert "eta_future" in caplog.text and "_diffusers_version" not in caplog.text
