@@ -5,6 +5,9 @@ One step = one transformer forward on the CFG batch (2 x num_videos), as in the 
 Every row says its median, p20 and p80 over --repeats timed calls (after one warm-up call, whose
 time is reported as compile time), peak memory, SQNR of its output against the unquantized eager
 cogvx step, achieved GFLOP/s, and its ratio to the diffusers eager and compiled rows of the same run.
+Peak memory is process-wide (CUDA: max allocated/reserved during the timed calls; CPU: peak resident
+size): on the CPU, later rows carry heap retained from earlier rows, so compare memory across rows
+only on CUDA.
 
     python benchmarks/sweep.py --preset cpu-bench                    # the CPU figures of the issue
     python benchmarks/sweep.py --preset 5b --device cuda --dtype bfloat16 \\
