@@ -32,7 +32,8 @@ import torch
 from _util import RESULTS, git_commit, results_path  # benchmarks/ is sys.path[0]
 from cogvx.engine.config import PRESETS, TransformerConfig
 from cogvx.engine.loader import build_transformer, load_transformer
-from cogvx.engine.positions import make_positions
+from cogvx.engine.positions import latent_frames, make_positions
+from cogvx.engine.text_encoder import MAX_LENGTH
 from cogvx.engine.profiling import PeakMemory, transformer_flops
 
 def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
@@ -62,10 +63,9 @@ def _sync(device):
 
 def make_inputs(cfg: TransformerConfig, frames: int, height: int, width: int, videos: int, device, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    f_lat = (frames - 1) // 4 + 1
-    f_lat += (-f_lat) % (cfg.patch_size_t or 1)
+    f_lat, _ = latent_frames(cfg, frames)
     lat = torch.randn(2 * videos, f_lat, cfg.in_channels, height // 8, width // 8, generator=g)
-    text = torch.randn(2 * videos, 226, cfg.text_embed_dim, generator=g)
+    text = torch.randn(2 * videos, MAX_LENGTH, cfg.text_embed_dim, generator=g)
     t = torch.full((2 * videos,), 501, dtype=torch.long)
     pos = make_positions(cfg, f_lat, height // 8, width // 8).to(device)
     return lat.to(device, dtype), text.to(device, dtype), t.to(device), pos

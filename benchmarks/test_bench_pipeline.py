@@ -17,8 +17,9 @@ import torch
 
 from cogvx.engine.config import PRESETS
 from cogvx.engine.loader import build_transformer
-from cogvx.engine.positions import make_positions
+from cogvx.engine.positions import latent_frames, make_positions
 from cogvx.engine.profiling import transformer_flops
+from cogvx.engine.text_encoder import MAX_LENGTH
 
 PRESET = os.environ.get("COGVX_BENCH_PRESET", "tiny")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -35,10 +36,9 @@ def test_denoising_step(benchmark, compiled):
     cfg, dtype = p.transformer, (p.dtype if DEVICE.type == "cuda" else torch.float32)
     torch.manual_seed(0)
     model = build_transformer(cfg, device=DEVICE, dtype=dtype)
-    f_lat, h, w = (p.num_frames - 1) // 4 + 1, p.height // 8, p.width // 8
-    f_lat += (-f_lat) % (cfg.patch_size_t or 1)
+    (f_lat, _), h, w = latent_frames(cfg, p.num_frames), p.height // 8, p.width // 8
     lat = torch.randn(2, f_lat, cfg.in_channels, h, w, device=DEVICE, dtype=dtype)
-    text = torch.randn(2, 226, cfg.text_embed_dim, device=DEVICE, dtype=dtype)
+    text = torch.randn(2, MAX_LENGTH, cfg.text_embed_dim, device=DEVICE, dtype=dtype)
     t = torch.tensor([501, 501], device=DEVICE)
     pos = make_positions(cfg, f_lat, h, w).to(DEVICE)
     fn = model
@@ -55,7 +55,7 @@ def test_denoising_step(benchmark, compiled):
 
     step()  # warm-up (compiles)
     benchmark.extra_info.update(device=str(DEVICE), dtype=str(dtype), preset=PRESET, latent_shape=list(lat.shape),
-                                flops=transformer_flops(cfg, 2, 226, pos.grid[0] * pos.grid[1] * pos.grid[2]))
+                                flops=transformer_flops(cfg, 2, MAX_LENGTH, pos.grid[0] * pos.grid[1] * pos.grid[2]))
     benchmark.pedantic(step, rounds=3, iterations=1)
 
 

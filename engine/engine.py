@@ -12,20 +12,20 @@ from typing import Any, Callable
 
 import torch
 
-from .config import TransformerConfig
-from .loader import load_components, resolve_model_dir
-from .positions import Positions, make_positions
-from .schedulers import guidance_scales, randn_like_diffusers
 from cogvx.kernels import resolve_backend
 from cogvx.kernels.select import attention_for
 
 from .compiling import compile_transformer, use_cache_dir
+from .config import TransformerConfig
+from .loader import load_components, resolve_model_dir
+from .positions import Positions, latent_frames, make_positions
 from .profiling import PeakMemory, Profile, stage, transformer_flops
-from .text_encoder import PromptTokenizer
+from .schedulers import guidance_scales, randn_like_diffusers
+from .text_encoder import MAX_LENGTH, PromptTokenizer, check_vocab, encode_ids
 from .transformer import CogVideoXTransformer
 from .vae import unscale_latents
-from .video import OUTPUT_TYPES, postprocess, write_mp4
 from .validation import check_prompts, check_sampling, check_video_shape, resolve_device, resolve_dtype
+from .video import OUTPUT_TYPES, postprocess, write_mp4
 
 __all__ = ["Engine", "GenerationResult"]
 
@@ -100,11 +100,8 @@ class Engine:
         self.kernels, self._backend = "torch", "torch"
         self._compiled = None  # the compiled transformer forward, when Engine.load(compile=...)
         self._warm: set[tuple] = set()  # shapes the compiled forward has already been compiled for
-        if tokenizer is not None and text_encoder is not None \
-                and tokenizer.vocab_size > text_encoder.config.vocab_size:
-            raise ValueError(f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} ids but the text "
-                             f"encoder's embedding has {text_encoder.config.vocab_size} rows: they are not "
-                             "from the same checkpoint")
+        if tokenizer is not None and text_encoder is not None:
+            check_vocab(tokenizer, text_encoder)
 
     @property
     def config(self) -> TransformerConfig:
@@ -265,7 +262,7 @@ class Engine:
         tracer = _tracer(self.device) if profile_trace is not None else contextlib.nullcontext()
         with tracer as trace, PeakMemory(self.device) as mem:
             text = self._text(plan, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-                              max_sequence_length or 226, prof)  # 226: diffusers' default for every model
+                              max_sequence_length or MAX_LENGTH, prof)  # diffusers' default for every model
             latents, ts_host, scales = self._denoise(plan, text, latents, seed, generator, num_inference_steps,
                                                      guidance_scale, use_dynamic_cfg, callback_on_step_end, prof)
             frames = None
@@ -306,10 +303,8 @@ class Engine:
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError("callback_on_step_end must be callable as f(engine, step, timestep, {'latents': x})")
         n = b * num_videos_per_prompt
-        lat_frames = (num_frames - 1) // self.temporal_compression + 1
-        pt = cfg.patch_size_t or 1
-        extra = (pt - lat_frames % pt) % pt  # CogVideoX 1.5 needs F_lat divisible by patch_size_t
-        shape = (n, lat_frames + extra, cfg.in_channels,
+        lat_frames, extra = latent_frames(cfg, num_frames, self.temporal_compression)
+        shape = (n, lat_frames, cfg.in_channels,
                  height // self.spatial_compression, width // self.spatial_compression)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for {n} video(s) of {num_frames} frames at "
@@ -416,16 +411,14 @@ class Engine:
 
         return save_quantized(self, out_dir, **kwargs)
 
-    def encode(self, prompts: list[str], max_length: int = 226) -> torch.Tensor:
+    def encode(self, prompts: list[str], max_length: int = MAX_LENGTH) -> torch.Tensor:
         """T5 embeddings [B, max_length, text_embed_dim] of prompts, in the engine dtype."""
         if self.tokenizer is None or self.text_encoder is None:
             raise ValueError("this engine has no text encoder; pass prompt_embeds")
         return self._encode_ids(self.tokenizer(prompts, max_length=max_length).input_ids)
 
-    @torch.inference_mode()
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        dev = next(self.text_encoder.parameters()).device
-        return self.text_encoder(input_ids=ids.to(dev))[0].to(self.device, self.dtype)
+        return encode_ids(self.text_encoder, ids, self.device, self.dtype)
 
     def positions(self, latent_frames: int, latent_h: int, latent_w: int) -> Positions:
         """Position tables for a latent shape, computed once per shape and kept on the device."""

@@ -15,7 +15,7 @@ import torch
 
 from .config import TransformerConfig
 
-__all__ = ["Positions", "video_grid", "rope_tables", "sincos_embedding", "make_positions"]
+__all__ = ["Positions", "latent_frames", "video_grid", "rope_tables", "sincos_embedding", "make_positions"]
 
 
 @dataclass
@@ -34,6 +34,15 @@ class Positions:
         rope = None if self.rope is None else tuple(t.to(device) for t in self.rope)
         pe = None if self.pos_embedding is None else self.pos_embedding.to(device)
         return Positions(rope, pe, self.grid)
+
+
+def latent_frames(cfg: TransformerConfig, num_frames: int, temporal_compression: int = 4) -> tuple[int, int]:
+    """(latent frames the transformer denoises, how many of them are padding) for ``num_frames`` video
+    frames: F_lat = (F - 1) / 4 + 1, padded up to a multiple of patch_size_t (CogVideoX 1.5), as the
+    diffusers pipeline pads; the padding frames are dropped after denoising."""
+    f_lat = (num_frames - 1) // temporal_compression + 1
+    extra = -f_lat % (cfg.patch_size_t or 1)
+    return f_lat + extra, extra
 
 
 def video_grid(cfg: TransformerConfig, latent_frames: int, latent_h: int, latent_w: int) -> tuple[int, int, int]:

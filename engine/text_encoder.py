@@ -248,28 +248,37 @@ def _merge_tied_embedding(state: dict[str, torch.Tensor], where: str) -> None:
         state["shared.weight"] = state["encoder.embed_tokens.weight"] = emb
 
 
-@torch.no_grad()  # not inference_mode: callers may later write into the embeddings in place
-def encode_prompts(tokenizer: PromptTokenizer, text_encoder: "T5EncoderModel", prompts: list[str] | str,
-                   max_length: int = MAX_LENGTH, device: str | torch.device | None = None,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Text embeddings [B, max_length, d_model] (4096 for T5-XXL) of ``prompts``.
-
-    ``device`` / ``dtype`` default to the text encoder's; the encoder runs in its own dtype and the
-    output is cast to ``dtype``. No attention mask, as in the diffusers pipeline: the CogVideoX
-    transformer was trained on embeddings whose pad rows attended to everything.
-    """
+def check_vocab(tokenizer: PromptTokenizer, text_encoder: "T5EncoderModel") -> None:
+    """The tokenizer's ids must all index the encoder's embedding (both from one checkpoint)."""
     enc_vocab = text_encoder.config.vocab_size
     if tokenizer.vocab_size > enc_vocab:
         raise ValueError(
             f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} ids but the text encoder's "
             f"embedding has {enc_vocab} rows: they are not from the same checkpoint"
         )
+
+
+@torch.no_grad()  # not inference_mode: callers may later write into the embeddings in place
+def encode_ids(text_encoder: "T5EncoderModel", input_ids: torch.Tensor, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Text embeddings [B, L, d_model] of token ids [B, L]. ``device`` / ``dtype`` default to the text
+    encoder's; the encoder runs in its own dtype and the output is cast to ``dtype``. No attention
+    mask, as in the diffusers pipeline: the CogVideoX transformer was trained on embeddings whose pad
+    rows attended to everything."""
     param = next(text_encoder.parameters())
     device = param.device if device is None else torch.device(device)
     dtype = param.dtype if dtype is None else dtype
-    ids = tokenizer(prompts, max_length=max_length).input_ids.to(param.device)
-    hidden = text_encoder(input_ids=ids)[0]
+    hidden = text_encoder(input_ids=input_ids.to(param.device))[0]
     return hidden.to(device=device, dtype=dtype)
+
+
+def encode_prompts(tokenizer: PromptTokenizer, text_encoder: "T5EncoderModel", prompts: list[str] | str,
+                   max_length: int = MAX_LENGTH, device: str | torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Text embeddings [B, max_length, d_model] (4096 for T5-XXL) of ``prompts``: tokenize, then
+    :func:`encode_ids`."""
+    check_vocab(tokenizer, text_encoder)
+    return encode_ids(text_encoder, tokenizer(prompts, max_length=max_length).input_ids, device, dtype)
 
 
 def _read_json(path: Path) -> dict:

@@ -59,6 +59,35 @@ TRANSFORMER_VARIANTS = {
 }
 
 
+def kernel_markers(kernel):
+    """(marks for CPU runs of ``kernel``: only when it was defined under TRITON_INTERPRET=1,
+    marks for CUDA runs: the ``gpu`` marker and a skip without CUDA)."""
+    import pytest
+
+    from cogvx.kernels import _common
+
+    interp = pytest.mark.skipif(
+        not _common.is_interpreted(kernel),
+        reason="cogvx.kernels was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)",
+    )
+    cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+    return interp, cuda
+
+
+def device_dtype_params(kernel) -> list:
+    """(device, dtype) test parameters: CPU fp32/fp16 under the interpreter (bf16 ``tl.dot`` is wrong
+    there, DESIGN §7), CUDA fp32/fp16/bf16."""
+    import pytest
+
+    interp, cuda = kernel_markers(kernel)
+    return [
+        pytest.param("cpu", dt, marks=interp, id=f"cpu-{str(dt)[6:]}") for dt in (torch.float32, torch.float16)
+    ] + [
+        pytest.param("cuda", dt, marks=cuda, id=f"cuda-{str(dt)[6:]}")
+        for dt in (torch.float32, torch.float16, torch.bfloat16)
+    ]
+
+
 # Absolute tolerance per dtype for the low-precision rule below.
 LOWP_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

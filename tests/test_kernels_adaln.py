@@ -22,23 +22,13 @@ import pytest  # noqa: E402
 from cogvx.kernels import _common  # noqa: E402
 from cogvx.kernels.adaln import _adaln_kernel, adaln_launch, adaln_reference, adaptive_layernorm  # noqa: E402
 
-from helpers import LOWP_ATOL, assert_close_lowp  # noqa: E402
+from helpers import LOWP_ATOL, assert_close_lowp, device_dtype_params, kernel_markers  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
 ATOL = LOWP_ATOL
-_interp = pytest.mark.skipif(
-    not _common.is_interpreted(_adaln_kernel),
-    reason="cogvx.kernels was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)",
-)
-_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-# bf16 only on CUDA: tl.dot aside, CPU bf16 math is too slow to be the low-precision yardstick here.
-DEVICE_DTYPES = [
-    pytest.param("cpu", dt, marks=_interp, id=f"cpu-{str(dt)[6:]}") for dt in (torch.float32, torch.float16)
-] + [
-    pytest.param("cuda", dt, marks=_cuda, id=f"cuda-{str(dt)[6:]}")
-    for dt in (torch.float32, torch.float16, torch.bfloat16)
-]
+_interp, _cuda = kernel_markers(_adaln_kernel)
+DEVICE_DTYPES = device_dtype_params(_adaln_kernel)
 
 
 def make_inputs(B, S, D, dtype, device, delta=True, affine=True, seed=0):

@@ -31,23 +31,13 @@ from cogvx.kernels.rope_attention import (  # noqa: E402
     rope_flash_attention_reference,
 )
 
-from helpers import LOWP_ATOL, assert_close_lowp  # noqa: E402
+from helpers import LOWP_ATOL, assert_close_lowp, device_dtype_params, kernel_markers  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
 ATOL = LOWP_ATOL
-_interp = pytest.mark.skipif(
-    not _common.is_interpreted(_qk_norm_rope_kernel),
-    reason="cogvx.kernels was imported before TRITON_INTERPRET=1 was set (see tests/conftest.py)",
-)
-_cuda = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-# No bf16 on CPU: tl.dot on bf16 is wrong under the interpreter (DESIGN §7).
-DEVICE_DTYPES = [
-    pytest.param("cpu", dt, marks=_interp, id=f"cpu-{str(dt)[6:]}") for dt in (torch.float32, torch.float16)
-] + [
-    pytest.param("cuda", dt, marks=_cuda, id=f"cuda-{str(dt)[6:]}")
-    for dt in (torch.float32, torch.float16, torch.bfloat16)
-]
+_interp, _cuda = kernel_markers(_qk_norm_rope_kernel)
+DEVICE_DTYPES = device_dtype_params(_qk_norm_rope_kernel)
 
 
 def rope_tables(table, n_video, dh, device="cpu"):

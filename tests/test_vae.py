@@ -6,6 +6,8 @@ Small random diffusers VAEs are saved with ``save_pretrained`` (one of them shar
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import inspect
 import json
@@ -84,6 +86,19 @@ def _close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     assert err <= TOL, f"{what}: rel L2 {err:.3g} > {TOL}; largest differences {where_differs(ours, ref)}"
 
 
+@contextlib.contextmanager
+def _tiled(*models, **tiling):
+    """Tiling on for both the reference and ours inside the block; off again afterwards (the models
+    are shared by the module's tests)."""
+    for m in models:
+        m.enable_tiling(**tiling)
+    try:
+        yield
+    finally:
+        for m in models:
+            m.disable_tiling()
+
+
 def _count_calls(module: torch.nn.Module) -> list:
     calls = []
     module.register_forward_hook(lambda *_: calls.append(1))
@@ -151,17 +166,12 @@ def test_tiled_decode_matches_diffusers(vaes):
     ref, ours, _ = vaes["three"]  # 4x spatial: 16 px tiles = 4x4 latent, stride 3
     z = torch.randn(1, 2, 4, 7, 9, generator=torch.Generator().manual_seed(1))
     plain = ours.decode(z)
-    for m in (ref, ours):  # overlap 1/4: kept 12 px = stride 3 * 4, so the output keeps the plain size
-        m.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16, tile_overlap_factor_height=0.25,
-                        tile_overlap_factor_width=0.25)
-    try:
+    # overlap 1/4: kept 12 px = stride 3 * 4, so the output keeps the plain size
+    with _tiled(ref, ours, tile_sample_min_height=16, tile_sample_min_width=16, tile_overlap_factor_height=0.25,
+                tile_overlap_factor_width=0.25), torch.no_grad():
         calls = _count_calls(ours.decoder)
         out = ours.decode(z)
-        with torch.no_grad():
-            expected = ref.decode(z).sample
-    finally:
-        ref.disable_tiling()
-        ours.disable_tiling()
+        expected = ref.decode(z).sample
     _close(out, expected, "tiled decode")
     assert len(calls) == 9 * 2  # 3x3 tiles, 2 frame batches each (the conv cache is per tile)
     assert out.shape == plain.shape and rel_l2(out, plain) > 1e-3, "tiling did not change the result: was it used?"
@@ -172,15 +182,9 @@ def test_tiled_decode_default_overlap(vaes):
     (a diffusers quirk that we keep, and warn about), and it must still match."""
     ref, ours, _ = vaes["tiny"]  # 24x32 px tiles = 3x4 latent, stride 2x3: 2x2 tiles, 36x40 px out
     z = torch.randn(1, 4, 2, 4, 5, generator=torch.Generator().manual_seed(2))
-    for m in (ref, ours):
-        m.enable_tiling(24, 32)
-    try:
+    with _tiled(ref, ours, tile_sample_min_height=24, tile_sample_min_width=32), torch.no_grad():
         out = ours.decode(z)
-        with torch.no_grad():
-            expected = ref.decode(z).sample
-    finally:
-        ref.disable_tiling()
-        ours.disable_tiling()
+        expected = ref.decode(z).sample
     _close(out, expected, "tiled decode, default overlap")
 
 
@@ -228,17 +232,12 @@ def test_encode_matches_diffusers(vaes, name, shape):
 def test_tiled_encode_matches_diffusers(vaes):
     ref, ours, _ = vaes["tiny"]
     x = torch.rand(1, 3, 9, 40, 48, generator=torch.Generator().manual_seed(6)) * 2 - 1
-    for m in (ref, ours):  # 32 px tiles = 4 latent px; overlaps 1/2, 1/4 so the latent tiles blend 2 and 1 px
-        m.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32, tile_overlap_factor_height=0.5,
-                        tile_overlap_factor_width=0.25)
-    try:
+    # 32 px tiles = 4 latent px; overlaps 1/2, 1/4 so the latent tiles blend 2 and 1 px
+    with _tiled(ref, ours, tile_sample_min_height=32, tile_sample_min_width=32, tile_overlap_factor_height=0.5,
+                tile_overlap_factor_width=0.25), torch.no_grad():
         calls = _count_calls(ours.encoder)
         dist = ours.encode(x)
-        with torch.no_grad():
-            ref_dist = ref.encode(x).latent_dist
-    finally:
-        ref.disable_tiling()
-        ours.disable_tiling()
+        ref_dist = ref.encode(x).latent_dist
     _close(dist.mean, ref_dist.mean, "tiled encode mean")
     _close(dist.logvar, ref_dist.logvar, "tiled encode logvar")
     assert len(calls) == 3 * 2  # rows at 0, 16, 32 px; columns at 0, 24 px
