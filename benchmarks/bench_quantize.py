@@ -60,8 +60,8 @@ def _touch(model) -> None:
 def child_make(work: Path) -> dict:
     """Write a full-precision bf16 ``transformer/`` folder of the 2b shape with random weights."""
     import torch
-    from cogvx.engine.config import PRESETS
-    from cogvx.engine.loader import build_transformer
+    from cogvx.engine.models.presets import PRESETS
+    from cogvx.engine.models.transformer import build_transformer
     from safetensors.torch import save_file
 
     cfg = PRESETS["2b"].transformer
@@ -79,14 +79,14 @@ def child_make(work: Path) -> dict:
             x.normal_(0.0, 0.02, generator=g)
         state[name] = x
     save_file(state, str(d / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    cfg.to_json(d / "config.json")
+    (d / "config.json").write_text(json.dumps(cfg.to_dict()))
     return {"params": sum(t.numel() for t in state.values())}
 
 
 def child_load_fp(work: Path, recipe: str | None, out: Path | None) -> dict:
     """Load the bf16 checkpoint (and quantize it with ``recipe``; then export to ``out``)."""
     import torch
-    from cogvx.engine.loader import load_transformer
+    from cogvx.engine.loading import load_transformer
     from cogvx.quantize import get_recipe, quantize_
 
     if recipe:
@@ -167,9 +167,11 @@ def per_layer(out: Path) -> dict:
 
     sys.path.insert(0, str(HERE.parent / "tests"))
     from checkpoints import write_checkpoint
-    from cogvx.engine.config import PRESETS, TransformerConfig
-    from cogvx.engine.loader import build_transformer, load_transformer
-    from cogvx.engine.positions import make_positions
+    from cogvx.engine.models.config import TransformerConfig
+from cogvx.engine.models.presets import PRESETS
+    from cogvx.engine.loading import load_transformer
+from cogvx.engine.models.transformer import build_transformer
+    from cogvx.engine.models.positions import make_positions
     from cogvx.quantize import ModuleFilter, quantize_
 
     families = {
@@ -266,7 +268,7 @@ def main() -> None:
         per_layer(RESULTS / "per_layer_sqnr.json")
         return
 
-    from cogvx.engine.config import PRESETS
+    from cogvx.engine.models.presets import PRESETS
 
     cfg = PRESETS["2b"].transformer
     if not (work / "fp" / "transformer" / "config.json").is_file():

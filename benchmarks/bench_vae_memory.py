@@ -38,7 +38,8 @@ def _rss(field: str) -> int:
 def _child(mode: str, frames: int, height: int, width: int, dtype_name: str, device: str) -> dict:
     import torch
 
-    from cogvx.engine.vae import CogVideoXVAE, VAEConfig
+    from cogvx.engine.models.config import VAEConfig
+from cogvx.engine.models.vae import CogVideoXVAE
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)

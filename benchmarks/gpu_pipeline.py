@@ -68,7 +68,7 @@ def _diffusers(model: str, c: dict, device: str, dtype, shape: dict, steps: int)
     from transformers import T5Tokenizer
 
     from cogvx.engine import Engine
-    from cogvx.engine.profiling import PeakMemory
+    from cogvx.engine.runtime.profiling import PeakMemory
 
     t0 = time.perf_counter()
     engine = Engine.from_preset(model, device, dtype)

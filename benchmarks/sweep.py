@@ -30,11 +30,13 @@ from pathlib import Path
 import torch
 
 from _util import RESULTS, git_commit, results_path  # benchmarks/ is sys.path[0]
-from cogvx.engine.config import PRESETS, TransformerConfig
-from cogvx.engine.loader import build_transformer, load_transformer
-from cogvx.engine.positions import latent_frames, make_positions
-from cogvx.engine.text_encoder import MAX_LENGTH
-from cogvx.engine.profiling import PeakMemory, transformer_flops
+from cogvx.engine.models.config import TransformerConfig
+from cogvx.engine.models.presets import PRESETS
+from cogvx.engine.loading import load_transformer, read_config
+from cogvx.engine.models.transformer import build_transformer
+from cogvx.engine.models.positions import latent_frames, make_positions
+from cogvx.engine.models.tokenizer import MAX_LENGTH
+from cogvx.engine.runtime.profiling import PeakMemory, transformer_flops
 
 def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
     ref, x = ref.double(), x.double()
@@ -97,7 +99,7 @@ def run(args) -> dict:
     preset = PRESETS[args.preset] if args.preset else None
     dtype = getattr(torch, args.dtype) if args.dtype else (preset.dtype if preset else torch.float32)
     if args.model:
-        cfg = TransformerConfig.from_json(Path(args.model) / "transformer" / "config.json")
+        cfg = read_config(TransformerConfig, Path(args.model) / "transformer" / "config.json")
     else:
         cfg = preset.transformer
     frames = args.frames or (preset.num_frames if preset else 49)
@@ -188,7 +190,7 @@ def run(args) -> dict:
 
 
 def _compile(model, device):
-    from cogvx.engine.compiling import compile_transformer
+    from cogvx.engine.runtime.compiling import compile_module as compile_transformer
 
     return compile_transformer(model, True, device)
 

@@ -15,11 +15,11 @@ import os
 import pytest
 import torch
 
-from cogvx.engine.config import PRESETS
-from cogvx.engine.loader import build_transformer
-from cogvx.engine.positions import latent_frames, make_positions
-from cogvx.engine.profiling import transformer_flops
-from cogvx.engine.text_encoder import MAX_LENGTH
+from cogvx.engine.models.presets import PRESETS
+from cogvx.engine.models.transformer import build_transformer
+from cogvx.engine.models.positions import latent_frames, make_positions
+from cogvx.engine.runtime.profiling import transformer_flops
+from cogvx.engine.models.tokenizer import MAX_LENGTH
 
 PRESET = os.environ.get("COGVX_BENCH_PRESET", "tiny")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,7 +43,7 @@ def test_denoising_step(benchmark, compiled):
     pos = make_positions(cfg, f_lat, h, w).to(DEVICE)
     fn = model
     if compiled:
-        from cogvx.engine.compiling import compile_transformer
+        from cogvx.engine.runtime.compiling import compile_module as compile_transformer
 
         torch._dynamo.reset()
         fn = compile_transformer(model, True, DEVICE)
@@ -61,7 +61,8 @@ def test_denoising_step(benchmark, compiled):
 
 @pytest.mark.parametrize("tiled", [False, True], ids=["frame-batched", "tiled"])
 def test_vae_decode(benchmark, tiled):
-    from cogvx.engine.vae import CogVideoXVAE, VAEConfig
+    from cogvx.engine.models.config import VAEConfig
+from cogvx.engine.models.vae import CogVideoXVAE
 
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     p = PRESETS[PRESET]

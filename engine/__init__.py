@@ -1,5 +1,6 @@
-"""cogvx.engine: model code, loader, Engine + generate."""
+"""cogvx.engine: CogVideoX inference. ``Engine.load(path)`` once, then ``engine.generate(...)``."""
 
-from .engine import Engine, GenerationResult
+from .pipelines.engine import Engine
+from .pipelines.output import GenerationResult
 
 __all__ = ["Engine", "GenerationResult"]

@@ -6,6 +6,8 @@ component with ``quantize_(module, recipe)``, and quantized diffusers-layout che
 """
 
 from .apply import quantize_, quantized_layers, selected_layers
+from .format import DTYPES
+from .filters import COMPONENTS as QUANTIZABLE
 from .filters import DEFAULT_FILTERS, ModuleFilter, default_filter
 from .recipes import (
     RECIPES,
@@ -20,7 +22,7 @@ from .recipes import (
 )
 
 __all__ = [
-    "RECIPES", "Recipe", "RecipeError", "ModuleFilter", "DEFAULT_FILTERS", "default_filter", "availability",
+    "DTYPES", "QUANTIZABLE", "RECIPES", "Recipe", "RecipeError", "ModuleFilter", "DEFAULT_FILTERS", "default_filter", "availability",
     "check_runnable", "get_recipe", "parse_recipe_spec", "resolve_recipes", "runnable_recipes", "quantize_",
     "quantized_layers", "selected_layers",
 ]

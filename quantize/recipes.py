@@ -1,4 +1,4 @@
-"""The registry of named quantization recipes (DESIGN §3: recipes are data).
+"""The registry of named quantization recipes: recipes are data, never inferred from a file name.
 
 A recipe is a frozen dataclass: its name, the backend library that runs it, the backend's settings,
 the module filter per component, and what hardware it needs. ``RECIPES[name]`` is the only way a
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .backends import backend_status
+from .backends import backend_installed, backend_status
 from .filters import COMPONENTS, DEFAULT_FILTERS, ModuleFilter, default_filter
 
 __all__ = [
@@ -96,7 +96,7 @@ _RECIPES = [
            (("config", "Int8WeightOnlyConfig"),)),
     Recipe("int8dq", "torchao", "int8 dynamic per-token activations + int8 per-channel weights",
            (("config", "Int8DynamicActivationInt8WeightConfig"),),
-           cpu_note="runs; much slower than fp32 on a CPU (DESIGN §7: 25x on an AVX2 CPU)"),
+           cpu_note="runs; on CPUs with AVX-512 VNNI its int8 GEMMs beat fp32 (see int8dq-cpu for the fast CPU path)"),
     Recipe("fp8wo", "torchao", "float8 e4m3 weight-only, per-channel scales",
            (("config", "Float8WeightOnlyConfig"),)),
     Recipe("fp8dq", "torchao", "float8 e4m3 dynamic activations + weights, per-tensor scales",
@@ -128,13 +128,17 @@ def get_recipe(name: str | Recipe) -> Recipe:
         raise RecipeError(f"unknown quantization recipe {name!r}; known recipes: {', '.join(RECIPES)}") from None
 
 
-def availability(recipe: str | Recipe, device: str | torch.device = "cpu") -> tuple[bool, str]:
-    """(runs here, reason). The reason names what is missing, or notes a caveat when it runs."""
+def availability(recipe: str | Recipe, device: str | torch.device = "cpu", *,
+                 import_backend: bool = True) -> tuple[bool, str]:
+    """(runs here, reason). The reason names what is missing, or notes a caveat when it runs.
+    ``import_backend=False`` only checks that the backend library is installed (fast, for listings)."""
     r = get_recipe(recipe)
     dev = torch.device(device)
-    ok, why = backend_status(r.backend)
+    ok, why = backend_status(r.backend) if import_backend else backend_installed(r.backend)
     if not ok:
         return False, why
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return False, "no CUDA device on this machine"
     if r.needs_cuda_capability is not None:
         need = "%d.%d" % r.needs_cuda_capability
         if dev.type != "cuda":

@@ -43,7 +43,7 @@ def build_reference_components(variant: str, seed: int = 0, scheduler: str = "Co
 def write_checkpoint(out: Path, variant: str = "rope", seed: int = 0, scheduler: str = "CogVideoXDDIMScheduler",
                      shard: bool = False) -> Path:
     """A complete diffusers-layout directory (model_index.json and the five components)."""
-    from cogvx.engine.tiny_tokenizer import make_tiny_tokenizer
+    from cogvx.engine.dev.tiny_tokenizer import make_tiny_tokenizer
 
     comps = build_reference_components(variant, seed, scheduler)
     out = Path(out)
@@ -54,8 +54,9 @@ def write_checkpoint(out: Path, variant: str = "rope", seed: int = 0, scheduler:
     comps["text_encoder"].save_pretrained(out / "text_encoder", **kw)
     comps["scheduler"].save_pretrained(out / "scheduler")
     make_tiny_tokenizer(out / "tokenizer", vocab_size=256)
+    takes_image = TRANSFORMER_VARIANTS[variant]["in_channels"] != TRANSFORMER_VARIANTS[variant]["out_channels"]
     index = {
-        "_class_name": "CogVideoXPipeline",
+        "_class_name": "CogVideoXImageToVideoPipeline" if takes_image else "CogVideoXPipeline",
         "_diffusers_version": "0.42.1",
         "scheduler": ["diffusers", scheduler],
         "text_encoder": ["transformers", "T5EncoderModel"],

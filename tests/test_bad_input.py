@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cogvx.engine import Engine
-from cogvx.engine.loader import load_transformer
-from cogvx.engine.weights import CheckpointError
+from cogvx.engine.loading import load_transformer
+from cogvx.engine.io import CheckpointError
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -120,7 +120,7 @@ def test_uncached_hub_id_says_how_to_fetch(tmp_path, monkeypatch):
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache.*huggingface-cli download"):
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache.*`hf download THUDM/CogVideoX-5b`"):
         Engine.load("THUDM/CogVideoX-5b")
 
 
@@ -161,8 +161,8 @@ def guarded_engine(ckpt_factory):
 
 @pytest.mark.parametrize("kwargs, exc, message", [
     (dict(num_frames=48), ValueError, r"num_frames must be 4k\+1.*got 48.*try 49"),
-    (dict(num_frames=0), ValueError, r"num_frames must be 4k\+1"),
-    (dict(num_frames=9.0), ValueError, r"num_frames must be 4k\+1"),
+    (dict(num_frames=0), ValueError, r"num_frames must be an integer from 1"),
+    (dict(num_frames=9.0), ValueError, r"num_frames must be an integer \(got 9.0\)"),
     (dict(height=481), ValueError, r"height must be a positive multiple of 16 \(got 481\); try 480"),
     (dict(width=100), ValueError, r"width must be a positive multiple of 16 \(got 100\); try 96"),
     (dict(width=8), ValueError, r"width must be a positive multiple of 16"),
@@ -177,10 +177,10 @@ def guarded_engine(ckpt_factory):
     (dict(num_inference_steps=0), ValueError, r"num_inference_steps must be an integer from 1 to 1000"),
     (dict(num_inference_steps=1001), ValueError, r"num_inference_steps must be an integer from 1 to 1000"),
     (dict(num_inference_steps=2.5), ValueError, r"num_inference_steps must be an integer"),
-    (dict(num_videos_per_prompt=0), ValueError, r"num_videos_per_prompt must be a positive integer"),
+    (dict(num_videos_per_prompt=0), ValueError, r"num_videos_per_prompt must be an integer from 1"),
     (dict(output_type="gif"), ValueError, r"output_type must be one of"),
     (dict(seed=1, generator=torch.Generator()), ValueError, r"either seed or generator"),
-    (dict(seed=-3), ValueError, r"seed must be a non-negative integer"),
+    (dict(seed=-3), ValueError, r"seed must be an integer from 0 to"),
     (dict(latents=torch.zeros(1, 2, 4, 4, 4)), ValueError, r"latents must have shape \(1, 3, 4, 6, 10\)"),
     (dict(callback_on_step_end=5), TypeError, r"callback_on_step_end must be callable"),
 ])
@@ -192,7 +192,7 @@ def test_generate_rejects_bad_arguments_before_work(guarded_engine, kwargs, exc,
 
 
 def test_prompt_embeds_shape_is_checked(guarded_engine):
-    with pytest.raises(ValueError, match=r"prompt_embeds must be a float tensor \[batch, tokens, 20\]"):
+    with pytest.raises(ValueError, match=r"prompt_embeds must be a float tensor \[batch, tokens <= 512, 20\]"):
         guarded_engine.generate(prompt_embeds=torch.zeros(1, 7, 19), num_frames=5, height=32, width=32)
     with pytest.raises(ValueError, match="pass either prompt or prompt_embeds"):
         guarded_engine.generate(prompt="x", prompt_embeds=torch.zeros(1, 7, 20))

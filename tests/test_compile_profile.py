@@ -10,9 +10,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cogvx.engine import Engine
-from cogvx.engine.compiling import dynamo_counts
-from cogvx.engine.positions import make_positions
-from cogvx.engine.profiling import transformer_flops
+from cogvx.engine.runtime.compiling import dynamo_counts
+from cogvx.engine.models.positions import make_positions
+from cogvx.engine.runtime.profiling import transformer_flops
 from helpers import rel_l2
 
 KW = dict(prompt="a fox in the snow", negative_prompt="blurry", num_frames=9, height=48, width=80,

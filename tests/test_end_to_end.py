@@ -13,7 +13,7 @@ from diffusers import CogVideoXPipeline
 
 from cogvx.engine import Engine
 from cogvx.engine.cli import main
-from cogvx.engine.video import VideoWriteError, read_mp4
+from cogvx.engine.io.video import VideoWriteError, read_video as read_mp4
 
 FRAME_TOL = 1e-4  # max abs error in [0, 1] units
 
@@ -117,7 +117,7 @@ def test_cli_demo_model_end_to_end(tmp_path, monkeypatch, capsys):
     assert "random" in captured.err and "--model" in captured.err  # says it is noise, says what to do
     assert f"wrote {out}" in captured.out and "seconds:" in captured.out
     assert read_mp4(out).shape == (9, 32, 48, 3)
-    assert (tmp_path / "cache" / "tiny-random-v1" / "model_index.json").is_file()  # cached for next time
+    assert (tmp_path / "cache" / "tiny-random-v2" / "model_index.json").is_file()  # cached for next time
 
 
 @pytest.mark.parametrize("argv, message", [

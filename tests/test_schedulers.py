@@ -9,14 +9,10 @@ import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers")
-from cogvx.engine.schedulers import (
-    CogVideoXDDIMScheduler,
-    CogVideoXDPMScheduler,
-    SchedulerConfig,
-    guidance_scales,
-    load_scheduler,
-    randn_like_diffusers,
-)
+from cogvx.engine.loading import load_scheduler
+from cogvx.engine.models.noise import randn_like_diffusers
+from cogvx.engine.models.schedulers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler, SchedulerConfig, make_scheduler
+from cogvx.engine.pipelines.guidance import guidance_scales
 from diffusers import CogVideoXDDIMScheduler as RefDDIM
 from diffusers import CogVideoXDPMScheduler as RefDPM
 from diffusers.utils.torch_utils import randn_tensor
@@ -199,10 +195,10 @@ def test_load_from_diffusers_save_config(kind, tmp_path):
 
 def test_load_defaults_dispatch_and_override(tmp_path):
     d = json.loads((_write_ref_config(RefDDIM, tmp_path)).read_text())
-    assert type(load_scheduler(d)) is CogVideoXDDIMScheduler
-    assert type(load_scheduler(d, class_name="CogVideoXDPMScheduler")) is CogVideoXDPMScheduler
+    assert type(make_scheduler(d)) is CogVideoXDDIMScheduler
+    assert type(make_scheduler(d, class_name="CogVideoXDPMScheduler")) is CogVideoXDPMScheduler
     del d["_class_name"]
-    assert type(load_scheduler({**d, "some_future_key": 1})) is CogVideoXDDIMScheduler
+    assert type(make_scheduler({**d, "some_future_key": 1})) is CogVideoXDDIMScheduler
 
 
 def _write_ref_config(ref_cls, tmp_path):
@@ -212,15 +208,15 @@ def _write_ref_config(ref_cls, tmp_path):
 
 def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="'EulerDiscreteScheduler'.*CogVideoXDDIMScheduler, CogVideoXDPMScheduler"):
-        load_scheduler({"_class_name": "EulerDiscreteScheduler"})
+        make_scheduler({"_class_name": "EulerDiscreteScheduler"})
     with pytest.raises(ValueError, match=r"timestep_spacing='middle'.*'linspace', 'leading', 'trailing'"):
-        load_scheduler({"timestep_spacing": "middle"})
+        make_scheduler({"timestep_spacing": "middle"})
     with pytest.raises(ValueError, match=r"prediction_type='flow'.*'v_prediction'"):
         SchedulerConfig.from_dict({"prediction_type": "flow"})
     with pytest.raises(ValueError, match=r"beta_schedule='cosine'.*'squaredcos_cap_v2'"):
         SchedulerConfig.from_dict({"beta_schedule": "cosine"})
     missing = tmp_path / "nowhere" / "scheduler"
-    with pytest.raises(FileNotFoundError, match=str(missing)):
+    with pytest.raises(ValueError, match=str(missing)):
         load_scheduler(missing)
 
 

@@ -14,14 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cogvx.engine.text_encoder import (
-    PromptTokenizer,
-    PromptTruncationWarning,
-    encode_prompts,
-    load_text_encoder,
-)
-from cogvx.engine.tiny_tokenizer import make_tiny_tokenizer, tiny_corpus
-from cogvx.engine.weights import CheckpointError
+from cogvx.engine.loading import load_text_encoder, load_tokenizer
+from cogvx.engine.models.text_encoder import encode_prompts
+from cogvx.engine.models.tokenizer import PromptTruncationWarning
+from cogvx.engine.dev.tiny_tokenizer import make_tiny_tokenizer, tiny_corpus
+from cogvx.engine.io import CheckpointError
 
 EXTRA_IDS = 3
 
@@ -90,7 +87,7 @@ def test_tiny_tokenizer_is_deterministic_with_t5_ids(tmp_path, tok_dir, sp):
 
 
 def test_ids_match_sentencepiece_t5_convention(tok_dir, sp):
-    tok = PromptTokenizer.from_dir(tok_dir)
+    tok = load_tokenizer(tok_dir)
     got = tok(PROMPTS)
     assert got.input_ids.dtype == torch.long and got.input_ids.shape == (len(PROMPTS), 226)
     assert torch.equal(got.input_ids, _sp_ids(sp, PROMPTS))
@@ -99,7 +96,7 @@ def test_ids_match_sentencepiece_t5_convention(tok_dir, sp):
 
 
 def test_ids_match_transformers_t5tokenizer(tok_dir, hf_tok):
-    tok = PromptTokenizer.from_dir(tok_dir)
+    tok = load_tokenizer(tok_dir)
     prompts = PROMPTS + SPECIAL_PROMPTS + [LONG]
     with pytest.warns(PromptTruncationWarning):
         got = tok(prompts).input_ids
@@ -108,7 +105,7 @@ def test_ids_match_transformers_t5tokenizer(tok_dir, hf_tok):
 
 
 def test_truncation_keeps_eos_and_names_dropped_count(tok_dir, sp):
-    tok = PromptTokenizer.from_dir(tok_dir)
+    tok = load_tokenizer(tok_dir)
     n = len(sp.encode(LONG))
     assert n > 300, "the long prompt must exceed 226 tokens for this test"
     with pytest.warns(PromptTruncationWarning, match=rf"prompt 1 .*dropped the last {n - 225} tokens"):
@@ -137,7 +134,7 @@ def test_tokenizer_json_built_with_tokenizers_library(tmp_path, tok_dir, sp):
     d.mkdir()
     t.save(str(d / "tokenizer.json"))
     shutil.copy(tok_dir / "tokenizer_config.json", d)
-    tok = PromptTokenizer.from_dir(d)
+    tok = load_tokenizer(d)
     assert tok.source.name == "tokenizer.json"
     ascii_prompts = [p for p in PROMPTS if p.isascii()] + [LONG]
     with pytest.warns(PromptTruncationWarning):
@@ -149,7 +146,7 @@ def test_tokenizer_json_converted_by_transformers(tmp_path, hf_tok):
     d = tmp_path / "converted"
     hf_tok.save_pretrained(str(d))
     (d / "spiece.model").unlink(missing_ok=True)
-    tok = PromptTokenizer.from_dir(d)
+    tok = load_tokenizer(d)
     assert tok.source.name == "tokenizer.json"
     prompts = PROMPTS + SPECIAL_PROMPTS
     assert torch.equal(tok(prompts).input_ids, _hf_ids(hf_tok, prompts))
@@ -159,13 +156,13 @@ def test_spiece_model_preferred_over_tokenizer_json(tmp_path, tok_dir):
     d = tmp_path / "both"
     shutil.copytree(tok_dir, d)
     (d / "tokenizer.json").write_text("not json: must not be read")
-    assert PromptTokenizer.from_dir(d).source.name == "spiece.model"
+    assert load_tokenizer(d).source.name == "spiece.model"
 
 
 def test_missing_tokenizer_files_error(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{}")
     with pytest.raises(CheckpointError) as e:
-        PromptTokenizer.from_dir(tmp_path)
+        load_tokenizer(tmp_path)
     msg = str(e.value)
     assert str(tmp_path) in msg and "spiece.model" in msg and "tokenizer.json" in msg
 
@@ -184,7 +181,7 @@ def _tiny_t5(vocab_size):
 
 @pytest.fixture(scope="module")
 def ref_t5(tok_dir):
-    return _tiny_t5(PromptTokenizer.from_dir(tok_dir).vocab_size)
+    return _tiny_t5(load_tokenizer(tok_dir).vocab_size)
 
 
 def _save(model, d, layout):
@@ -209,7 +206,7 @@ def test_encode_matches_transformers(tmp_path, tok_dir, sp, ref_t5, layout):
     assert not model.training
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     assert model.shared.weight is model.encoder.embed_tokens.weight
-    tok = PromptTokenizer.from_dir(tok_dir)
+    tok = load_tokenizer(tok_dir)
     prompts = PROMPTS[:4]
     got = encode_prompts(tok, model, prompts)
     with torch.no_grad():
@@ -220,7 +217,7 @@ def test_encode_matches_transformers(tmp_path, tok_dir, sp, ref_t5, layout):
 
 def test_bfloat16_load_and_output_dtype(tmp_path, tok_dir, ref_t5):
     _save(ref_t5, tmp_path, "single")
-    tok = PromptTokenizer.from_dir(tok_dir)
+    tok = load_tokenizer(tok_dir)
     model = load_text_encoder(tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     out = encode_prompts(tok, model, ["a fox"], dtype=torch.float32)
@@ -259,4 +256,4 @@ def test_key_mismatch_names_the_key(tmp_path, ref_t5, change):
 def test_tokenizer_larger_than_embedding_refused(tmp_path, tok_dir):
     small = _tiny_t5(64)
     with pytest.raises(ValueError, match="not from the same checkpoint"):
-        encode_prompts(PromptTokenizer.from_dir(tok_dir), small, ["a fox"])
+        encode_prompts(load_tokenizer(tok_dir), small, ["a fox"])

@@ -10,9 +10,11 @@ from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.embeddings import get_3d_rotary_pos_embed, get_3d_sincos_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
 
-from cogvx.engine.config import PRESETS, TransformerConfig
-from cogvx.engine.loader import build_transformer, load_transformer
-from cogvx.engine.positions import make_positions, rope_tables, sincos_embedding, video_grid
+from cogvx.engine.models.config import TransformerConfig
+from cogvx.engine.models.presets import PRESETS
+from cogvx.engine.loading import load_transformer, read_config
+from cogvx.engine.models.transformer import build_transformer
+from cogvx.engine.models.positions import make_positions, rope_tables, sincos_embedding, video_grid
 from helpers import TRANSFORMER_VARIANTS, randomize_, rel_l2, where_differs
 
 TOL = 1e-5
@@ -125,11 +127,10 @@ def test_config_round_trips_through_diffusers_json(tmp_path):
     kw = TRANSFORMER_VARIANTS["v15_ofs"]
     with torch.device("meta"):
         CogVideoXTransformer3DModel(**kw).save_config(tmp_path)
-    cfg = TransformerConfig.from_json(tmp_path / "config.json")
+    cfg = read_config(TransformerConfig, tmp_path / "config.json")
     for k, v in kw.items():
         assert getattr(cfg, k) == v, k
-    cfg.to_json(tmp_path / "again.json")
-    again = json.loads((tmp_path / "again.json").read_text())
+    again = json.loads(json.dumps(cfg.to_dict()))
     assert TransformerConfig.from_dict(again) == cfg
     assert again["_class_name"] == "CogVideoXTransformer3DModel"
 

@@ -21,15 +21,11 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLCogVideoX  # noqa: E402
 from helpers import rel_l2, where_differs  # noqa: E402
 
-from cogvx.engine.vae import (  # noqa: E402
-    ConvCache,
-    VAEConfig,
-    frame_batches,
-    load_vae,
-    scale_latents,
-    unscale_latents,
-)
-from cogvx.engine.weights import CheckpointError  # noqa: E402
+from cogvx.engine.loading import load_vae  # noqa: E402
+from cogvx.engine.models.config import VAEConfig  # noqa: E402
+from cogvx.engine.models.vae import frame_batches, scale_latents, unscale_latents  # noqa: E402
+from cogvx.engine.models.vae.layers import ConvCache  # noqa: E402
+from cogvx.engine.io import CheckpointError  # noqa: E402
 
 TOL = 1e-5
 # Three small shapes: 4 blocks (real 8x / 4x compression), quant convs + other act/depth and a large norm_eps
@@ -120,7 +116,7 @@ def test_real_config_is_diffusers_default():
 
 @pytest.mark.parametrize("cfg", [VAEConfig.real(), VAEConfig.tiny(), *CONFIGS.values()], ids=lambda c: str(c.block_out_channels))
 def test_parameter_names_and_shapes_equal_diffusers(cfg):
-    from cogvx.engine.vae import CogVideoXVAE
+    from cogvx.engine.models.vae import CogVideoXVAE
 
     with torch.device("meta"):
         ours = {k: tuple(v.shape) for k, v in CogVideoXVAE(cfg).state_dict().items()}
@@ -267,7 +263,7 @@ def test_missing_directory(tmp_path):
 def test_missing_config(vaes, tmp_path):
     _, _, d = vaes["tiny"]
     shutil.copy(d / "diffusion_pytorch_model.safetensors", tmp_path)
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
         load_vae(tmp_path)
 
 

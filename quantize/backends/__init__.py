@@ -1,22 +1,42 @@
-"""Quantization backends, one module per library, each with the same functions:
+"""Quantization backends, one module per library, each implementing :class:`Backend`.
 
-``version()``; ``quantize(module, fqns, options, calibrate=None)`` (in place, on real weights);
-``is_quantized(layer)``; ``export_layer(layer) -> (tensors, meta)`` (plain tensors keyed by the
-suffix after the layer's name, and JSON-able metadata); ``empty_layer(linear, options, dtype)``
-(the quantized module form on the meta device); ``load_layer(layer, tensors, meta, device)``
-(the stored quantized weight assigned, never a full-precision one); ``expected_shapes(linear, options,
-meta)`` (suffix -> shape, checked before anything is built).
-
-Backends are imported lazily: a missing library makes only its own recipes unavailable.
+Backends are imported lazily: a missing library makes only its own recipes unavailable, and
+``cogvx recipes`` can print its table without importing any of them.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
-from types import ModuleType
+import importlib.util
+from typing import Any, Protocol
 
-__all__ = ["BACKENDS", "get_backend", "backend_status", "backend_version"]
+import torch
+from torch import nn
+
+__all__ = ["BACKENDS", "Backend", "get_backend", "backend_status", "backend_installed", "backend_version"]
+
+
+class Backend(Protocol):
+    """What every backend module provides."""
+
+    def quantize(self, module: nn.Module, fqns: list[str], options: dict[str, Any], calibrate=None) -> None:
+        """Quantize the named Linear layers of ``module`` in place, on real weights."""
+
+    def is_quantized(self, layer: nn.Module) -> bool:
+        """Whether ``layer`` is one this backend quantized."""
+
+    def export_layer(self, layer: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(plain tensors keyed by the suffix after the layer's name, JSON-able metadata)."""
+
+    def empty_layer(self, linear: nn.Linear, options: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+        """The quantized module form of ``linear`` on the meta device."""
+
+    def expected_shapes(self, linear: nn.Linear, options: dict[str, Any], meta: dict[str, Any]) -> dict:
+        """{suffix: shape} of the stored tensors, checked before anything is built."""
+
+    def load_layer(self, layer: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device):
+        """Assign the stored quantized weight (never a full-precision one)."""
 
 # backend name -> (module, import name, pip distribution)
 BACKENDS = {
@@ -43,6 +63,19 @@ def backend_status(name: str) -> tuple[bool, str]:
     return _status[name]
 
 
+def backend_installed(name: str) -> tuple[bool, str]:
+    """(installed, reason when not) without importing the library (fast: for listings); an import that
+    was already tried and failed counts."""
+    if name in _status and not _status[name][0]:
+        return _status[name]
+    _, imp, dist = BACKENDS[name]
+    try:
+        found = importlib.util.find_spec(imp) is not None
+    except (ImportError, ValueError):
+        found = False
+    return (True, "") if found else (False, f"{dist} is not installed (pip install {dist})")
+
+
 def backend_version(name: str) -> str:
     dist = BACKENDS[name][2]
     try:
@@ -51,7 +84,7 @@ def backend_version(name: str) -> str:
         return "not installed"
 
 
-def get_backend(name: str) -> ModuleType:
+def get_backend(name: str) -> Backend:
     ok, why = backend_status(name)
     if not ok:
         raise ImportError(why)

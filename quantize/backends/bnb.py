@@ -18,10 +18,6 @@ from bitsandbytes.nn import Int8Params, Linear4bit, Linear8bitLt, Params4bit
 from torch import nn
 
 
-def version() -> str:
-    return bnb.__version__
-
-
 def empty_layer(linear: nn.Linear, options: dict[str, Any], dtype: torch.dtype) -> nn.Module:
     bias = linear.bias is not None
     if options["kind"] == "int8":

@@ -23,12 +23,6 @@ from torch import nn
 _ALIASES = {"qfloat8": "qfloat8_e4m3fn"}
 
 
-def version() -> str:
-    import importlib.metadata
-
-    return importlib.metadata.version("optimum-quanto")
-
-
 def _qtype(name: str | None):
     return None if name is None else qtypes[_ALIASES.get(name, name)]
 

@@ -35,12 +35,6 @@ _GRANULARITY = {"PerTensor": PerTensor, "PerRow": PerRow}
 _KEY = "L.weight"  # torchao's flattening wants "<module>.<param>" names
 
 
-def version() -> str:
-    import torchao
-
-    return torchao.__version__
-
-
 def _config(options: dict[str, Any]):
     cls = _CONFIGS[options["config"]]
     if "granularity" in options:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .config import TransformerConfig
+from ..models.config import TransformerConfig
 
-__all__ = ["Profile", "transformer_flops", "PeakMemory", "stage"]
+__all__ = ["Profile", "transformer_flops", "PeakMemory", "StepClock", "peak_rss", "stage", "tracer"]
 
 
 def transformer_flops(cfg: TransformerConfig, batch: int, n_text: int, n_video: int) -> int:
@@ -68,11 +68,12 @@ class PeakMemory:
                 "cuda_peak_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
             }
         else:
-            self.result = {"cpu_peak_rss_bytes": _peak_rss()}
+            self.result = {"cpu_peak_rss_bytes": peak_rss()}
         return False
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes (since the last reset of VmHWM, on Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -88,8 +89,10 @@ def _peak_rss() -> int:
 class Profile:
     """Per-stage wall seconds of one generate call, and what the denoising achieved.
 
-    stages: tokenize+text_encode, compile (first call of a compiled shape), denoise (the loop),
-    vae_decode, save (filled in by ``GenerationResult.save``). steps: seconds per denoising step.
+    stages: prepare, tokenize, text_encode, encode (VAE encoding of image/video conditioning), compile
+    (first call of a compiled shape), denoise (the loop), vae_decode, save (added by
+    ``GenerationResult.save``, which also adds its time to ``total_seconds``). steps: seconds per
+    denoising step.
     """
 
     stages: dict[str, float] = field(default_factory=dict)
@@ -147,3 +150,38 @@ def stage(profile: Profile, name: str, device: torch.device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         profile.stages[name] = profile.stages.get(name, 0.0) + time.perf_counter() - t0
+
+
+class StepClock:
+    """Per-step wall times without a host sync inside the loop: CUDA events, read once at the end."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def _mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.marks = [self._mark()]
+
+    def tick(self) -> None:
+        self.marks.append(self._mark())
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def tracer(device: torch.device):
+    """A torch.profiler context recording CPU (and CUDA) activity, for a Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=acts, record_shapes=False)

@@ -6,21 +6,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
+from transformers import T5Config, T5EncoderModel
 
-from .config import PRESETS
-from .loader import build_transformer
-from .schedulers import SchedulerConfig
+from ..io.atomic import atomic_directory, umask_mode
+from ..io.cache import cache_root
+from ..models.presets import PRESETS
+from ..models.schedulers import SchedulerConfig
+from ..models.transformer import build_transformer
+from ..models.vae import CogVideoXVAE
 from .tiny_tokenizer import make_tiny_tokenizer
-from .vae import CogVideoXVAE, VAEConfig
 
-__all__ = ["make_tiny_checkpoint", "default_tiny_dir", "ensure_tiny_checkpoint", "TINY_VERSION"]
+__all__ = ["make_tiny_checkpoint", "default_tiny_dir", "ensure_tiny_checkpoint", "tiny_t5_config", "TINY_VERSION"]
 
-TINY_VERSION = 1  # bump when the tiny model's layout changes, so stale caches are rebuilt
+TINY_VERSION = 2  # bump when the tiny model's layout changes, so stale caches are rebuilt
 _DIFFUSERS_VERSION = "0.32.0"  # the oldest diffusers whose CogVideoX classes read these configs
 
 
@@ -32,24 +35,18 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     pipeline runs, and diffusers' ``CogVideoXPipeline.from_pretrained`` loads the same directory.
     """
     out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new directory for the tiny checkpoint")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         _write_all(tmp, seed)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def _write_all(d: Path, seed: int) -> None:
-    from transformers import T5Config, T5EncoderModel
+def tiny_t5_config(d_model: int, vocab_size: int) -> T5Config:
+    """A 2-layer T5 v1.1-style encoder config of width ``d_model`` (the tiny and small test models)."""
+    return T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                    feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False)
 
+
+def _write_all(d: Path, seed: int) -> None:
     torch.manual_seed(seed)
     preset = PRESETS["tiny"]
     tcfg = preset.transformer
@@ -57,19 +54,14 @@ def _write_all(d: Path, seed: int) -> None:
     transformer = build_transformer(tcfg, device="cpu", dtype=torch.float32)
     _save_module(transformer, d / "transformer", tcfg.to_dict())
     # VAE: the real 8x / 4x compression, few channels
-    vcfg = VAEConfig.tiny()
+    vcfg = preset.vae
     if vcfg.latent_channels != tcfg.in_channels:
         raise AssertionError("tiny VAE and transformer disagree on latent channels")
     _save_module(CogVideoXVAE(vcfg), d / "vae", vcfg.to_dict())
     # tokenizer + T5 encoder sized to it
     make_tiny_tokenizer(d / "tokenizer")
-    import sentencepiece as spm
-
     vocab = spm.SentencePieceProcessor(model_file=str(d / "tokenizer" / "spiece.model")).get_piece_size()
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=vocab, d_model=tcfg.text_embed_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False,
-    )).eval()
+    t5 = T5EncoderModel(tiny_t5_config(tcfg.text_embed_dim, vocab)).eval()
     t5.save_pretrained(d / "text_encoder", safe_serialization=True)
     # scheduler
     (d / "scheduler").mkdir()
@@ -89,7 +81,7 @@ def _write_all(d: Path, seed: int) -> None:
 
 
 def _save_module(module: torch.nn.Module, d: Path, config: dict) -> None:
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, mode=umask_mode())
     config = {**config, "_diffusers_version": _DIFFUSERS_VERSION}
     (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
@@ -97,10 +89,9 @@ def _save_module(module: torch.nn.Module, d: Path, config: dict) -> None:
 
 
 def default_tiny_dir() -> Path:
-    """Where the built-in demo model is cached: $COGVX_CACHE, else $XDG_CACHE_HOME/cogvx, else ~/.cache/cogvx."""
-    root = os.environ.get("COGVX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cogvx")
-    return Path(root) / f"tiny-random-v{TINY_VERSION}"
+    """Where the built-in demo model is cached: <cogvx cache>/tiny-random-v<N> ($COGVX_CACHE, else
+    $XDG_CACHE_HOME/cogvx, else ~/.cache/cogvx)."""
+    return cache_root() / f"tiny-random-v{TINY_VERSION}"
 
 
 def ensure_tiny_checkpoint() -> tuple[Path, bool]:
@@ -112,7 +103,7 @@ def ensure_tiny_checkpoint() -> tuple[Path, bool]:
         shutil.rmtree(d)
     try:
         return make_tiny_checkpoint(d), True
-    except OSError:
+    except (OSError, FileExistsError):
         if (d / "model_index.json").is_file():  # another process made it first
             return d, False
         raise

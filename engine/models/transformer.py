@@ -2,9 +2,9 @@
 
 Parameter names equal diffusers' ``CogVideoXTransformer3DModel`` so a ``transformer/`` folder
 loads with no conversion. Unlike diffusers, text and video tokens stay in one tensor
-[B, Nt + Nv, D] through every block; the text or video modulation is picked by row index
-(DESIGN §3). The two fusion boundaries, the adaptive LayerNorm and QK-norm + RoPE + attention,
-are calls into ``cogvx.kernels`` whose plain-PyTorch bodies are the references.
+[B, Nt + Nv, D] through every block (the same function with fewer copies); the text or video
+modulation is picked by row index. The two fusion boundaries, the adaptive LayerNorm and QK-norm +
+RoPE + attention, are calls into ``cogvx.kernels`` whose plain-PyTorch bodies are the references.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cogvx.kernels.adaln import adaptive_layernorm
-from cogvx.kernels.rope_attention import attention, qk_norm_rope, rope_attention
+from cogvx.kernels import adaptive_layernorm
 
+from .attention import Attention
 from .config import TransformerConfig
 from .positions import Positions, sincos_embedding, video_grid
 
-__all__ = ["CogVideoXTransformer", "timestep_embedding"]
+__all__ = ["CogVideoXTransformer", "build_transformer", "timestep_embedding"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0) -> torch.Tensor:
@@ -62,8 +62,7 @@ class PatchEmbed(nn.Module):
             self.proj = nn.Linear(cfg.in_channels * p * p * cfg.patch_size_t, d)
         self.text_proj = nn.Linear(cfg.text_embed_dim, d)
         if cfg.use_learned_positional_embeddings:
-            t, h, w = video_grid(cfg, (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1,
-                                 cfg.sample_height, cfg.sample_width)
+            t, h, w = video_grid(cfg, cfg.sample_latent_frames, cfg.sample_height, cfg.sample_width)
             self.register_buffer("pos_embedding", torch.empty(1, cfg.max_text_seq_length + t * h * w, d))
         else:
             self.pos_embedding = None
@@ -98,56 +97,6 @@ class AdaLayerNormZero(nn.Module):
             torch.stack([e_scale, scale], dim=1),
             torch.stack([e_gate, gate], dim=1),
         )
-
-
-class Attention(nn.Module):
-    """Self-attention over the joint sequence: q/k/v (optionally fused), per-head QK LayerNorm,
-    RoPE on video rows, SDPA, output projection (diffusers ``CogVideoXAttnProcessor2_0``)."""
-
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        d, dh = cfg.inner_dim, cfg.attention_head_dim
-        self.heads, self.head_dim = cfg.num_attention_heads, dh
-        self.to_q = nn.Linear(d, d, bias=cfg.attention_bias)
-        self.to_k = nn.Linear(d, d, bias=cfg.attention_bias)
-        self.to_v = nn.Linear(d, d, bias=cfg.attention_bias)
-        self.to_qkv: nn.Linear | None = None
-        self.norm_q = nn.LayerNorm(dh, eps=1e-6)
-        self.norm_k = nn.LayerNorm(dh, eps=1e-6)
-        self.to_out = nn.ModuleList([nn.Linear(d, d, bias=True), nn.Dropout(cfg.dropout)])
-        self.backend = "torch"  # QK-norm + RoPE kernel: "torch" (reference) or "triton"
-        self.attention = "sdpa"  # "sdpa" after the QK kernel, or "flash": Triton attention that rotates its tiles
-
-    @torch.no_grad()
-    def fuse_qkv(self) -> None:
-        """Replace to_q/to_k/to_v by one [3D, D] projection (one GEMM instead of three)."""
-        if self.to_qkv is not None:
-            return
-        qs = (self.to_q, self.to_k, self.to_v)
-        w = torch.cat([m.weight for m in qs])
-        fused = nn.Linear(w.shape[1], w.shape[0], bias=self.to_q.bias is not None, device=w.device, dtype=w.dtype)
-        fused.weight.copy_(w)
-        if fused.bias is not None:
-            fused.bias.copy_(torch.cat([m.bias for m in qs]))
-        self.to_qkv = fused
-        del self.to_q, self.to_k, self.to_v
-
-    def forward(self, x: torch.Tensor, rope, n_text: int) -> torch.Tensor:
-        b, s, _ = x.shape
-        shape = (b, s, self.heads, self.head_dim)
-        if self.to_qkv is not None:
-            q, k, v = self.to_qkv(x).view(b, s, 3, self.heads, self.head_dim).unbind(2)
-        else:
-            q, k, v = self.to_q(x).view(shape), self.to_k(x).view(shape), self.to_v(x).view(shape)
-        cos, sin = rope if rope is not None else (None, None)
-        norms = (self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias)
-        if self.attention == "flash":  # RoPE applied inside the attention kernel, on its Q/K tiles
-            q, k = qk_norm_rope(q, k, *norms, None, None, n_text, self.norm_q.eps, backend=self.backend)
-            o = rope_attention(q, k, v.transpose(1, 2), cos, sin, n_text, backend="triton")
-        else:
-            q, k = qk_norm_rope(q, k, *norms, cos, sin, n_text, self.norm_q.eps, backend=self.backend)
-            o = attention(q, k, v.transpose(1, 2), backend="torch")  # SDPA, [B, H, S, Dh]
-        return self.to_out[0](o.transpose(1, 2).reshape(b, s, -1))
 
 
 class GELUProj(nn.Module):
@@ -300,3 +249,12 @@ class CogVideoXTransformer(nn.Module):
             return out.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
         out = v.reshape(b, (f + pt - 1) // pt, h // p, w // p, -1, pt, p, p)
         return out.permute(0, 1, 5, 4, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(1, 2)
+
+
+def build_transformer(cfg: TransformerConfig, device="meta", dtype: torch.dtype | None = None) -> CogVideoXTransformer:
+    """An uninitialized transformer on ``device`` (meta: no memory), eval mode, no gradients."""
+    with torch.device(device):
+        model = CogVideoXTransformer(cfg)
+    if dtype is not None and device != "meta":
+        model = model.to(dtype)
+    return model.eval().requires_grad_(False)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TransformerConfig
+from .config import TransformerConfig, latent_frame_count
 
 __all__ = ["Positions", "latent_frames", "video_grid", "rope_tables", "sincos_embedding", "make_positions"]
 
@@ -40,7 +40,7 @@ def latent_frames(cfg: TransformerConfig, num_frames: int, temporal_compression:
     """(latent frames the transformer denoises, how many of them are padding) for ``num_frames`` video
     frames: F_lat = (F - 1) / 4 + 1, padded up to a multiple of patch_size_t (CogVideoX 1.5), as the
     diffusers pipeline pads; the padding frames are dropped after denoising."""
-    f_lat = (num_frames - 1) // temporal_compression + 1
+    f_lat = latent_frame_count(num_frames, temporal_compression)
     extra = -f_lat % (cfg.patch_size_t or 1)
     return f_lat + extra, extra
 

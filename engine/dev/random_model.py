@@ -1,20 +1,24 @@
 """A real-shape pipeline with random weights, built straight on the target device: what GPU
-benchmarks run when no checkpoint is on disk (DESIGN §3 "Real-shape presets")."""
+benchmarks run when no checkpoint is on disk (the built-in presets of the released models)."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import T5Config
 
-from .config import get_preset
-from .loader import build_transformer
-from .schedulers import SCHEDULERS, SchedulerConfig
-from .text_encoder import PromptTokenizer
+from ..loading import load_tokenizer
+from ..models.presets import get_preset
+from ..models.schedulers import SCHEDULERS, SchedulerConfig
+from ..models.text_encoder import build_text_encoder, text_encoder_dtype, tie_embedding
+from ..models.transformer import build_transformer
+from ..models.vae import CogVideoXVAE
+from .tiny import tiny_t5_config
 from .tiny_tokenizer import make_tiny_tokenizer
-from .vae import CogVideoXVAE, VAEConfig
 
 __all__ = ["random_components", "T5_XXL"]
 
@@ -38,7 +42,7 @@ def _init_(module: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
 
 def random_components(preset: str, device: torch.device, dtype: torch.dtype, *, text_encoder: bool = True,
                       vae: bool = True, seed: int = 0) -> dict:
-    """Engine components of a preset with random weights (keys as ``loader.load_components``).
+    """Engine components of a preset with random weights (keys as ``loading.load_components``).
 
     The tokenizer is a small sentencepiece model (its ids fall inside T5's vocabulary); the T5-XXL
     encoder is real-size unless the preset is ``tiny``. Weights are materialized once, on ``device``.
@@ -50,24 +54,19 @@ def random_components(preset: str, device: torch.device, dtype: torch.dtype, *, 
     transformer = transformer.to(dtype)
     tok_dir = Path(tempfile.mkdtemp(prefix="cogvx-tok-"))
     make_tiny_tokenizer(tok_dir)
-    tokenizer = PromptTokenizer.from_dir(tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    shutil.rmtree(tok_dir, ignore_errors=True)
     te = None
     if text_encoder:
-        from transformers import T5Config, T5EncoderModel
-
-        kw = dict(T5_XXL) if cfg.text_embed_dim == 4096 else dict(
-            T5_XXL, d_model=cfg.text_embed_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
-        with torch.device("meta"):
-            te = T5EncoderModel(T5Config(**kw))
-        te = _init_(te.to_empty(device=device), seed + 1)
-        te.encoder.embed_tokens.weight = te.shared.weight
-        te = te.to(dtype if dtype != torch.float16 else torch.bfloat16).eval()
+        t5 = T5Config(**T5_XXL) if cfg.text_embed_dim == 4096 else tiny_t5_config(cfg.text_embed_dim, 32128)
+        te = _init_(build_text_encoder(t5).to_empty(device=device), seed + 1)
+        tie_embedding(te)
+        te = te.to(text_encoder_dtype(dtype, device)).eval().requires_grad_(False)
     v = None
     if vae:
-        vcfg = VAEConfig.tiny() if preset == "tiny" else VAEConfig(scaling_factor=p.vae_scaling_factor)
         with torch.device("meta"):
-            v = CogVideoXVAE(vcfg)
+            v = CogVideoXVAE(p.vae)
         v = _init_(v.to_empty(device=device), seed + 2).to(dtype).eval()
     scheduler = SCHEDULERS[p.scheduler](SchedulerConfig())
     return dict(transformer=transformer.eval().requires_grad_(False), scheduler=scheduler, tokenizer=tokenizer,
-                text_encoder=te, vae=v, recipes={})
+                text_encoder=te, vae=v, recipes={}, task="i2v" if cfg.image_to_video else "t2v")

@@ -19,25 +19,23 @@ pipeline then runs an extra step at t = -1 that wraps to alphas_cumprod[-1]. We 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .config import known_fields
+from .noise import randn_like_diffusers
 
 __all__ = [
     "SchedulerConfig",
+    "Schedule",
     "CogVideoXDDIMScheduler",
     "CogVideoXDPMScheduler",
     "SCHEDULERS",
-    "load_scheduler",
-    "randn_like_diffusers",
-    "guidance_scales",
+    "make_scheduler",
 ]
 
 logger = logging.getLogger(__name__)
@@ -169,6 +167,29 @@ def _timesteps(cfg: SchedulerConfig, n: int) -> list[int]:
     return ts
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The timesteps of one sampling run and every step's coefficients (Python floats, computed on the
+    host): what ``step`` reads. Built per call by ``scheduler.schedule(n)``, so concurrent generate
+    calls with different step counts never share state."""
+
+    num_inference_steps: int
+    timesteps_host: tuple[int, ...]
+    coefs: tuple[tuple[float, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.timesteps_host)
+
+    def timesteps(self, device: str | torch.device | None = None) -> torch.Tensor:
+        """The timesteps as an int64 tensor [num_inference_steps] on ``device``."""
+        return torch.tensor(self.timesteps_host, dtype=torch.int64, device=device)
+
+    def coefficients(self, i: int) -> tuple[float, ...]:
+        if not 0 <= i < len(self.coefs):
+            raise ValueError(f"step index i={i} out of range for {len(self.coefs)} timesteps")
+        return self.coefs[i]
+
+
 class _CogVideoXScheduler:
     """Shared config, alpha table, timesteps and x0 prediction of the two schedulers."""
 
@@ -181,14 +202,11 @@ class _CogVideoXScheduler:
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
         self.timesteps_host: list[int] = []
-        self._coefs: list[tuple[float, ...]] = []
+        self._schedule: Schedule | None = None
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> torch.Tensor:
-        """Choose the schedule and precompute every step's coefficients (host float64 -> floats).
-
-        Returns the timesteps as an int64 tensor [num_inference_steps] on ``device``; also stored in
-        ``self.timesteps`` and, as Python ints, in ``self.timesteps_host``.
-        """
+    def schedule(self, num_inference_steps: int) -> Schedule:
+        """The schedule of ``num_inference_steps`` steps, every coefficient precomputed (host float64
+        -> floats). Pure: the scheduler itself is not changed."""
         T = self.config.num_train_timesteps
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
             raise TypeError(f"num_inference_steps must be an int, got {num_inference_steps!r}")
@@ -223,18 +241,29 @@ class _CogVideoXScheduler:
                 f"non-finite scheduler coefficients at {num_inference_steps} steps; check beta_start/beta_end, "
                 "trained_betas and snr_shift_scale in the scheduler config"
             )
-        self._coefs = [tuple(c) for c in coefs.tolist()]
+        return Schedule(num_inference_steps, tuple(ts), tuple(tuple(c) for c in coefs.tolist()))
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> torch.Tensor:
+        """diffusers-style stateful form of :meth:`schedule`: keep the schedule on the scheduler for
+        ``step`` calls without ``schedule=``. Returns the timesteps as int64 [num_inference_steps] on
+        ``device``; also stored in ``self.timesteps`` and, as Python ints, in ``self.timesteps_host``."""
+        self._schedule = self.schedule(num_inference_steps)
         self.num_inference_steps = num_inference_steps
-        self.timesteps_host = ts
-        self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
+        self.timesteps_host = list(self._schedule.timesteps_host)
+        self.timesteps = self._schedule.timesteps(device)
         return self.timesteps
 
-    def _coefficients(self, i: int) -> tuple[float, ...]:
-        if not self._coefs:
+    def _coefficients(self, i: int, schedule: Schedule | None) -> tuple[float, ...]:
+        schedule = schedule or self._schedule
+        if schedule is None:
             raise ValueError(f"{type(self).__name__}.step called before set_timesteps(num_inference_steps)")
-        if not 0 <= i < len(self._coefs):
-            raise ValueError(f"step index i={i} out of range for {len(self._coefs)} timesteps")
-        return self._coefs[i]
+        return schedule.coefficients(i)
+
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+        """``sqrt(a_t) * original + sqrt(1 - a_t) * noise`` at an integer timestep (diffusers'
+        ``add_noise``, same operation order and float dtype of the coefficients)."""
+        a = self.alphas_cumprod.to(dtype=original.dtype)[timestep]
+        return a**0.5 * original + (1 - a) ** 0.5 * noise
 
     def _pred_original_sample(self, sqrt_a: float, sqrt_b: float, model_output, sample):
         # Operation order as in diffusers, so fp32 results match it bit for bit.
@@ -254,13 +283,14 @@ class CogVideoXDDIMScheduler(_CogVideoXScheduler):
         b = np.sqrt(a_prev) - np.sqrt(a_t) * a
         return a, b
 
-    def step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, state=None, generator=None):
-        """One DDIM step at ``self.timesteps[i]``.
+    def step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, state=None, generator=None,
+             schedule: Schedule | None = None):
+        """One DDIM step at step ``i`` of ``schedule`` (default: the one ``set_timesteps`` kept).
 
         model_output, sample: same shape (e.g. [B, F, C, H, W]) and dtype. Returns
         ``(prev_sample, None)``; ``state`` and ``generator`` are unused (this DDIM draws no noise).
         """
-        sqrt_a, sqrt_b, a, b = self._coefficients(i)
+        sqrt_a, sqrt_b, a, b = self._coefficients(i, schedule)
         x0 = self._pred_original_sample(sqrt_a, sqrt_b, model_output, sample)
         return a * sample + b * x0, None
 
@@ -287,15 +317,16 @@ class CogVideoXDPMScheduler(_CogVideoXScheduler):
         mult4 = np.where(second, 1 / (2 * r), 0.0)
         return mult1, mult2, mult3, mult4, mult_noise, second.astype(np.float64)
 
-    def step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, state=None, generator=None):
-        """One DPM-Solver++ (2M) step at ``self.timesteps[i]``.
+    def step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor, state=None, generator=None,
+             schedule: Schedule | None = None):
+        """One DPM-Solver++ (2M) step at step ``i`` of ``schedule`` (default: the one ``set_timesteps`` kept).
 
         model_output, sample: same shape [B, ...] and dtype. state: the previous step's
         pred_original_sample (None at the first step). generator: torch.Generator, a list of one per
         batch element, or None (global RNG). Returns ``(prev_sample, pred_original_sample)``; pass the
         second back as ``state`` next step.
         """
-        sqrt_a, sqrt_b, mult1, mult2, mult3, mult4, mult_noise, second = self._coefficients(i)
+        sqrt_a, sqrt_b, mult1, mult2, mult3, mult4, mult_noise, second = self._coefficients(i, schedule)
         x0 = self._pred_original_sample(sqrt_a, sqrt_b, model_output, sample)
         noise = randn_like_diffusers(sample.shape, generator, sample.device, sample.dtype)
         if state is None or not second:
@@ -308,72 +339,10 @@ class CogVideoXDPMScheduler(_CogVideoXScheduler):
 SCHEDULERS = {"CogVideoXDDIMScheduler": CogVideoXDDIMScheduler, "CogVideoXDPMScheduler": CogVideoXDPMScheduler}
 
 
-def load_scheduler(
-    source: str | Path | dict, class_name: str | None = None
-) -> CogVideoXDDIMScheduler | CogVideoXDPMScheduler:
-    """Build a scheduler from a diffusers ``scheduler/`` directory, its json file, or a config dict.
-
-    The class comes from ``class_name`` if given, else the config's ``_class_name`` (DDIM if absent),
-    e.g. ``load_scheduler(ckpt / "scheduler", class_name="CogVideoXDPMScheduler")`` swaps in DPM.
-    """
-    if isinstance(source, dict):
-        d = source
-    else:
-        path = Path(source)
-        if path.is_dir():
-            path = path / "scheduler_config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"scheduler config {path} does not exist; expected a diffusers scheduler/ "
-                                    "directory holding scheduler_config.json, or the json file itself")
-        d = json.loads(path.read_text())
-    name = class_name or d.get("_class_name") or "CogVideoXDDIMScheduler"
+def make_scheduler(config: dict, class_name: str | None = None) -> CogVideoXDDIMScheduler | CogVideoXDPMScheduler:
+    """A scheduler from a diffusers scheduler config dict. The class comes from ``class_name`` if given,
+    else the config's ``_class_name`` (DDIM if absent): ``class_name="CogVideoXDPMScheduler"`` swaps in DPM."""
+    name = class_name or config.get("_class_name") or "CogVideoXDDIMScheduler"
     if name not in SCHEDULERS:
         raise ValueError(f"unsupported scheduler class {name!r}; accepted: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name](SchedulerConfig.from_dict(d))
-
-
-def randn_like_diffusers(
-    shape: tuple[int, ...] | torch.Size,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Standard normal tensor drawn exactly as diffusers' ``randn_tensor``.
-
-    A CPU generator with a non-CPU ``device`` draws on the CPU and moves the result (same numbers on
-    every device); a list of generators draws batch element ``k`` ([1, *shape[1:]]) from
-    ``generator[k]``. Returns ``shape`` on ``device`` (CPU if None) with ``dtype``.
-    """
-    device = torch.device(device) if isinstance(device, str) else device
-    target = device or torch.device("cpu")
-    rand_device = device
-    if generator is not None:
-        gen_type = (generator[0] if isinstance(generator, list) else generator).device.type
-        if gen_type != target.type and gen_type == "cpu":
-            rand_device = torch.device("cpu")
-        elif gen_type != target.type and gen_type == "cuda":
-            raise ValueError(f"cannot draw a {target} tensor from a {gen_type} generator; "
-                             f"use a CPU generator or one on {target}")
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for batch size {shape[0]}; pass one per batch element")
-        parts = [torch.randn((1, *shape[1:]), generator=g, device=rand_device, dtype=dtype) for g in generator]
-        return torch.cat(parts, dim=0).to(target)
-    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(target)
-
-
-def guidance_scales(
-    timesteps_host: list[int], num_inference_steps: int, guidance_scale: float, use_dynamic_cfg: bool
-) -> list[float]:
-    """Classifier-free guidance weight per step, as the diffusers CogVideoX pipeline computes it.
-
-    Dynamic CFG evaluates diffusers' ``1 + g * (1 - cos(pi * ((n - t) / n) ** 5)) / 2`` with the
-    *timestep* t (0..999), not the step index, so it is far from a smooth ramp; it is reproduced as
-    is, from host ints, so the loop needs no ``t.item()``.
-    """
-    if not use_dynamic_cfg:
-        return [float(guidance_scale)] * len(timesteps_host)
-    n = num_inference_steps
-    return [1 + guidance_scale * ((1 - math.cos(math.pi * ((n - t) / n) ** 5.0)) / 2) for t in timesteps_host]
+    return SCHEDULERS[name](SchedulerConfig.from_dict(config))

@@ -1,0 +1,112 @@
+"""The ``cogvx`` command line: one parser, one ``main``; each subcommand runs from its own module.
+
+The parser is plain argparse, so ``cogvx --help`` answers at once; the module that runs a
+subcommand (and imports torch and the models) is loaded by name only after the arguments parse.
+Every error a user can cause ends in one line on stderr and exit status 2 (1 when a finished video
+could not be written), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shutil
+import sys
+
+__all__ = ["main", "build_parser"]
+
+# subcommand -> module holding its run(args) function (loaded after parsing)
+_RUNNERS = {
+    "generate": "cogvx.engine.cli.generate",
+    "make-tiny": "cogvx.engine.cli.tiny",
+    "recipes": "cogvx.engine.cli.quantize",
+    "quantize": "cogvx.engine.cli.quantize",
+}
+SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
+RECIPE_HELP = ("quantization recipe for the transformer, or component=recipe pairs "
+               "(transformer=fp8dq-row,text_encoder=int8wo); `cogvx recipes` lists them")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cogvx", description="CogVideoX inference: text-, image- and "
+                                     "video-to-video and control-video generation, quantization recipes")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    t = sub.add_parser("make-tiny", help="write a small random-weight checkpoint in the diffusers layout")
+    t.add_argument("--out", required=True, help="directory to create")
+    t.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("recipes", help="list quantization recipes and whether this machine runs them")
+    r.add_argument("--device", default=None, help="device to check (default: cuda if available, else cpu)")
+    r.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    q = sub.add_parser("quantize", help="write a quantized copy of a checkpoint (diffusers layout)")
+    q.add_argument("--model", required=True, help="full-precision checkpoint directory or cached hub id")
+    q.add_argument("--recipe", required=True, metavar="NAME|COMP=NAME,...", help=RECIPE_HELP)
+    q.add_argument("--out", required=True, help="output directory (written atomically; must not exist)")
+    q.add_argument("--device", default=None, help="device to quantize on (default: cuda if available, else cpu)")
+    q.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16: the dtype the quantized "
+                   "checkpoint runs in (load it with the same dtype)")
+    q.add_argument("--fuse-qkv", action="store_true", help="fuse q/k/v into one GEMM before quantizing")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return parser
+
+
+def _generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="generate a video from a text prompt (and an image, a video or a control "
+                                        "video)",
+                       description="Generate a video. Without --model, runs a built-in tiny random-weight "
+                                   "model (its output is noise) so the whole pipeline can be tried at once.")
+    g.add_argument("--model", help="CogVideoX checkpoint directory (diffusers layout) or cached hub id; "
+                                   "default: the built-in tiny random-weight demo model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--image", default=None, help="image-to-video: the first frame (PNG/JPEG file); needs an I2V "
+                                                 "checkpoint")
+    g.add_argument("--video", default=None, help="video-to-video: the input video (mp4/gif); text-to-video "
+                                                 "checkpoints")
+    g.add_argument("--strength", type=float, default=None, help="video-to-video: how much of the input to "
+                                                                "replace, (0, 1] (default 0.8)")
+    g.add_argument("--control-video", default=None, help="control video (mp4/gif) for Fun-Control checkpoints")
+    g.add_argument("--frames", type=int, help="number of frames, 4k+1 (default 49, a video input's length; "
+                                              "demo model 9)")
+    g.add_argument("--height", type=int, help="pixels, multiple of 16 (default 480; demo model 96)")
+    g.add_argument("--width", type=int, help="pixels, multiple of 16 (default 720; demo model 128)")
+    g.add_argument("--steps", type=int, help="denoising steps (default 50; demo model 10)")
+    g.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default 6.0)")
+    g.add_argument("--dynamic-cfg", action="store_true", help="use dynamic classifier-free guidance")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: drawn at random and printed)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, "
+                                                  "float32 on the CPU)")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default=None)
+    g.add_argument("--vae-tiling", action="store_true", help="decode in overlapping tiles (less memory)")
+    g.add_argument("--fps", type=float, default=8)
+    g.add_argument("--out", default="video.mp4", help="output mp4 path (default video.mp4)")
+    g.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                   help="fused Triton kernels (auto: on CUDA) or the PyTorch references")
+    g.add_argument("--compile", nargs="?", const="default", choices=["default", "max-autotune"], default=None,
+                   help="torch.compile the transformer (optionally with max-autotune)")
+    g.add_argument("--compile-cache-dir", default=None, help="inductor's persistent cache (default "
+                   "~/.cache/cogvx/inductor or $COGVX_COMPILE_CACHE)")
+    g.add_argument("--recipe", default=None, metavar="NAME|COMP=NAME,...", help=RECIPE_HELP)
+    g.add_argument("--profile", action="store_true", help="print time per stage, compile time, peak memory, "
+                                                           "achieved FLOP/s")
+    g.add_argument("--profile-json", default=None, help="also write the profile as JSON to this path")
+    g.add_argument("--profile-trace", default=None, help="write a torch.profiler Chrome trace to this path")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        runner = importlib.import_module(_RUNNERS[args.command])
+        return runner.run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, shutil.Error, ImportError, RuntimeError) as e:
+        # Bad input, a broken checkpoint, a full disk: one clear line, no traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if type(e).__name__ == "VideoWriteError" else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

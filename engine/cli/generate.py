@@ -1,0 +1,102 @@
+"""``cogvx generate``: check every argument, load, generate, write the mp4, report the seed and times."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from cogvx.quantize import parse_recipe_spec
+from tqdm import tqdm
+
+from ..dev.tiny import ensure_tiny_checkpoint
+from ..io.video import VideoWriteError, check_fps, check_output_path
+from ..pipelines.engine import Engine
+from ..pipelines.request import check_sampling, check_video_shape
+from ..runtime.devices import default_device
+
+__all__ = ["run"]
+
+DEMO_DEFAULTS = dict(frames=9, height=96, width=128, steps=10)  # seconds on a CPU with the tiny model
+REAL_DEFAULTS = dict(frames=None, height=480, width=720, steps=50)
+
+
+def _check_paths(args: argparse.Namespace) -> Path:
+    out = check_output_path(args.out)
+    check_fps(args.fps)
+    for flag in ("profile_json", "profile_trace"):
+        path = getattr(args, flag)
+        if path is not None and (Path(path).is_dir() or not Path(path).expanduser().parent.is_dir()):
+            raise ValueError(f"--{flag.replace('_', '-')} {path} must be a file in an existing directory")
+    for flag in ("image", "video", "control_video"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ValueError(f"--{flag.replace('_', '-')} {path} is not a file")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    # Everything the user typed is checked before anything is loaded or generated.
+    out = _check_paths(args)
+    demo = args.model is None
+    defaults = DEMO_DEFAULTS if demo else REAL_DEFAULTS
+    frames = args.frames if args.frames is not None else defaults["frames"]
+    height = args.height if args.height is not None else defaults["height"]
+    width = args.width if args.width is not None else defaults["width"]
+    steps = args.steps if args.steps is not None else defaults["steps"]
+    check_video_shape(frames or 1, height, width)  # every CogVideoX VAE: 4x temporal, 8x spatial, patch 2
+    check_sampling(steps, args.guidance)
+    recipe = parse_recipe_spec(args.recipe) if args.recipe else None
+    device = args.device or default_device()
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+    timings = {}
+    t0 = time.perf_counter()
+    if demo:
+        model, made = ensure_tiny_checkpoint()
+        print(f"No --model given: using the built-in tiny random-weight model at {model}"
+              f"{' (made just now)' if made else ''}.\n"
+              "Its weights are random, so the video will be noise. For real videos point --model at a "
+              "CogVideoX checkpoint directory (diffusers layout, e.g. a download of THUDM/CogVideoX-5b).",
+              file=sys.stderr)
+    else:
+        model = args.model
+    compile_mode = {None: False, "default": True, "max-autotune": "max-autotune"}[args.compile]
+    engine = Engine.load(model, device=device, dtype=dtype, scheduler=args.scheduler, kernels=args.kernels,
+                         compile=compile_mode, compile_cache_dir=args.compile_cache_dir, recipe=recipe)
+    if args.vae_tiling:
+        engine.vae.enable_tiling()
+    timings["load"] = time.perf_counter() - t0
+
+    bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr)
+
+    def on_step(eng, i, t, kw):
+        bar.update(1)
+        return None
+
+    try:
+        result = engine.generate(args.prompt, negative_prompt=args.negative_prompt, num_frames=frames,
+                                 height=height, width=width, num_inference_steps=steps,
+                                 guidance_scale=args.guidance, use_dynamic_cfg=args.dynamic_cfg, seed=args.seed,
+                                 callback_on_step_end=on_step, output_type="np", profile_trace=args.profile_trace,
+                                 image=args.image, video=args.video, strength=args.strength,
+                                 control_video=args.control_video)
+    finally:
+        bar.close()
+    timings.update(result.timings)
+    try:
+        written = result.save(out, fps=args.fps)[0]
+    except VideoWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        print(f"seed: {result.seed}", file=sys.stderr)
+        return 1
+    f, h, w = result.frames.shape[1:4]
+    print(f"wrote {written} ({f} frames, {w}x{h}, {args.fps:g} fps, seed {result.seed})")
+    print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    if args.profile:
+        print(result.profile.table())
+    if args.profile_json:
+        result.profile.to_json(args.profile_json)
+        print(f"profile written to {args.profile_json}")
+    return 0

@@ -1,0 +1,64 @@
+"""Self-attention over the joint [text; video] sequence (diffusers ``CogVideoXAttnProcessor2_0``):
+q/k/v projections (optionally fused into one GEMM), per-head QK LayerNorm, RoPE on the video rows,
+attention, output projection. The math after the projections is ``cogvx.kernels``' fusion boundary."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cogvx.kernels import attention, qk_norm_rope, rope_attention
+
+from .config import TransformerConfig
+
+__all__ = ["Attention"]
+
+
+class Attention(nn.Module):
+    """Self-attention over the joint sequence: q/k/v (optionally fused), per-head QK LayerNorm,
+    RoPE on video rows, SDPA, output projection (diffusers ``CogVideoXAttnProcessor2_0``)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d, dh = cfg.inner_dim, cfg.attention_head_dim
+        self.heads, self.head_dim = cfg.num_attention_heads, dh
+        self.to_q = nn.Linear(d, d, bias=cfg.attention_bias)
+        self.to_k = nn.Linear(d, d, bias=cfg.attention_bias)
+        self.to_v = nn.Linear(d, d, bias=cfg.attention_bias)
+        self.to_qkv: nn.Linear | None = None
+        self.norm_q = nn.LayerNorm(dh, eps=1e-6)
+        self.norm_k = nn.LayerNorm(dh, eps=1e-6)
+        self.to_out = nn.ModuleList([nn.Linear(d, d, bias=True), nn.Dropout(cfg.dropout)])
+        self.backend = "torch"  # QK-norm + RoPE kernel: "torch" (reference) or "triton"
+        self.attention = "sdpa"  # "sdpa" after the QK kernel, or "flash": Triton attention that rotates its tiles
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Replace to_q/to_k/to_v by one [3D, D] projection (one GEMM instead of three)."""
+        if self.to_qkv is not None:
+            return
+        qs = (self.to_q, self.to_k, self.to_v)
+        w = torch.cat([m.weight for m in qs])
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=self.to_q.bias is not None, device=w.device, dtype=w.dtype)
+        fused.weight.copy_(w)
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias for m in qs]))
+        self.to_qkv = fused
+        del self.to_q, self.to_k, self.to_v
+
+    def forward(self, x: torch.Tensor, rope, n_text: int) -> torch.Tensor:
+        b, s, _ = x.shape
+        shape = (b, s, self.heads, self.head_dim)
+        if self.to_qkv is not None:
+            q, k, v = self.to_qkv(x).view(b, s, 3, self.heads, self.head_dim).unbind(2)
+        else:
+            q, k, v = self.to_q(x).view(shape), self.to_k(x).view(shape), self.to_v(x).view(shape)
+        cos, sin = rope if rope is not None else (None, None)
+        norms = (self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias)
+        if self.attention == "flash":  # RoPE applied inside the attention kernel, on its Q/K tiles
+            q, k = qk_norm_rope(q, k, *norms, None, None, n_text, self.norm_q.eps, backend=self.backend)
+            o = rope_attention(q, k, v.transpose(1, 2), cos, sin, n_text, backend="triton")
+        else:
+            q, k = qk_norm_rope(q, k, *norms, cos, sin, n_text, self.norm_q.eps, backend=self.backend)
+            o = attention(q, k, v.transpose(1, 2), backend="torch")  # SDPA, [B, H, S, Dh]
+        return self.to_out[0](o.transpose(1, 2).reshape(b, s, -1))

@@ -1,0 +1,360 @@
+"""The public entry point: ``Engine.load`` once, then ``engine.generate`` as often as needed.
+
+The engine holds the components and orchestrates a call: check the request (``request``), embed the
+prompts (``prompts``), condition the latents (``conditioning``), run the one loop (``denoise``),
+decode (``output``). Everything a call computes lives in the call; one lock serializes the model work
+of concurrent calls on one engine (the compiled graphs and the kernel switches are not thread-safe),
+while their argument checks run at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cogvx.kernels import attention_for, resolve_backend
+from cogvx.quantize import resolve_recipes
+
+from ..dev.random_model import random_components
+from ..io.checkpoint import resolve_model_dir
+from ..loading import load_components
+from ..models.config import TransformerConfig
+from ..models.positions import Positions, make_positions
+from ..models.presets import get_preset
+from ..models.text_encoder import check_vocab, encode_ids
+from ..models.tokenizer import MAX_LENGTH, PromptTokenizer
+from ..models.transformer import CogVideoXTransformer
+from ..models.vae import unscale_latents
+from ..quantizing import quantize_text_encoder, quantize_transformer
+from ..runtime.compiling import check_compile_mode, compile_module, use_cache_dir
+from ..runtime.devices import resolve_device, resolve_dtype
+from ..runtime.profiling import PeakMemory, Profile, StepClock, stage, tracer, transformer_flops
+from .conditioning import condition
+from .denoise import denoise
+from .guidance import Guidance, guidance_scales
+from .output import GenerationResult, postprocess
+from .prompts import embed_prompts
+from .quantized_export import save_quantized
+from .request import ModelFacts, Request, plan_request, trace_path
+
+__all__ = ["Engine"]
+
+
+class Engine:
+    """A loaded CogVideoX model: text-to-video (and video-to-video on the same checkpoint),
+    image-to-video, or Fun-Control, as ``model_index.json`` says.
+
+    Build with :meth:`Engine.load`; components are loaded once and reused by every ``generate``.
+    """
+
+    def __init__(self, *, transformer: CogVideoXTransformer, scheduler, tokenizer: PromptTokenizer | None,
+                 text_encoder, vae=None, device: torch.device, dtype: torch.dtype, model_dir: Path | None = None,
+                 recipes: dict[str, str] | None = None, task: str | None = None):
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.device = device
+        self.dtype = dtype
+        self.model_dir = model_dir
+        self.vae = vae
+        self.recipes = dict(recipes or {})  # component -> quantization recipe name
+        cfg = transformer.config
+        # A checkpoint's task comes from model_index.json; built in memory, from the input channels.
+        self.task = task or ("i2v" if cfg.image_to_video else "t2v")
+        # Every CogVideoX VAE compresses 4x in time and 8x in space.
+        self.temporal_compression = int(vae.config.temporal_compression_ratio) if vae is not None else 4
+        self.spatial_compression = vae.config.spatial_scale if vae is not None else 8
+        self._positions: dict[tuple, Positions] = {}
+        self.kernels, self._backend = "torch", "torch"
+        self._compiled = None  # the compiled transformer forward, when Engine.load(compile=...)
+        self._warm: set[tuple] = set()  # shapes the compiled forward has already been compiled for
+        self._lock = threading.RLock()
+        if tokenizer is not None and text_encoder is not None:
+            check_vocab(tokenizer, text_encoder)
+
+    @property
+    def config(self) -> TransformerConfig:
+        return self.transformer.config
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        *,
+        fuse_qkv: bool = False,
+        scheduler: str | None = None,
+        recipe: str | dict[str, str] | None = None,
+        kernels: str = "auto",
+        compile: bool | str = False,
+        compile_cache_dir: str | os.PathLike | None = None,
+    ) -> "Engine":
+        """Load every component of a diffusers-layout CogVideoX checkpoint.
+
+        model: a local directory (with model_index.json) or a hub id already in the local
+            Hugging Face cache (nothing is downloaded). Its ``_class_name`` decides the task:
+            ``CogVideoXPipeline`` (text-to-video and video-to-video), ``CogVideoXImageToVideoPipeline``,
+            ``CogVideoXFunControlPipeline``.
+        device: "cpu", "cuda" or "cuda:N"; None (default): cuda if available, else cpu.
+        dtype: torch.float32 / bfloat16 / float16 (or their names); None: bfloat16 on CUDA, float32 on the CPU.
+        fuse_qkv: fuse each attention's q/k/v projections into one GEMM after loading.
+        scheduler: override the checkpoint's scheduler class ("CogVideoXDDIMScheduler" or
+            "CogVideoXDPMScheduler").
+        recipe: a quantization recipe name for the transformer, or {component: recipe name}
+            (see ``cogvx recipes``). A quantized checkpoint directory loads as saved, without it.
+        kernels: "auto" (Triton fused kernels on CUDA, PyTorch references elsewhere; attention by
+            SDPA after the fused QK-norm + RoPE kernel), "triton" (every Triton kernel, the RoPE
+            flash-attention included; on the CPU only under TRITON_INTERPRET=1) or "torch".
+        compile: False, True or "max-autotune": compile the transformer forward (after quantization)
+            with torch.compile(fullgraph=True); each new video shape compiles once, on its first
+            generate, timed apart as the "compile" stage.
+        compile_cache_dir: inductor's on-disk cache, shared across processes (default
+            ~/.cache/cogvx/inductor, or $COGVX_COMPILE_CACHE; a TORCHINDUCTOR_CACHE_DIR you set wins
+            over the default).
+        """
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype or _default_dtype(dev), dev)
+        model_dir = resolve_model_dir(model)
+        check_compile_mode(compile)
+        backend = resolve_backend(kernels, dev)
+        if compile:
+            use_cache_dir(compile_cache_dir)  # an unwritable cache fails now, not after the weights load
+        parts = load_components(model_dir, dev, dt, fuse_qkv=fuse_qkv, scheduler=scheduler, recipe=recipe)
+        return cls(**parts, device=dev, dtype=dt, model_dir=model_dir)._finish(backend, kernels, compile,
+                                                                              compile_cache_dir)
+
+    @classmethod
+    def from_preset(
+        cls,
+        preset: str,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        *,
+        recipe: str | dict[str, str] | None = None,
+        kernels: str = "auto",
+        compile: bool | str = False,
+        compile_cache_dir: str | os.PathLike | None = None,
+        text_encoder: bool = True,
+        vae: bool = True,
+        seed: int = 0,
+    ) -> "Engine":
+        """A real-shape model (``cogvx.engine.models.presets.PRESETS``) with random weights, built on the
+        device: for benchmarks when no checkpoint is on disk. dtype defaults to the preset's on CUDA,
+        float32 on the CPU; ``text_encoder=False`` / ``vae=False`` leave those out (pass prompt_embeds,
+        and output_type="latent")."""
+        p = get_preset(preset)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype or (p.dtype if dev.type == "cuda" else torch.float32), dev)
+        backend = resolve_backend(kernels, dev)
+        check_compile_mode(compile)
+        if compile:
+            use_cache_dir(compile_cache_dir)
+        requested = resolve_recipes(recipe, dev) if recipe is not None else {}
+        parts = random_components(preset, dev, dt, text_encoder=text_encoder, vae=vae, seed=seed)
+        if "text_encoder" in requested:
+            quantize_text_encoder(parts["text_encoder"], requested["text_encoder"], parts["tokenizer"])
+        if "transformer" in requested:
+            quantize_transformer(parts["transformer"], requested["transformer"], parts["tokenizer"],
+                                 parts["text_encoder"], dt)
+        parts["recipes"] = {c: r.name for c, r in requested.items()}
+        return cls(**parts, device=dev, dtype=dt)._finish(backend, kernels, compile, compile_cache_dir)
+
+    def _finish(self, backend: str, kernels: str, compile, compile_cache_dir) -> "Engine":
+        # "auto" starts with SDPA for attention and switches per shape where a recorded benchmark on
+        # this GPU found the fused RoPE flash attention faster (cogvx.kernels.attention_for).
+        self.transformer.set_kernel_backend(backend, "flash" if kernels == "triton" else "sdpa")
+        self.kernels, self._backend = kernels, backend
+        if compile:
+            self.compile(compile, compile_cache_dir)
+        return self
+
+    def compile(self, mode: bool | str = True, cache_dir: str | os.PathLike | None = None, *,
+                vae: bool = False) -> None:
+        """Compile the transformer forward (fullgraph, static shapes) with a persistent cache.
+
+        vae: also compile the VAE's frame-batch decoder. Off by default: on the 2-core CPU it gained
+        nothing (real VAE, 5 latent frames at 64x96: 9.8 s compiled vs 9.5 s eager, after a 95 s
+        compile), and it has not been measured on a GPU yet.
+        """
+        check_compile_mode(mode)
+        use_cache_dir(cache_dir)
+        with self._lock:
+            self._compiled = compile_module(self.transformer, mode, self.device)
+            self._warm.clear()
+            if vae and self.vae is not None:
+                self.vae.compile_decoder(mode="max-autotune-no-cudagraphs" if mode == "max-autotune" else None)
+
+    # ------------------------------------------------------------------ generation
+    def facts(self) -> ModelFacts:
+        """What the argument checks need to know of this engine's model."""
+        return ModelFacts(config=self.config, task=self.task, temporal=self.temporal_compression,
+                          spatial=self.spatial_compression,
+                          latent_channels=self.vae.config.latent_channels if self.vae is not None else
+                          self.config.out_channels_,
+                          max_steps=self.scheduler.config.num_train_timesteps,
+                          has_text_encoder=self.tokenizer is not None and self.text_encoder is not None,
+                          has_vae=self.vae is not None, device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_frames: int | None = None,
+        height: int = 480,
+        width: int = 720,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 6.0,
+        use_dynamic_cfg: bool = False,
+        num_videos_per_prompt: int = 1,
+        seed: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        callback_on_step_end: Callable | None = None,
+        output_type: str = "np",
+        max_sequence_length: int | None = None,
+        profile_trace: str | os.PathLike | None = None,
+        *,
+        image=None,
+        video=None,
+        strength: float | None = None,
+        control_video=None,
+        check_finite: str = "warn",
+    ) -> GenerationResult:
+        """Generate videos with classifier-free guidance (diffusers' CogVideoX pipeline semantics).
+
+        Text-to-video by default; ``image=`` on an image-to-video checkpoint (the first frame: a PIL
+        image, a file path, an array [H, W, 3] or a tensor [3, H, W], or a list, one per prompt);
+        ``video=`` (and ``strength``, default 0.8) on a text-to-video checkpoint for video-to-video;
+        ``control_video=`` on a Fun-Control checkpoint. Videos: a list of PIL images, a file path
+        (mp4/gif), an array [F, H, W, 3] or a tensor [F, 3, H, W]; inputs of another size are resized
+        as diffusers' video processor does. ``num_frames`` defaults to 49, and for video inputs to the
+        video's length (4k+1 frames of it).
+
+        Returns a :class:`GenerationResult`: ``.latents`` [B * num_videos_per_prompt, F_lat, C, H/8, W/8]
+        with F_lat = (num_frames - 1) / 4 + 1, ``.frames`` per ``output_type`` ("np" float32
+        [B, F, H, W, 3] in [0, 1], "pt", "pil" or "latent" for none), ``.seed`` (drawn at random and
+        reported when neither seed, generator nor latents is given), ``.profile`` the cost per stage.
+        ``callback_on_step_end(engine, i, t, {"latents": x})`` may return a dict with replacement
+        "latents". ``profile_trace``: also write a torch.profiler Chrome trace to this path.
+        ``check_finite``: "warn" (default), "raise" or "off" when the latents turn NaN/inf.
+        """
+        t_call = time.perf_counter()
+        prof = Profile(device=str(self.device), dtype=str(self.dtype).replace("torch.", ""))
+        req = Request(prompt=prompt, negative_prompt=negative_prompt, num_frames=num_frames, height=height, width=width,
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      use_dynamic_cfg=use_dynamic_cfg, num_videos_per_prompt=num_videos_per_prompt, seed=seed,
+                      generator=generator, latents=latents, prompt_embeds=prompt_embeds,
+                      negative_prompt_embeds=negative_prompt_embeds, callback_on_step_end=callback_on_step_end,
+                      output_type=output_type, max_sequence_length=max_sequence_length, image=image, video=video,
+                      strength=strength, control_video=control_video)
+        if check_finite not in ("warn", "raise", "off"):
+            raise ValueError(f"check_finite must be 'warn', 'raise' or 'off' (got {check_finite!r})")
+        with stage(prof, "prepare", self.device):
+            plan = plan_request(req, self.facts())  # every check first: nothing heavy runs on bad input
+            trace_file = trace_path(profile_trace) if profile_trace is not None else None
+            schedule = self.scheduler.schedule(plan.steps)
+        with self._lock:
+            ctx = tracer(self.device) if trace_file is not None else contextlib.nullcontext()
+            with ctx as trace, PeakMemory(self.device) as mem:
+                text = embed_prompts(plan, self.tokenizer, self.text_encoder, prompt, negative_prompt, prompt_embeds,
+                                     negative_prompt_embeds, device=self.device, dtype=self.dtype, profile=prof)
+                gen = torch.Generator(device=self.device).manual_seed(plan.seed) if plan.seed is not None else generator
+                with stage(prof, "encode" if plan.task != "t2v" else "prepare", self.device):
+                    cond = condition(plan, vae=self.vae, scheduler=self.scheduler, schedule=schedule, generator=gen,
+                                     latents=latents, ofs_dim=self.config.ofs_embed_dim, device=self.device,
+                                     dtype=self.dtype)
+                run_ts = list(schedule.timesteps_host[cond.start:])
+                guidance = Guidance(plan.cfg, tuple(guidance_scales(run_ts, len(run_ts), guidance_scale,
+                                                                    bool(use_dynamic_cfg))))
+                positions = self.positions(plan.shape[1], plan.shape[3], plan.shape[4])
+                model = self._model_for(plan, text, cond, guidance, positions, schedule, prof)
+                clock = StepClock(self.device)
+                with stage(prof, "denoise", self.device):
+                    out = denoise(model, self.scheduler, schedule, cond, text, guidance, positions, generator=gen,
+                                  callback=callback_on_step_end, callback_owner=self, clock=clock, dtype=self.dtype,
+                                  check_finite=check_finite)
+                prof.steps = clock.seconds()
+                out = out[:, plan.extra:]
+                frames = None
+                if output_type != "latent":
+                    with stage(prof, "vae_decode", self.device):
+                        frames = postprocess(self.decode(out), output_type)
+            prof.memory = mem.result
+            if trace_file is not None:
+                trace.export_chrome_trace(str(trace_file))
+        prof.total_seconds = time.perf_counter() - t_call
+        return GenerationResult(latents=out, frames=frames, output_type=output_type, timesteps=run_ts,
+                                guidance_scales=list(guidance.scales), seed=plan.seed, task=plan.task, profile=prof)
+
+    def _model_for(self, plan, text, cond, guidance, positions, schedule, prof: Profile):
+        """The transformer call of this plan's shape: eager or compiled (compiled once per shape, timed
+        apart as the "compile" stage); sets the FLOP count and shape of the profile."""
+        batch = plan.n * guidance.copies
+        nv = positions.grid[0] * positions.grid[1] * positions.grid[2]
+        prof.flops_per_step = transformer_flops(self.config, batch, text.shape[1], nv)
+        prof.shape = dict(batch=batch, latent_frames=plan.shape[1], latent_height=plan.shape[3],
+                          latent_width=plan.shape[4], text_tokens=text.shape[1], video_tokens=nv)
+        if self.kernels == "auto" and self.device.type == "cuda":
+            attn = attention_for(self.device, self.config.num_attention_heads, text.shape[1] + nv, self.dtype)
+            self.transformer.set_kernel_backend(self._backend, attn)
+        if self._compiled is None:
+            return self.transformer
+        x = cond.latents if cond.concat is None else torch.cat([cond.latents, cond.concat], dim=2)
+        key = (batch, tuple(x.shape[1:]), tuple(text.shape[1:]), cond.ofs is not None)
+        if key not in self._warm:
+            # First call of a compiled shape: compile here, timed apart from the steps.
+            with stage(prof, "compile", self.device):
+                t = schedule.timesteps(self.device)[cond.start].expand(batch)
+                self._compiled(guidance.expand(x), text, t, positions, cond.ofs)
+            self._warm.add(key)
+        return self._compiled
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Denoised latents [B, F_lat, C, h, w] -> video [B, 3, F, 8h, 8w] in [-1, 1] (VAE decode,
+        frame-batched; tiled when ``engine.vae.enable_tiling()`` was called)."""
+        if self.vae is None:
+            raise ValueError("this engine was loaded without a VAE")
+        c = self.vae.config.latent_channels
+        if latents.ndim != 5 or latents.shape[2] != c:
+            raise ValueError(f"latents must be [B, F_lat, {c}, h, w] for this VAE (got {tuple(latents.shape)})")
+        out = self.vae.decode(unscale_latents(latents.permute(0, 2, 1, 3, 4), self.vae.config))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out
+
+    def save_quantized(self, out_dir: str | os.PathLike, **kwargs) -> Path:
+        """Write this engine's (quantized) components as a diffusers-layout checkpoint that
+        ``Engine.load`` reads back without re-quantizing; atomic (a temporary directory renamed at the end).
+        kwargs: ``overwrite``, ``max_shard_bytes`` (``cogvx.engine.pipelines.quantized_export.save_quantized``)."""
+        return save_quantized(self, out_dir, **kwargs)
+
+    def encode(self, prompts: list[str], max_length: int = MAX_LENGTH) -> torch.Tensor:
+        """T5 embeddings [B, max_length, text_embed_dim] of prompts, in the engine dtype."""
+        if self.tokenizer is None or self.text_encoder is None:
+            raise ValueError("this engine has no text encoder; pass prompt_embeds")
+        return encode_ids(self.text_encoder, self.tokenizer(prompts, max_length=max_length).input_ids,
+                          self.device, self.dtype)
+
+    def positions(self, latent_frames: int, latent_h: int, latent_w: int) -> Positions:
+        """Position tables for a latent shape, computed once per shape and kept on the device."""
+        key = (latent_frames, latent_h, latent_w)
+        if key not in self._positions:
+            self._positions[key] = make_positions(self.config, latent_frames, latent_h, latent_w).to(self.device)
+        return self._positions[key]
+
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -1,0 +1,1 @@
+"""Runtime: devices and dtypes, torch.compile settings and cache, profiling."""

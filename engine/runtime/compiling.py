@@ -1,0 +1,85 @@
+"""torch.compile of the denoising step: settings, the persistent cache, and what dynamo counted."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..io.cache import cache_root
+
+__all__ = ["COMPILE_MODES", "check_compile_mode", "default_cache_dir", "use_cache_dir", "compile_module",
+           "dynamo_counts"]
+
+COMPILE_MODES = (False, True, "max-autotune")
+
+
+
+def check_compile_mode(mode) -> bool | str:
+    if mode not in COMPILE_MODES or isinstance(mode, int) and not isinstance(mode, bool):
+        raise ValueError(f"compile must be False, True or 'max-autotune' (got {mode!r})")
+    return mode
+
+
+def default_cache_dir() -> Path:
+    """$COGVX_COMPILE_CACHE, else <cogvx cache>/inductor (the cogvx cache is $COGVX_CACHE,
+    $XDG_CACHE_HOME/cogvx or ~/.cache/cogvx)."""
+    if os.environ.get("COGVX_COMPILE_CACHE"):
+        return Path(os.environ["COGVX_COMPILE_CACHE"]).expanduser()
+    return cache_root() / "inductor"
+
+
+def _user_set_inductor_cache() -> str | None:
+    """TORCHINDUCTOR_CACHE_DIR as the user set it, or None when unset or set by torch itself: importing
+    torch._inductor sets it to torch's default (/tmp/torchinductor_<user>), which is not the user's choice."""
+    value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if value is None:
+        return None
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+
+    return None if value == torch_default() else value
+
+
+def use_cache_dir(path: str | os.PathLike | None) -> Path:
+    """Point inductor's (and Triton's) on-disk caches at ``path`` (default :func:`default_cache_dir`) so
+    a second process re-uses the first one's compiled kernels. A TORCHINDUCTOR_CACHE_DIR the user set
+    wins over the default (not over an explicit ``path``). Checked writable before anything is loaded."""
+    user = _user_set_inductor_cache()
+    d = Path(path).expanduser() if path is not None else Path(user) if user else default_cache_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"compile cache {d} cannot be created ({e.strerror}); pass compile_cache_dir= "
+                         "(--compile-cache-dir) or set COGVX_COMPILE_CACHE to a writable directory") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ValueError(f"compile cache {d} is not writable; pass compile_cache_dir= (--compile-cache-dir) or "
+                         "set COGVX_COMPILE_CACHE to a writable directory")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(d)
+    os.environ.setdefault("TRITON_CACHE_DIR", str(d / "triton"))
+    return d
+
+
+def compile_module(module: torch.nn.Module, mode, device: torch.device):
+    """``module`` compiled with fullgraph=True and static shapes (one graph per video shape; a graph
+    break or a recompile inside a generate is a bug the tests look for)."""
+    check_compile_mode(mode)
+    if device.type == "cpu":
+        import torch._inductor.config as inductor_config
+
+        # Inference only: fold the weights into the graph so the CPU GEMMs use prepacked layouts.
+        inductor_config.freezing = True
+    return torch.compile(module, fullgraph=True, dynamic=False,
+                         mode="max-autotune-no-cudagraphs" if mode == "max-autotune" else None)
+
+
+def dynamo_counts() -> dict[str, int]:
+    """Graph breaks, graphs compiled and recompilations so far in this process (dynamo's own counters)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else 0,
+        "frames_ok": counters["frames"]["ok"],
+    }
