@@ -12,8 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from cogvx.kernels import resolve_backend
-from cogvx.kernels.select import attention_for
+from cogvx.kernels import attention_for, resolve_backend
 
 from .compiling import compile_transformer, use_cache_dir
 from .config import TransformerConfig
@@ -196,7 +195,7 @@ class Engine:
 
     def _finish(self, backend: str, kernels: str, compile, compile_cache_dir) -> "Engine":
         # "auto" starts with SDPA for attention and switches per shape where a recorded benchmark on
-        # this GPU found the fused RoPE flash attention faster (cogvx.kernels.select).
+        # this GPU found the fused RoPE flash attention faster (cogvx.kernels.policy).
         self.transformer.set_kernel_backend(backend, "flash" if kernels == "triton" else "sdpa")
         self.kernels, self._backend = kernels, backend
         if compile:

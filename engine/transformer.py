@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cogvx.kernels.adaln import adaptive_layernorm
-from cogvx.kernels.rope_attention import attention, qk_norm_rope, rope_attention
+from cogvx.kernels import adaptive_layernorm, attention, qk_norm_rope, rope_attention
 
 from .config import TransformerConfig
 from .positions import Positions, sincos_embedding, video_grid
