@@ -259,7 +259,7 @@ def main(argv=None) -> int:
         version = subprocess.run([str(_ptxas()), "--version"], capture_output=True, text=True).stdout.strip()
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"triton": triton.__version__, "torch": torch.__version__,
-                                         "ptxas": version.splitlines()[-1] if version else None,
+                                         "ptxas": next((ln for ln in version.splitlines() if "release" in ln), version),
                                          "smem_limits": SMEM_LIMITS, "rows": rows}, indent=1) + "\n")  # fmt: skip
     return 1 if bad else 0
 

@@ -44,9 +44,19 @@ def rope_flash_attention_reference(
     (no RoPE). Returns [B, H, S, Dh] in q's dtype.
     """
     if cos is not None:
+        _check_table_rows(cos, q.shape[2], n_text)
         q = rope_video_rows(q, cos, sin, n_text)
         k = rope_video_rows(k, cos, sin, n_text)
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def _check_table_rows(cos: torch.Tensor, S: int, n_text: int) -> None:
+    """The whole sequence is here (no shards): one table row per video row, exactly."""
+    n_video = S - shard_rows(n_text, S)[0]
+    if cos.shape[0] != n_video:
+        raise ValueError(f"rope_attention: cos and sin need one row per video row, [S - n_text, Dh] with "
+                         f"S={S}, n_text={n_text}: {n_video} rows (got {list(cos.shape)}); build the tables "
+                         "for this resolution")  # fmt: skip
 
 
 @jit
@@ -271,6 +281,8 @@ def rope_attention(q, k, v, cos=None, sin=None, n_text=0, backend="torch"):
         return rope_flash_attention_reference(q, k, v, cos, sin, n_text)
     if q.dim() == 4:
         n_text, _ = shard_rows(n_text, q.shape[2])
+        if cos is not None and cos.dim() == 2:
+            _check_table_rows(cos, q.shape[2], n_text)
     reason = _problem(q, k, v, cos, sin, n_text)
     if reason is not None:
         warn_once(reason + "; using the PyTorch reference")

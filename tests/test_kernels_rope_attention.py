@@ -272,6 +272,14 @@ def test_unsupported_inputs_fall_back_with_one_warning():
     assert torch.equal(qo, ref[0]) and torch.equal(ko, ref[1])
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=_interp)])
+def test_rope_attention_table_of_the_wrong_length_is_an_error(backend):
+    q, k, v = _attn_inputs(1, 12, 2, 64, torch.float32, "cpu")
+    cos, sin = rope_tables("random", 8, 64)  # 12 - 3 = 9 video rows
+    with pytest.raises(ValueError, match=r"one row per video row.*9 rows \(got \[8, 64\]\)"):
+        rope_attention(q, k, v, cos, sin, 3, backend=backend)
+
+
 def test_bad_backend_is_a_value_error():
     q = torch.randn(1, 1, 4, 16)
     with pytest.raises(ValueError, match="backend must be one of 'torch', 'triton'"):
