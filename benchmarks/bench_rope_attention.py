@@ -1,4 +1,5 @@
-"""Benchmark: QK-norm + RoPE + layout kernel and the RoPE flash attention (cogvx.kernels.rope_attention)
+"""Benchmark: QK-norm + RoPE + layout kernel and the RoPE flash attention (cogvx.kernels.qk_norm_rope,
+cogvx.kernels.rope_flash_attention)
 at the real CogVideoX shapes.
 
 qk_norm_rope (memory-bound, GB/s): ours (Triton) vs torch (eager reference) vs compile (torch.compile
@@ -72,12 +73,8 @@ class Recorder:
 
 
 def bench_model(model: str, H: int, has_rope: bool, dtype: torch.dtype, B: int, record: Recorder) -> None:
-    from cogvx.kernels.rope_attention import (
-        qk_norm_rope,
-        qk_norm_rope_reference,
-        rope_attention,
-        rope_flash_attention_reference,
-    )
+    from cogvx.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
+    from cogvx.kernels.rope_flash_attention import rope_attention, rope_flash_attention_reference
 
     S, Dh, es = N_TEXT + N_VIDEO, HEAD_DIM, torch.finfo(dtype).bits // 8
     shape = {"B": B, "S": S, "n_text": N_TEXT, "H": H, "Dh": Dh, "rope": has_rope}
@@ -161,7 +158,7 @@ def main() -> int:
 def record_choice(device: str, dtype: torch.dtype, rows: list[dict]) -> None:
     """Per model shape: the flash path (QK-norm without RoPE + fused attention) against SDPA after the
     fused QK-norm + RoPE kernel; the faster one goes to kernels/attention_choice.json."""
-    from cogvx.kernels.select import CHOICE_FILE, shape_key
+    from cogvx.kernels.policy import CHOICE_FILE, shape_key
 
     def ms(model, kernel, provider):
         return next((r["median_ms"] for r in rows if (r["model"], r["kernel"], r["provider"]) ==

@@ -1,4 +1,4 @@
-"""Shared plumbing for the Triton kernels: optional triton import, backend choice, one-time warnings.
+"""Shared plumbing for the Triton kernels: optional triton import, one-time warnings, small helpers.
 
 Triton decides between compiling and interpreting when each ``@triton.jit`` function is *defined*
 (it reads ``TRITON_INTERPRET`` then), so whether a kernel may run on CPU tensors is a property of
@@ -23,14 +23,22 @@ except ImportError:  # e.g. macOS: the kernel modules still import, the referenc
     tl = None
     HAS_TRITON = False
 
-    def jit(fn):  # never launched: use_triton() refuses before any launch
+    def jit(fn):  # never launched: policy.use_triton() refuses before any launch
         return fn
 
 
-__all__ = ["HAS_TRITON", "BACKENDS", "resolve_backend", "use_triton", "warn_once", "is_interpreted"]
+__all__ = [
+    "DTYPES",
+    "HAS_TRITON",
+    "device_of",
+    "is_interpreted",
+    "kernels_interpreted",
+    "next_pow2",
+    "shard_rows",
+    "warn_once",
+]
 
-BACKENDS = ("torch", "triton")
-_KERNEL_CHOICES = ("auto", "triton", "torch")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what every kernel reads and writes
 _WARNED: set[str] = set()
 
 
@@ -43,6 +51,17 @@ def is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+@jit
+def _probe():
+    pass
+
+
+def kernels_interpreted() -> bool:
+    """Whether this package's kernels were defined under TRITON_INTERPRET=1 (all are defined at
+    import of cogvx.kernels, right after this module)."""
+    return is_interpreted(_probe)
+
+
 def warn_once(reason: str) -> None:
     """Warn once per distinct reason. Silent while torch.compile traces (warnings.warn would break
     the graph); the fallback itself still happens there."""
@@ -52,48 +71,28 @@ def warn_once(reason: str) -> None:
     warnings.warn(reason, RuntimeWarning, stacklevel=3)
 
 
-def resolve_backend(kernels: str, device: torch.device | str) -> str:
-    """Map the user's ``Engine.load(kernels=...)`` onto a backend for the kernel dispatch functions.
+def shard_rows(n_text: int, rows: int, row_offset: int = 0) -> tuple[int, int]:
+    """(text rows, table row of the first video row) for ``rows`` rows of the joint [text; video]
+    sequence whose first row is global row ``row_offset`` (a shard, under sequence parallelism).
 
-    "auto": "triton" on CUDA when triton imports, else "torch". "triton": "triton" (on a CPU device
-    the dispatchers still run the references unless TRITON_INTERPRET=1). "torch": "torch".
+    Row r is text when ``row_offset + r < n_text``; a video row uses RoPE table row
+    ``row_offset + r - n_text``. The text rows come first, so the shard's text rows are
+    ``[0, t)`` and its video rows ``[t, rows)``, starting at table row ``table_start``.
+
+    With row_offset 0, n_text follows Python slice semantics (a negative n_text counts from the end
+    of the rows), as the unsharded ops always did. A shard (row_offset > 0) has no end to count
+    from, so there n_text must be >= 0.
     """
-    if kernels not in _KERNEL_CHOICES:
-        raise ValueError(f"kernels must be one of {', '.join(map(repr, _KERNEL_CHOICES))} (got {kernels!r})")
-    device = torch.device(device)
-    if kernels == "torch":
-        return "torch"
-    if kernels == "auto":
-        return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
-    if device.type == "cuda" and not HAS_TRITON:
-        raise RuntimeError(
-            "kernels='triton' on a CUDA device needs the triton package, which failed to import; "
-            "install triton or pass kernels='torch'"
+    if row_offset < 0:
+        raise ValueError(f"row_offset must be >= 0, the global index of the shard's first row (got {row_offset})")
+    if row_offset == 0:
+        return min(max(n_text if n_text >= 0 else rows + n_text, 0), rows), 0
+    if n_text < 0:
+        raise ValueError(
+            f"n_text must be >= 0 with row_offset > 0 (got n_text={n_text}, row_offset={row_offset}); "
+            "pass the text length of the whole sequence"
         )
-    return "triton"
-
-
-def use_triton(backend: str, device: torch.device, kernel) -> bool:
-    """Whether a dispatcher should launch ``kernel`` for tensors on ``device`` (before shape checks).
-
-    backend "torch": never. "triton": on CUDA always (RuntimeError without triton); on CPU only when
-    the kernel was defined under TRITON_INTERPRET=1, otherwise the reference runs, silently, as the
-    design asks (the kernels are a CUDA feature).
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))} (got {backend!r})")
-    if backend == "torch":
-        return False
-    if not HAS_TRITON:
-        if device.type == "cuda":
-            raise RuntimeError(
-                "backend='triton' on a CUDA tensor needs the triton package, which failed to import; "
-                "install triton or use backend='torch'"
-            )
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and is_interpreted(kernel)
+    return min(max(n_text - row_offset, 0), rows), max(row_offset - n_text, 0)
 
 
 def device_of(t: torch.Tensor):

@@ -115,7 +115,7 @@ def test_flop_count_matches_torch_flop_counter(ckpt_factory, variant, shape):
 
 
 def test_auto_attention_choice_follows_recorded_benchmarks():
-    from cogvx.kernels.select import attention_for, choose, shape_key
+    from cogvx.kernels.policy import attention_for, choose, shape_key
 
     rows = {shape_key(48, 17776, torch.bfloat16): "flash", shape_key(48, 4000, torch.bfloat16): "sdpa",
             shape_key(30, 17776, torch.float16): "flash"}

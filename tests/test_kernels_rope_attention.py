@@ -2,8 +2,7 @@
 diffusers' Attention with CogVideoXAttnProcessor2_0 and get_3d_rotary_pos_embed tables.
 
 On CPU the kernels run under TRITON_INTERPRET=1, which must be set before cogvx.kernels defines
-its @triton.jit functions (DESIGN §7): tests/conftest.py sets it; the line below covers running
-this file alone.
+its @triton.jit functions: tests/conftest.py sets it; the line below covers running this file alone.
 """
 
 import copy
@@ -20,12 +19,14 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from cogvx.kernels import _common  # noqa: E402
-from cogvx.kernels.rope_attention import (  # noqa: E402
+from cogvx.kernels.qk_norm_rope import (  # noqa: E402
     _qk_norm_rope_kernel,
-    attention,
     qk_norm_rope,
     qk_norm_rope_launch,
     qk_norm_rope_reference,
+)
+from cogvx.kernels.rope_flash_attention import (  # noqa: E402
+    attention,
     rope_attention,
     rope_flash_attention_launch,
     rope_flash_attention_reference,
@@ -96,6 +97,51 @@ def test_qk_norm_rope_kernel_matches_reference(device, dtype, B, S, H, Dh, n_tex
     lowp = qk_norm_rope_reference(q, k, *norms, cos, sin, n_text)
     assert_close_lowp(q_out, ref64[0], lowp[0], ATOL[dtype], "q")
     assert_close_lowp(k_out, ref64[1], lowp[1], ATOL[dtype], "k")
+
+
+# Sequence parallelism: N_TEXT text + N_VIDEO video rows, padded with N_PAD rows to equal shards, cut
+# as (row_offset, rows): into the video, starting inside the text, all video, ending past the video.
+N_TEXT, N_VIDEO, N_PAD = 5, 24, 6
+SHARDS = [(0, 10), (3, 9), (10, 12), (22, 13)]
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_qk_norm_rope_row_offset_shards_match_the_unsharded_sequence(device, dtype):
+    """Each shard, with its row_offset and the FULL tables, reproduces its rows of the unsharded
+    result bit for bit. Padding rows (past the table) are normalized and not rotated; the tables are
+    views whose following rows are NaN, so a read past the table would poison the output."""
+    B, H, Dh, S = 2, 3, 32, N_TEXT + N_VIDEO
+    q, k, _ = _qkv_views(B, S + N_PAD, H, Dh, dtype, device)
+    g = torch.Generator().manual_seed(3)
+    norms = [(torch.randn(Dh, generator=g) * 0.3 + (i % 2 == 0)).to(device=device, dtype=dtype) for i in range(4)]
+    cos, sin = rope_tables("random", N_VIDEO, Dh, device)
+    guard = torch.full((N_VIDEO + 64, Dh), float("nan"), device=device)
+    cos, sin = guard.clone().index_copy_(0, torch.arange(N_VIDEO, device=device), cos)[:N_VIDEO], \
+        guard.clone().index_copy_(0, torch.arange(N_VIDEO, device=device), sin)[:N_VIDEO]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no silent fallback
+        full = qk_norm_rope(q[:, :S], k[:, :S], *norms, cos, sin, N_TEXT, backend="triton")
+    ref64 = qk_norm_rope_reference(*_f64(q[:, :S], k[:, :S], *norms, cos, sin), N_TEXT)
+    lowp = qk_norm_rope_reference(q[:, :S], k[:, :S], *norms, cos, sin, N_TEXT)
+    assert_close_lowp(full[0], ref64[0], lowp[0], ATOL[dtype], "unsharded q")
+    for off, rows in SHARDS:
+        qs, ks = q[:, off : off + rows], k[:, off : off + rows]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = qk_norm_rope(qs, ks, *norms, cos, sin, N_TEXT, backend="triton", row_offset=off)
+        ref = qk_norm_rope_reference(qs, ks, *norms, cos, sin, N_TEXT, row_offset=off)
+        real = min(rows, S - off)
+        for name, ours, whole, r in zip("qk", out, full, ref):
+            where = f"{name}, shard at row {off}"
+            assert torch.equal(ours[:, :, :real], whole[:, :, off : off + real]), f"{where}: differs from unsharded"
+            assert torch.equal(r[:, :, :real], lowp["qk".index(name)][:, :, off : off + real]), f"{where}: reference"
+        if real < rows:  # padding rows: LayerNorm only, no rotation (and no NaN from past the table)
+            pad = [t[:, real:] for t in (qs, ks)]
+            pad64 = qk_norm_rope_reference(*_f64(*pad, *norms), None, None, 0)
+            pad_lp = qk_norm_rope_reference(*pad, *norms, None, None, 0)
+            for i, name in enumerate("qk"):
+                assert_close_lowp(out[i][:, :, real:], pad64[i], pad_lp[i], ATOL[dtype], f"{name} padding rows")
+                assert torch.equal(ref[i][:, :, real:], pad_lp[i]), f"{name}: reference padding rows"
 
 
 # (B, S, H, Dh, n_text, table). The interpreter tiles are 64 queries x 32 keys: tails, exact
@@ -224,6 +270,14 @@ def test_unsupported_inputs_fall_back_with_one_warning():
         qo, ko = qk_norm_rope(q, k, None, None, None, None, None, None, 3, backend="triton")
     ref = qk_norm_rope_reference(q, k, None, None, None, None, None, None, 3)
     assert torch.equal(qo, ref[0]) and torch.equal(ko, ref[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=_interp)])
+def test_rope_attention_table_of_the_wrong_length_is_an_error(backend):
+    q, k, v = _attn_inputs(1, 12, 2, 64, torch.float32, "cpu")
+    cos, sin = rope_tables("random", 8, 64)  # 12 - 3 = 9 video rows
+    with pytest.raises(ValueError, match=r"one row per video row.*9 rows \(got \[8, 64\]\)"):
+        rope_attention(q, k, v, cos, sin, 3, backend=backend)
 
 
 def test_bad_backend_is_a_value_error():
