@@ -193,6 +193,9 @@ class CogVideoXTransformer(nn.Module):
             blk.attn1.attention = attention
 
     # -- forward -------------------------------------------------------------------------
+    # Three regions, callable (and compilable) on their own: ``embed`` (patches, text, positions, time
+    # embedding), ``blocks`` (any contiguous range of transformer blocks), ``head`` (output norm,
+    # projection, unpatchify). ``forward`` is the three in a row.
     def forward(
         self,
         latents: torch.Tensor,
@@ -201,8 +204,15 @@ class CogVideoXTransformer(nn.Module):
         positions: Positions,
         ofs: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        x, silu_temb = self.embed(latents, text, timestep, positions, ofs)
+        x = self.blocks(x, silu_temb, positions, text.shape[1])
+        return self.head(x, silu_temb, text.shape[1], latents.shape)
+
+    def embed(self, latents: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor, positions: Positions,
+              ofs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(joint tokens [B, Nt + Nv, D] with positions added, SiLU(time embedding) [B, time_embed_dim])."""
         cfg = self.config
-        b, f, _, h, w = latents.shape
+        _, f, _, h, w = latents.shape
         dtype = latents.dtype
         temb = self.time_embedding(timestep_embedding(timestep, cfg.inner_dim, cfg.flip_sin_to_cos, cfg.freq_shift).to(dtype))
         if self.ofs_embedding is not None:
@@ -210,18 +220,21 @@ class CogVideoXTransformer(nn.Module):
                 raise ValueError("this model has an ofs embedding (CogVideoX1.5 I2V): pass ofs (the pipeline uses 2.0)")
             temb = temb + self.ofs_embedding(
                 timestep_embedding(ofs, cfg.ofs_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift).to(dtype))
-        silu_temb = F.silu(temb)
-
         x = self.patch_embed(text, latents)
-        n_text = text.shape[1]
-        x = self._add_positions(x, positions, n_text, f, h, w)
+        return self._add_positions(x, positions, text.shape[1], f, h, w), F.silu(temb)
 
-        for blk in self.transformer_blocks:
+    def blocks(self, x: torch.Tensor, silu_temb: torch.Tensor, positions: Positions, n_text: int,
+               start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Transformer blocks ``start .. stop - 1`` (all by default) on joint tokens [B, S, D]."""
+        for blk in self.transformer_blocks[start:stop]:
             x = blk(x, silu_temb, positions.rope, n_text)
+        return x
 
+    def head(self, x: torch.Tensor, silu_temb: torch.Tensor, n_text: int, latent_shape) -> torch.Tensor:
+        """Output norm and projection of the video tokens, unpatchified to [B, F, C_out, H, W]."""
+        b, f, _, h, w = latent_shape
         v = self.norm_out(self.norm_final(x[:, n_text:]), silu_temb)
-        v = self.proj_out(v)
-        return self._unpatchify(v, b, f, h, w)
+        return self._unpatchify(self.proj_out(v), b, f, h, w)
 
     def _add_positions(self, x, positions: Positions, n_text: int, f: int, h: int, w: int) -> torch.Tensor:
         cfg = self.config
