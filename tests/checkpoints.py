@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from helpers import TRANSFORMER_VARIANTS, randomize_
+from helpers import PIPELINE_CLASS, TRANSFORMER_VARIANTS, randomize_
 
 TEXT_DIM = 20  # = text_embed_dim of every test variant
 
@@ -54,9 +54,8 @@ def write_checkpoint(out: Path, variant: str = "rope", seed: int = 0, scheduler:
     comps["text_encoder"].save_pretrained(out / "text_encoder", **kw)
     comps["scheduler"].save_pretrained(out / "scheduler")
     make_tiny_tokenizer(out / "tokenizer", vocab_size=256)
-    takes_image = TRANSFORMER_VARIANTS[variant]["in_channels"] != TRANSFORMER_VARIANTS[variant]["out_channels"]
     index = {
-        "_class_name": "CogVideoXImageToVideoPipeline" if takes_image else "CogVideoXPipeline",
+        "_class_name": PIPELINE_CLASS.get(variant, "CogVideoXPipeline"),
         "_diffusers_version": "0.42.1",
         "scheduler": ["diffusers", scheduler],
         "text_encoder": ["transformers", "T5EncoderModel"],

@@ -51,12 +51,21 @@ TRANSFORMER_VARIANTS = {
     "v15": dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=24,
                 text_embed_dim=20, num_layers=2, sample_width=20, sample_height=16, sample_frames=9,
                 max_text_seq_length=7, use_rotary_positional_embeddings=True, patch_size_t=2, patch_bias=False),
+    # Fun-Control (on 5b): RoPE, control latents concatenated, no learned positions
+    "control": dict(num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=24,
+                    text_embed_dim=20, num_layers=2, sample_width=14, sample_height=10, sample_frames=9,
+                    max_text_seq_length=7, use_rotary_positional_embeddings=True),
     # 1.5-I2V: + ofs embedding
     "v15_ofs": dict(num_attention_heads=2, attention_head_dim=16, in_channels=8, out_channels=4, time_embed_dim=24,
                     ofs_embed_dim=24, text_embed_dim=20, num_layers=2, sample_width=20, sample_height=16,
                     sample_frames=9, max_text_seq_length=7, use_rotary_positional_embeddings=True, patch_size_t=2,
                     patch_bias=False),
 }
+
+
+# The diffusers pipeline class of each variant's checkpoint (model_index.json _class_name).
+PIPELINE_CLASS = {"learned": "CogVideoXImageToVideoPipeline", "v15_ofs": "CogVideoXImageToVideoPipeline",
+                  "control": "CogVideoXFunControlPipeline"}
 
 
 def kernel_markers(kernel):

@@ -311,8 +311,9 @@ def test_conv_cache_holds_only_temporal_convs(vaes):
 @pytest.mark.parametrize("option", ["channels_last", "compiled"])
 def test_decode_speed_options_match_diffusers(vaes, tmp_path, option):
     """channels_last_3d and the compiled frame-batch decoder compute the same decode (fresh model: the
-    options change its state)."""
-    ref, _, d = vaes["tiny"]
+    options change its state). The 3-block VAE keeps inductor's compile of the two frame-batch graphs
+    (first batch, then with the carried cache) short."""
+    ref, _, d = vaes["three"]
     ours = load_vae(d)
     if option == "channels_last":
         ours.set_channels_last()

@@ -19,7 +19,7 @@ __all__ = ["main", "build_parser"]
 _RUNNERS = {
     "generate": "cogvx.engine.cli.generate",
     "make-tiny": "cogvx.engine.cli.tiny",
-    "recipes": "cogvx.engine.cli.quantize",
+    "recipes": "cogvx.engine.cli.recipes",
     "quantize": "cogvx.engine.cli.quantize",
 }
 SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")

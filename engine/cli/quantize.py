@@ -1,51 +1,15 @@
-"""``cogvx recipes`` (which recipes this machine runs, and why not) and ``cogvx quantize`` (write a
-quantized copy of a checkpoint)."""
+"""``cogvx quantize``: write a quantized copy of a checkpoint."""
 
 from __future__ import annotations
 
 import argparse
-import json
 
-import torch
-
-from cogvx.quantize import RECIPES, availability, parse_recipe_spec
+from cogvx.quantize import parse_recipe_spec
 
 from ..pipelines.quantized_export import export_quantized
-from ..runtime.devices import default_device, resolve_device
+from ..runtime.devices import default_device
 
-__all__ = ["run", "recipes_table"]
-
-
-def recipes_table(device: str | torch.device | None = None) -> list[dict]:
-    """One row per recipe: name, backend, description, runs_here, reason. Backends are looked up, not
-    imported (importing all three takes seconds)."""
-    try:
-        dev = torch.device(device or default_device())
-    except (RuntimeError, TypeError):
-        dev = resolve_device(device)  # raises the clear error
-    rows = []
-    for r in RECIPES.values():
-        ok, why = availability(r, dev, import_backend=False)
-        rows.append({"name": r.name, "backend": r.backend, "description": r.description, "runs_here": ok,
-                     "reason": why})
-    return rows
-
-
-def _recipes(args: argparse.Namespace) -> int:
-    device = args.device or default_device()
-    rows = recipes_table(device)
-    if args.json:
-        print(json.dumps({"device": str(device), "recipes": rows}, indent=1))
-        return 0
-    w = max(len(r["name"]) for r in rows)
-    print(f"quantization recipes on {device} (torch {torch.__version__})")
-    print(f"{'recipe':<{w}}  {'backend':<7}  {'runs here':<9}  description / why not")
-    for r in rows:
-        note = r["description"] if r["runs_here"] else r["reason"]
-        if r["runs_here"] and r["reason"]:
-            note += f" [{r['reason']}]"
-        print(f"{r['name']:<{w}}  {r['backend']:<7}  {'yes' if r['runs_here'] else 'no':<9}  {note}")
-    return 0
+__all__ = ["run"]
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -58,4 +22,4 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return _recipes(args) if args.command == "recipes" else _quantize(args)
+    return _quantize(args)

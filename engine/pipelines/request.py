@@ -163,7 +163,8 @@ def plan_request(req: Request, facts: ModelFacts) -> Plan:
     max_length = _max_length(req, cfg)
     strength = 1.0
     if req.strength is not None and task != "v2v":
-        raise ValueError("strength applies to video-to-video only: pass video= with it")
+        raise ValueError("strength applies to video-to-video only: pass video= (or the noised starting latents=) "
+                         "with it")
     if task == "v2v":
         strength = as_number("strength", 0.8 if req.strength is None else req.strength, 0, 1,
                            "; strength is in (0, 1]: 1 replaces the video entirely, 0.8 is the usual value")
@@ -177,7 +178,10 @@ def plan_request(req: Request, facts: ModelFacts) -> Plan:
     height_width = (req.height, req.width)
     num_frames = req.num_frames
     pixels = None
-    if task in ("v2v", "control"):
+    if task == "v2v" and req.video is None and num_frames is None and isinstance(req.latents, torch.Tensor) \
+            and req.latents.ndim == 5:
+        num_frames = (req.latents.shape[1] - 1) * facts.temporal + 1  # starting latents given instead of a video
+    elif task in ("v2v", "control"):
         check_video_shape(1, *height_width, facts.temporal, facts.spatial * cfg.patch_size)
         what = "video" if task == "v2v" else "control_video"
         raw = as_list(req.video if task == "v2v" else req.control_video, b, what)
@@ -243,7 +247,12 @@ def _task(req: Request, facts: ModelFacts) -> str:
     if "control_video" in given:
         raise ValueError("control_video= needs a Fun-Control checkpoint (CogVideoXFunControlPipeline); this "
                          "checkpoint is text-to-video")
-    return "v2v" if "video" in given else "t2v"
+    if "video" in given and req.latents is not None:
+        raise ValueError("pass either video= or latents= for video-to-video, not both (latents= with strength= are "
+                         "the already-noised starting latents, as diffusers takes them)")
+    if "video" in given or (req.strength is not None and req.latents is not None):
+        return "v2v"
+    return "t2v"
 
 
 def _frames_from_video(have: int, cfg: TransformerConfig, temporal: int) -> int:

@@ -60,10 +60,13 @@ def use_cache_dir(path: str | os.PathLike | None) -> Path:
     return d
 
 
-def compile_module(module: torch.nn.Module, mode, device: torch.device):
+def compile_module(module: torch.nn.Module, mode, device: torch.device, backend: str = "inductor"):
     """``module`` compiled with fullgraph=True and static shapes (one graph per video shape; a graph
-    break or a recompile inside a generate is a bug the tests look for)."""
+    break or a recompile inside a generate is a bug the tests look for). ``backend``: inductor, or a
+    debugging backend of torch.compile ("eager", "aot_eager": the same graphs, no code generation)."""
     check_compile_mode(mode)
+    if backend != "inductor":
+        return torch.compile(module, fullgraph=True, dynamic=False, backend=backend)
     if device.type == "cpu":
         import torch._inductor.config as inductor_config
 

@@ -1,0 +1,47 @@
+"""``cogvx recipes``: which quantization recipes this machine runs, and why not. Imports only
+cogvx.quantize's registry and torch (not the backends, not transformers): it answers in a few seconds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from cogvx.quantize import RECIPES, availability
+
+from ..runtime.devices import default_device, resolve_device
+
+__all__ = ["run", "recipes_table"]
+
+
+def recipes_table(device: str | torch.device | None = None) -> list[dict]:
+    """One row per recipe: name, backend, description, runs_here, reason. Backends are looked up, not
+    imported (importing all three takes seconds)."""
+    try:
+        dev = torch.device(device or default_device())
+    except (RuntimeError, TypeError):
+        dev = resolve_device(device)  # raises the clear error
+    rows = []
+    for r in RECIPES.values():
+        ok, why = availability(r, dev, import_backend=False)
+        rows.append({"name": r.name, "backend": r.backend, "description": r.description, "runs_here": ok,
+                     "reason": why})
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device or default_device()
+    rows = recipes_table(device)
+    if args.json:
+        print(json.dumps({"device": str(device), "recipes": rows}, indent=1))
+        return 0
+    w = max(len(r["name"]) for r in rows)
+    print(f"quantization recipes on {device} (torch {torch.__version__})")
+    print(f"{'recipe':<{w}}  {'backend':<7}  {'runs here':<9}  description / why not")
+    for r in rows:
+        note = r["description"] if r["runs_here"] else r["reason"]
+        if r["runs_here"] and r["reason"]:
+            note += f" [{r['reason']}]"
+        print(f"{r['name']:<{w}}  {r['backend']:<7}  {'yes' if r['runs_here'] else 'no':<9}  {note}")
+    return 0
