@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("make-tiny", help="write a small random-weight checkpoint in the diffusers layout")
     t.add_argument("--out", required=True, help="directory to create")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--task", choices=["t2v", "i2v", "control"], default="t2v",
+                   help="t2v: text-to-video (and video-to-video); i2v: image-to-video; control: Fun-Control")
     r = sub.add_parser("recipes", help="list quantization recipes and whether this machine runs them")
     r.add_argument("--device", default=None, help="device to check (default: cuda if available, else cpu)")
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -11,6 +11,6 @@ __all__ = ["run"]
 
 
 def run(args: argparse.Namespace) -> int:
-    out = make_tiny_checkpoint(Path(args.out), seed=args.seed)
-    print(f"wrote a tiny random-weight CogVideoX checkpoint to {out}")
+    out = make_tiny_checkpoint(Path(args.out), seed=args.seed, task=args.task)
+    print(f"wrote a tiny random-weight CogVideoX checkpoint ({args.task}) to {out}")
     return 0

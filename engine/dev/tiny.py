@@ -3,6 +3,7 @@ own modules: the built-in demo model of ``cogvx generate`` and the output of ``c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,16 +28,24 @@ TINY_VERSION = 2  # bump when the tiny model's layout changes, so stale caches a
 _DIFFUSERS_VERSION = "0.32.0"  # the oldest diffusers whose CogVideoX classes read these configs
 
 
-def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+# task -> the diffusers pipeline class model_index.json names
+TASKS = {"t2v": "CogVideoXPipeline", "i2v": "CogVideoXImageToVideoPipeline", "control": "CogVideoXFunControlPipeline"}
+
+
+def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, task: str = "t2v") -> Path:
     """Write a complete tiny checkpoint (model_index.json, transformer/, vae/, text_encoder/,
     tokenizer/, scheduler/) to ``out_dir``; atomic: built in a temporary sibling and renamed.
 
+    task: "t2v" (text-to-video, also video-to-video), "i2v" (image-to-video: the transformer takes the
+    image latents concatenated, twice the input channels) or "control" (Fun-Control, likewise).
     The weights are random (seeded): the videos it makes are noise, but every stage of the real
-    pipeline runs, and diffusers' ``CogVideoXPipeline.from_pretrained`` loads the same directory.
+    pipeline runs, and diffusers' pipeline of the same class loads the same directory.
     """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)} (got {task!r})")
     out = Path(out_dir).expanduser()
     with atomic_directory(out) as tmp:
-        _write_all(tmp, seed)
+        _write_all(tmp, seed, task)
     return out
 
 
@@ -46,16 +55,18 @@ def tiny_t5_config(d_model: int, vocab_size: int) -> T5Config:
                     feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False)
 
 
-def _write_all(d: Path, seed: int) -> None:
+def _write_all(d: Path, seed: int, task: str) -> None:
     torch.manual_seed(seed)
     preset = PRESETS["tiny"]
     tcfg = preset.transformer
+    if task != "t2v":
+        tcfg = dataclasses.replace(tcfg, in_channels=2 * tcfg.out_channels_)
     # transformer
     transformer = build_transformer(tcfg, device="cpu", dtype=torch.float32)
     _save_module(transformer, d / "transformer", tcfg.to_dict())
     # VAE: the real 8x / 4x compression, few channels
     vcfg = preset.vae
-    if vcfg.latent_channels != tcfg.in_channels:
+    if vcfg.latent_channels != tcfg.out_channels_:
         raise AssertionError("tiny VAE and transformer disagree on latent channels")
     _save_module(CogVideoXVAE(vcfg), d / "vae", vcfg.to_dict())
     # tokenizer + T5 encoder sized to it
@@ -68,7 +79,7 @@ def _write_all(d: Path, seed: int) -> None:
     sched = {"_class_name": preset.scheduler, "_diffusers_version": _DIFFUSERS_VERSION, **SchedulerConfig().to_dict()}
     (d / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
     index = {
-        "_class_name": "CogVideoXPipeline",
+        "_class_name": TASKS[task],
         "_diffusers_version": _DIFFUSERS_VERSION,
         "_cogvx_tiny_version": TINY_VERSION,
         "scheduler": ["diffusers", preset.scheduler],
