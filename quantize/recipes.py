@@ -91,6 +91,7 @@ def _fp8_filters() -> tuple[tuple[str, ModuleFilter], ...]:
 
 
 _SM89 = (8, 9)
+CPU_FAST_NOTE = "fastest recipe on AVX-512 VNNI CPUs (measured: see benchmarks/results)"
 _RECIPES = [
     Recipe("int8wo", "torchao", "int8 weight-only, per-channel scales",
            (("config", "Int8WeightOnlyConfig"),)),
@@ -102,8 +103,10 @@ _RECIPES = [
     Recipe("fp8dq", "torchao", "float8 e4m3 dynamic activations + weights, per-tensor scales",
            (("config", "Float8DynamicActivationFloat8WeightConfig"), ("granularity", "PerTensor")),
            _fp8_filters(), needs_cuda_capability=_SM89),
-    Recipe("fp8dq-row", "torchao", "float8 e4m3 dynamic activations + weights, per-row scales",
-           (("config", "Float8DynamicActivationFloat8WeightConfig"), ("granularity", "PerRow")),
+    Recipe("fp8dq-row", "torchao", "float8 e4m3 dynamic activations + weights, per-row scales; the adaLN kernel "
+           "quantizes the q/k/v and feed-forward-up inputs",
+           (("config", "Float8DynamicActivationFloat8WeightConfig"), ("granularity", "PerRow"),
+            ("fp8_activations", True)),
            _fp8_filters(), needs_cuda_capability=_SM89),
     Recipe("quanto-int8", "quanto", "optimum-quanto int8 weights, per-channel scales",
            (("weights", "qint8"), ("activations", None))),
@@ -113,6 +116,11 @@ _RECIPES = [
            (("weights", "qint8"), ("activations", "qint8")), needs_calibration=True),
     Recipe("bnb-int8", "bnb", "bitsandbytes LLM.int8 (int8 weights, fp16 outlier columns above 6.0)",
            (("kind", "int8"), ("threshold", 6.0))),
+    Recipe("int8dq-cpu", "native",
+           "int8 dynamic per-token activations + int8 per-channel weights, oneDNN u8 x s8 VNNI GEMM writing bf16; "
+           "attention in bf16",
+           (("gemm_out", "bfloat16"), ("attention_dtype", "bfloat16")),
+           cpu_note=CPU_FAST_NOTE),
     Recipe("bnb-nf4", "bnb", "bitsandbytes 4-bit NormalFloat, blocks of 64, double-quantized scales",
            (("kind", "nf4"), ("blocksize", 64), ("compress_statistics", True))),
 ]
