@@ -15,7 +15,7 @@ the output (the gated residual, the QK norm).
 
 Numerics, per linear y = x W^T + b with x [M, K], W [N, K]:
     s_x[m]   = max(max_k |x[m, k]|, 1e-12) / 127            (fp32, one scale per token)
-    q[m, k]  = clamp(round(x[m, k] / s_x[m]), -127, 127)     (stored as u8 q + 128)
+    q[m, k]  = clamp(round(x[m, k] * (127 / amax_m)), -127, 127)  (stored as u8 q + 128; amax_m = 127 s_x[m])
     s_w[n]   = max(max_k |W[n, k]|, 1e-12) / 127; W_q = clamp(round(W / s_w), -127, 127)
     acc      = (q @ W_q^T) * s_w                            (int32 accumulation; rounded to ``gemm_out``)
     y        = acc * s_x + b
@@ -44,9 +44,10 @@ _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight tensor -> (its _v
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (any float dtype) -> (q + 128 as uint8 [M, K], fp32 scale [M, 1]); x ~= (q - 128) * scale."""
     x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS) / 127.0
-    q = torch.clamp(torch.round(x / scale), -127.0, 127.0) + 128.0
-    return q.to(torch.uint8), scale
+    amax = x.abs().amax(dim=-1, keepdim=True).clamp_min(_EPS)
+    # A multiply by the reciprocal, not a divide: the divide dominates the fused quantization loop.
+    q = torch.clamp(torch.round(x * (127.0 / amax)), -127.0, 127.0) + 128.0
+    return q.to(torch.uint8), amax / 127.0
 
 
 def int8_linear_reference(x_u8: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
