@@ -169,7 +169,7 @@ def diffusers_e2e(e: E2E, base: Engine, peer: str, device) -> Row:
                        output_type="pt", generator=torch.Generator(device).manual_seed(e.seed)).frames
         stages.clear()
         stages.update(text_encode=t1 - t0, steps_and_decode=time.perf_counter() - t1)
-        return out.float().permute(0, 1, 3, 4, 2)  # [B, F, C, H, W] -> [B, F, H, W, C] as cogvx's "pt"
+        return out.float()  # [B, F, 3, H, W] in [0, 1], as cogvx's "pt"
 
     return Row(f"e2e {peer}", "diffusers", {"diffusers-int8dq": "torchao int8dq"}.get(peer, "none"),
                str(dtype).removeprefix("torch."), True, "e2e", run, {"stages": stages})
