@@ -149,17 +149,23 @@ def run(args) -> dict:
         if row is not None:
             profiles[row.name] = profile_row(row)
     del rows
+    e2e_error = None
     if args.e2e:
-        e = E2E(args.preset, steps=args.e2e_steps, t5_layers=args.t5_layers)
-        eng = base_engine(e, device)
-        e2e_rows = [cogvx_e2e(e, eng, r, device) for r in args.e2e_recipes]
-        e2e_rows += [diffusers_e2e(e, eng, p, device) for p in args.e2e_peers]
-        print(f"end to end: {len(e2e_rows)} rows", flush=True)
-        results += measure(e2e_rows, args.e2e_repeats, None)
+        try:  # a failure here keeps the step rows measured so far
+            e = E2E(args.preset, steps=args.e2e_steps, t5_layers=args.t5_layers)
+            eng = base_engine(e, device)
+            e2e_rows = [cogvx_e2e(e, eng, r, device) for r in args.e2e_recipes]
+            e2e_rows += [diffusers_e2e(e, eng, p, device) for p in args.e2e_peers]
+            print(f"end to end: {len(e2e_rows)} rows", flush=True)
+            results += measure(e2e_rows, args.e2e_repeats, None)
+        except Exception as err:  # noqa: BLE001 - reported in the results, not lost
+            e2e_error = f"{type(err).__name__}: {err}"
+            print(f"end-to-end rows failed: {e2e_error}", file=sys.stderr)
     add_ratios(results)
     for r in results:
         r.pop("reference", None)
     meta = _meta(args, cfg, frames, height, width, lat, text, nv, flops, attn_flops)
+    meta["e2e_error"] = e2e_error
     return dict(meta=meta, rows=results, profiles=profiles)
 
 
