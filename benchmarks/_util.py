@@ -1,15 +1,22 @@
 """Helpers shared by the benchmark scripts: the commit a figure belongs to, the device's copy
-bandwidth, and where results go."""
+bandwidth, where results go, the SQNR of an output against its reference, the process's peak
+resident size, and the run-in-a-child-process harness (one process per measurement, so peaks do
+not mix)."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
+
+from cogvx.engine.runtime.profiling import peak_rss  # noqa: F401  (re-exported: the one peak-RSS helper)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -50,3 +57,43 @@ def write_results(name: str, payload: dict) -> Path:
     path = results_path(name, payload["device"], payload["commit"])
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``x`` against ``ref`` in dB (float64; inf when equal)."""
+    ref, x = ref.detach().double().cpu(), x.detach().double().cpu()
+    noise = (ref - x).pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(ref.pow(2).sum().item() / noise)
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> None:
+    """Reset the peak resident size (VmHWM) to the current one (Linux; a no-op elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+RESULT_PREFIX = "RESULT "
+
+
+def child_result(payload) -> None:
+    """In a child: print the payload as the last line the parent reads (``run_child``)."""
+    print(RESULT_PREFIX + json.dumps(payload), flush=True)
+
+
+def run_child(script: str | Path, *args: str, env: dict | None = None, cwd: Path | None = None) -> dict:
+    """Run ``python script --child args...`` in a fresh process and return the JSON it printed with
+    ``child_result``; a failed child raises RuntimeError with the end of its stderr."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--child", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd)
+    line = next((x for x in reversed(p.stdout.splitlines()) if x.startswith(RESULT_PREFIX)), None)
+    if p.returncode or line is None:
+        raise RuntimeError(f"child {' '.join(args)} failed (exit {p.returncode}):\n{(p.stderr or p.stdout)[-4000:]}")
+    return json.loads(line[len(RESULT_PREFIX):])

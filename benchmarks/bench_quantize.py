@@ -18,25 +18,17 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _util import child_result, current_rss, peak_rss, run_child, sqnr_db  # benchmarks/ is sys.path[0]
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DEFAULT_RECIPES = "int8wo,quanto-int8,bnb-int8,bnb-nf4"
 GB = 1e9
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _touch(model) -> None:
@@ -94,7 +86,7 @@ def child_load_fp(work: Path, recipe: str | None, out: Path | None) -> dict:
 
         get_backend(get_recipe(recipe).backend)  # import the library before the baseline
     torch.set_num_threads(2)
-    base = _rss()
+    base = current_rss()
     t0 = time.perf_counter()
     model = load_transformer(work / "fp" / "transformer", device="cpu", dtype=torch.bfloat16)
     _touch(model)
@@ -105,10 +97,11 @@ def child_load_fp(work: Path, recipe: str | None, out: Path | None) -> dict:
         quantize_(model, recipe)
         res["quantize_s"] = time.perf_counter() - t1
     res["total_s"] = time.perf_counter() - t0
-    res["peak_over_baseline"] = _peak() - base
-    res["rss_after"] = _rss() - base
+    res["peak_over_baseline"] = peak_rss() - base
+    res["rss_after"] = current_rss() - base
     if recipe and out is not None:
-        from cogvx.quantize.serialization import atomic_directory, write_component
+        from cogvx.engine.io.atomic import atomic_directory
+        from cogvx.engine.pipelines.quantized_export import write_component
 
         t2 = time.perf_counter()
         with atomic_directory(out, overwrite=True) as tmp:
@@ -123,7 +116,7 @@ def child_load_q(work: Path, recipe: str) -> dict:
     import torch
     from cogvx.quantize import get_recipe
     from cogvx.quantize.backends import get_backend
-    from cogvx.quantize.serialization import load_quantized_transformer
+    from cogvx.engine.loading import load_transformer
     from safetensors import safe_open
 
     get_backend(get_recipe(recipe).backend)
@@ -138,15 +131,15 @@ def child_load_q(work: Path, recipe: str) -> dict:
                 for x in s.get_shape():
                     n *= x
                 nbytes += n * _itemsize(s.get_dtype())
-    base = _rss()
+    base = current_rss()
     t0 = time.perf_counter()
-    model = load_quantized_transformer(d, torch.device("cpu"), torch.bfloat16)
+    model = load_transformer(d, torch.device("cpu"), torch.bfloat16)
     _touch(model)
     t = time.perf_counter() - t0
-    peak = _peak() - base
+    peak = peak_rss() - base
     n_q = sum(1 for m in model.modules() if type(m).__name__ != "Linear" and hasattr(m, "in_features"))
     n_q += sum(1 for m in model.modules() if type(m).__name__ == "Linear" and type(m.weight.data) is not torch.Tensor)
-    return {"baseline_rss": base, "load_s": t, "peak_over_baseline": peak, "rss_after": _rss() - base,
+    return {"baseline_rss": base, "load_s": t, "peak_over_baseline": peak, "rss_after": current_rss() - base,
             "weight_bytes": nbytes, "file_bytes": sum(f.stat().st_size for f in d.glob("*.safetensors")),
             "quantized_layers": n_q}
 
@@ -168,9 +161,9 @@ def per_layer(out: Path) -> dict:
     sys.path.insert(0, str(HERE.parent / "tests"))
     from checkpoints import write_checkpoint
     from cogvx.engine.models.config import TransformerConfig
-from cogvx.engine.models.presets import PRESETS
+    from cogvx.engine.models.presets import PRESETS
     from cogvx.engine.loading import load_transformer
-from cogvx.engine.models.transformer import build_transformer
+    from cogvx.engine.models.transformer import build_transformer
     from cogvx.engine.models.positions import make_positions
     from cogvx.quantize import ModuleFilter, quantize_
 
@@ -184,10 +177,6 @@ from cogvx.engine.models.transformer import build_transformer
     class Only(ModuleFilter):
         def __call__(self, m, fqn):  # quantize the family, nothing else
             return isinstance(m, torch.nn.Linear) and any(fnmatchcase(fqn, p) for p in self.exclude)
-
-    def sqnr(r, q):
-        r, q = r.double(), q.double()
-        return (10 * torch.log10(r.pow(2).sum() / (r - q).pow(2).sum())).item()
 
     torch.set_num_threads(2)
     models = {}
@@ -212,7 +201,7 @@ from cogvx.engine.models.transformer import build_transformer
                 m = copy.deepcopy(model)
                 names = quantize_(m, recipe, module_filter=Only(pats))
                 with torch.no_grad():
-                    got = sqnr(ref, m(*inputs))
+                    got = sqnr_db(ref, m(*inputs))
                 table.setdefault(fam, {})[f"{mname} {recipe}"] = round(got, 1)
                 table[fam][f"{mname} layers"] = len(names)
             print(mname, fam, table[fam], flush=True)
@@ -242,10 +231,7 @@ def _env(device: str, dtype: str) -> dict:
 
 
 def _run_child(*args: str) -> dict:
-    p = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
-    if p.returncode:
-        raise RuntimeError(f"child {args} failed:\n{p.stderr[-4000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_child(__file__, *args)
 
 
 def main() -> None:
@@ -261,7 +247,7 @@ def main() -> None:
         res = {"make": lambda: child_make(work),
                "fp": lambda: child_load_fp(work, rest[0] if rest else None, work / rest[0] if rest else None),
                "q": lambda: child_load_q(work, rest[0])}[mode]()
-        print(json.dumps(res))
+        child_result(res)
         return
     RESULTS.mkdir(exist_ok=True)
     if args.per_layer:

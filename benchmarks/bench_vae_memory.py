@@ -16,30 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _util import git_commit, results_path  # benchmarks/ is sys.path[0]
+from _util import (  # benchmarks/ is sys.path[0]
+    child_result, current_rss, git_commit, peak_rss, reset_peak_rss, results_path, run_child)
 
 MODES = ("frame-batched", "tiled", "one-batch")
-
-
-def _rss(field: str) -> int:
-    """VmRSS / VmHWM (peak) of this process in bytes (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _child(mode: str, frames: int, height: int, width: int, dtype_name: str, device: str) -> dict:
     import torch
 
     from cogvx.engine.models.config import VAEConfig
-from cogvx.engine.models.vae import CogVideoXVAE
+    from cogvx.engine.models.vae import CogVideoXVAE
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
@@ -57,15 +48,15 @@ from cogvx.engine.models.vae import CogVideoXVAE
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-        base = _rss("VmRSS")
+        reset_peak_rss()
+        base = current_rss()
     t0 = time.perf_counter()
     out = vae.decode(z)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = _rss("VmHWM") - base
+        peak = peak_rss() - base
     return dict(mode=mode, frames=int(out.shape[2]), latent_frames=lat_frames, peak_bytes=int(peak),
                 output_bytes=out.numel() * out.element_size(), seconds=time.perf_counter() - t0)
 
@@ -81,7 +72,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.child:
         mode, frames, h, w, dt, dev = args.child
-        print(json.dumps(_child(mode, int(frames), int(h), int(w), dt, dev)))
+        child_result(_child(mode, int(frames), int(h), int(w), dt, dev))
         return 0
 
     import torch
@@ -91,17 +82,15 @@ def main(argv=None) -> int:
     rows = []
     for mode in args.modes:
         for f in args.frames:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, str(f),
-                   str(args.height), str(args.width), dtype, device]
             # Large buffers through mmap: freed memory goes back to the OS at once, so the resident-size
             # peak follows live memory instead of glibc's retained heap (which grows with every batch).
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
-                                 env=env)
-            if out.returncode:
-                print(out.stderr, file=sys.stderr)
+            env = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
+            try:
+                r = run_child(__file__, mode, str(f), str(args.height), str(args.width), dtype, device, env=env,
+                              cwd=Path(__file__).resolve().parents[1])
+            except RuntimeError as e:
+                print(e, file=sys.stderr)
                 return 1
-            r = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(r)
             print(f"{mode:>13}  {r['frames']:3d} frames ({r['latent_frames']:2d} latent)  peak "
                   f"{r['peak_bytes'] / 2**20:8.1f} MiB  (output {r['output_bytes'] / 2**20:6.1f} MiB)  "

@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _util import git_commit, results_path  # benchmarks/ is sys.path[0]
+from _util import child_result, git_commit, results_path, run_child  # benchmarks/ is sys.path[0]
 
 CONFIGS = {
     "cogvx-eager": dict(impl="cogvx", recipe=None, compile=False, kernels="auto"),
@@ -124,7 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print("RESULT " + json.dumps(_child(args.child[0], args.child[1], args.smoke)))
+        child_result(_child(args.child[0], args.child[1], args.smoke))
         return 0
     import torch
 
@@ -136,14 +135,12 @@ def main(argv=None) -> int:
     rows = []
     for model in models:
         for name in configs:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", model, name] + (["--smoke"] if args.smoke else [])
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if out.returncode or line is None:
-                rows.append(dict(config=name, model=model, error=(out.stderr or out.stdout)[-2000:]))
+            try:
+                rows.append(run_child(__file__, model, name, *(["--smoke"] if args.smoke else [])))
+            except RuntimeError as e:
+                rows.append(dict(config=name, model=model, error=str(e)[-2000:]))
                 print(f"{model} {name}: FAILED\n{rows[-1]['error']}", file=sys.stderr)
                 continue
-            rows.append(json.loads(line[len("RESULT "):]))
             r = rows[-1]
             peak = max(r["memory"].values()) / 2**30 if r.get("memory") else float("nan")
             print(f"{model:4} {name:26} total {r['total_s']:8.1f} s  step {r['step_median_s'] or 0:7.3f} s  "

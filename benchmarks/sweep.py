@@ -1,27 +1,27 @@
-"""Latency / memory / quality sweep of one denoising step over recipes x compile x kernels, with
-diffusers' own transformer on the same weights as the peer row.
+"""One denoising step of cogvx per recipe against its peers, timed alternately in one process, and
+(``--e2e``) whole generations: text encoding + denoising steps + VAE decode.
 
-One step = one transformer forward on the CFG batch (2 x num_videos), as in the denoising loop.
-Every row says its median, p20 and p80 over --repeats timed calls (after one warm-up call, whose
-time is reported as compile time), peak memory, SQNR of its output against the unquantized eager
-cogvx step, achieved GFLOP/s, and its ratio to the diffusers eager and compiled rows of the same run.
-Peak memory is process-wide (CUDA: max allocated/reserved during the timed calls; CPU: peak resident
-size): on the CPU, later rows carry heap retained from earlier rows, so compare memory across rows
-only on CUDA.
+Rows: cogvx's transformer per ``--recipes`` (compiled, q/k/v fused unless --no-fuse-qkv) and the
+``--peers``: diffusers' transformer on the same weights compiled in fp32, in bf16, and with torchao's
+``Int8DynamicActivationInt8WeightConfig`` on every Linear (the diffusers-torchao recipe). Each row is
+built and called once (its compile time), then the rows run in turn, ``--repeats`` rounds, so that a
+drift of the machine's speed hits every row alike. Reported per row: median wall time with p20/p80,
+median process CPU time (a steadier figure on a shared machine), SQNR of its output against the
+eager fp32 cogvx step, achieved GFLOP/s, and its ratio to each peer: of the medians, and the median
+(p20, p80) of the per-round ratios. One step = one transformer forward on the CFG batch.
 
-    python benchmarks/sweep.py --preset cpu-bench                    # the CPU figures of the issue
-    python benchmarks/sweep.py --preset 5b --device cuda --dtype bfloat16 \\
-        --recipes none int8wo fp8dq-row --compile off on --kernels torch auto
+    python benchmarks/sweep.py --preset cpu-bench --e2e                 # the CPU figures
+    python benchmarks/sweep.py --preset cpu-long --repeats 3
+    python benchmarks/sweep.py --preset cpu-bench --recipes none int8dq int8dq-cpu --peers diffusers-fp32
 
-Writes benchmarks/results/sweep-<device>-<date>-<commit>.{json,md,png}.
+Writes benchmarks/results/sweep-<preset>-<device>-<date>-<commit>.{json,md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import math
+import platform
 import statistics
 import sys
 import time
@@ -29,41 +29,29 @@ from pathlib import Path
 
 import torch
 
-from _util import RESULTS, git_commit, results_path  # benchmarks/ is sys.path[0]
-from cogvx.engine.models.config import TransformerConfig
-from cogvx.engine.models.presets import PRESETS
-from cogvx.engine.loading import load_transformer, read_config
-from cogvx.engine.models.transformer import build_transformer
+from _util import RESULTS, git_commit, peak_rss, results_path, sqnr_db  # benchmarks/ is sys.path[0]
 from cogvx.engine.models.positions import latent_frames, make_positions
+from cogvx.engine.models.presets import PRESETS
 from cogvx.engine.models.tokenizer import MAX_LENGTH
-from cogvx.engine.runtime.profiling import PeakMemory, transformer_flops
-
-def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
-    ref, x = ref.double(), x.double()
-    noise = (ref - x).pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(ref.pow(2).sum().item() / noise)
+from cogvx.engine.models.transformer import build_transformer
+from cogvx.engine.runtime.profiling import transformer_flops
+from peers import PEERS, E2E, base_engine, cogvx_e2e, cogvx_step, diffusers_e2e, diffusers_step
+from report import chart, markdown
 
 
-def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """This device's measured dense matmul rate at n x n x n (the ceiling the step is compared with)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """This CPU's measured dense matmul rate at n x n x n (the ceiling a step is compared with)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     times = []
     for _ in range(repeats + 1):
-        _sync(device)
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times[1:]) / 1e9
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def make_inputs(cfg: TransformerConfig, frames: int, height: int, width: int, videos: int, device, dtype, seed=0):
+def make_inputs(cfg, frames: int, height: int, width: int, videos: int, device, dtype, seed=0):
+    """(latents [2V, F_lat, C, H/8, W/8], text [2V, 226, Dtext], timesteps [2V] = 501, positions)."""
     g = torch.Generator().manual_seed(seed)
     f_lat, _ = latent_frames(cfg, frames)
     lat = torch.randn(2 * videos, f_lat, cfg.in_channels, height // 8, width // 8, generator=g)
@@ -73,217 +61,159 @@ def make_inputs(cfg: TransformerConfig, frames: int, height: int, width: int, vi
     return lat.to(device, dtype), text.to(device, dtype), t.to(device), pos
 
 
-def _time(fn, repeats: int, device) -> tuple[list[float], float, dict]:
-    _sync(device)
-    t0 = time.perf_counter()
-    out = fn()  # warm-up: compiles when compiled
-    _sync(device)
-    first = time.perf_counter() - t0
-    times = []
-    with PeakMemory(device) as mem:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    return times, first, mem.result, out
-
-
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
 
 
+def measure(rows, repeats: int, flops: int | None) -> list[dict]:
+    """Warm every row up (compiles), then time the rows in turn, ``repeats`` rounds; SQNR against the
+    first row's output (the quality reference of that kind) unless a reference was set."""
+    outs, results = {}, []
+    with torch.inference_mode():
+        for r in rows:
+            t0 = time.perf_counter()
+            outs[r.name] = r.fn()
+            results.append(dict(name=r.name, impl=r.impl, recipe=r.recipe, dtype=r.dtype, compiled=r.compiled,
+                                kind=r.kind, first_call_s=time.perf_counter() - t0, times_s=[], cpu_s=[]))
+            print(f"  ready: {r.name} (first call {results[-1]['first_call_s']:.1f} s)", flush=True)
+        for i in range(repeats):
+            for r, res in zip(rows, results):
+                t0, c0 = time.perf_counter(), time.process_time()
+                r.fn()
+                res["times_s"].append(time.perf_counter() - t0)
+                res["cpu_s"].append(time.process_time() - c0)
+            print(f"  round {i + 1}/{repeats}: " + ", ".join(f"{x['name']} {x['times_s'][-1]:.2f}s" for x in results),
+                  flush=True)
+    for r, res in zip(rows, results):
+        med = statistics.median(res["times_s"])
+        res.update(median_s=med, p20_s=_pct(res["times_s"], 0.2), p80_s=_pct(res["times_s"], 0.8),
+                   cpu_median_s=statistics.median(res["cpu_s"]), compile_s=max(res["first_call_s"] - med, 0.0),
+                   gflops=flops / med / 1e9 if flops and r.kind == "step" else None, **r.extra)
+        res["sqnr_db"] = sqnr_db(r.extra.get("reference", outs[rows[0].name]), outs[r.name])
+    return results
+
+
+def add_ratios(results: list[dict]) -> None:
+    """Each row's ratio to each peer row of the same kind: of the medians, and the median / p20 / p80
+    of the per-round ratios (rounds were timed back to back)."""
+    for res in results:
+        res["ratios"] = {}
+        for peer in results:
+            if peer["impl"] != "diffusers" or peer["kind"] != res["kind"]:
+                continue
+            paired = [a / b for a, b in zip(res["times_s"], peer["times_s"])]
+            res["ratios"][peer["name"]] = dict(
+                of_medians=res["median_s"] / peer["median_s"], paired_median=statistics.median(paired),
+                paired_p20=_pct(paired, 0.2), paired_p80=_pct(paired, 0.8),
+                cpu=res["cpu_median_s"] / peer["cpu_median_s"])
+
+
+def profile_row(row, top: int = 14) -> list[dict]:
+    """torch.profiler's top ops of one call of ``row`` by self CPU time (where the step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        row.fn()
+    ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ev) or 1
+    return [dict(op=e.key, calls=e.count, self_ms=e.self_cpu_time_total / 1e3,
+                 share=e.self_cpu_time_total / total) for e in ev[:top]]
+
+
 def run(args) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    preset = PRESETS[args.preset] if args.preset else None
-    dtype = getattr(torch, args.dtype) if args.dtype else (preset.dtype if preset else torch.float32)
-    if args.model:
-        cfg = read_config(TransformerConfig, Path(args.model) / "transformer" / "config.json")
-    else:
-        cfg = preset.transformer
-    frames = args.frames or (preset.num_frames if preset else 49)
-    height = args.height or (preset.height if preset else 480)
-    width = args.width or (preset.width if preset else 720)
-
-    def fresh():
-        if args.model:
-            return load_transformer(Path(args.model) / "transformer", device=device, dtype=dtype)
-        torch.manual_seed(args.seed)
-        return build_transformer(cfg, device=device, dtype=dtype)
-
-    lat, text, t, pos = make_inputs(cfg, frames, height, width, args.videos, device, dtype)
+    device = torch.device("cpu")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    preset = PRESETS[args.preset]
+    cfg = preset.transformer
+    frames, height, width = preset.num_frames, preset.height, preset.width
+    torch.manual_seed(args.seed)
+    base = build_transformer(cfg, device=device, dtype=torch.float32)
+    inputs = make_inputs(cfg, frames, height, width, 1, device, torch.float32)
+    lat, text, _, pos = inputs
     nv = pos.grid[0] * pos.grid[1] * pos.grid[2]
     flops = transformer_flops(cfg, lat.shape[0], text.shape[1], nv)
-    rows, ref_out = [], None
-
-    def record(impl, recipe, compiled, kernels, fn):
-        nonlocal ref_out
-        times, first, mem, out = _time(fn, args.repeats, device)
-        out = out.float()
-        if ref_out is None:
-            ref_out = out
-        med = statistics.median(times)
-        row = dict(impl=impl, recipe=recipe, compile=compiled, kernels=kernels, median_s=med,
-                   p20_s=_pct(times, 0.2), p80_s=_pct(times, 0.8), first_call_s=first,
-                   compile_s=max(first - med, 0.0) if compiled != "off" else 0.0, memory=mem,
-                   sqnr_db=sqnr_db(ref_out, out), gflops=flops / med / 1e9, times_s=times)
-        rows.append(row)
-        print(f"{impl:9} {recipe:10} compile={compiled:3} kernels={kernels:6} median {med * 1e3:9.1f} ms  "
-              f"p20 {row['p20_s'] * 1e3:8.1f}  p80 {row['p80_s'] * 1e3:8.1f}  SQNR {row['sqnr_db']:6.1f} dB  "
-              f"{row['gflops']:7.1f} GFLOP/s", flush=True)
-
-    # cogvx rows: the first one (none, eager, first kernel choice) is the quality reference.
-    for recipe in args.recipes:
-        for kernels in args.kernels:
-            for compiled in args.compile:
-                torch._dynamo.reset()
-                model = fresh()
-                if args.fuse_qkv:
-                    model.fuse_qkv()
-                from cogvx.kernels import resolve_backend
-
-                model.set_kernel_backend(resolve_backend(kernels, device), "sdpa")
-                if recipe != "none":
-                    from cogvx.quantize import quantize_
-
-                    quantize_(model, recipe)
-                fn = model if compiled == "off" else _compile(model, device)
-                with torch.inference_mode():
-                    record("cogvx", recipe, compiled, kernels, lambda: fn(lat, text, t, pos))
-                del model, fn
-                gc.collect()
-
-    if args.diffusers:
-        try:
-            from diffusers import CogVideoXTransformer3DModel
-        except ImportError:
-            print("diffusers is not installed: no peer rows", file=sys.stderr)
-        else:
-            state = fresh().state_dict()
-            rope = pos.rope
-            for compiled in args.compile:
-                torch._dynamo.reset()
-                # Built on the device (not meta): its sin-cos table is a non-persistent buffer made in __init__.
-                with torch.device(device):
-                    ref = CogVideoXTransformer3DModel(**{k: v for k, v in cfg.to_dict().items() if k[0] != "_"})
-                ref.load_state_dict(state)
-                ref = ref.to(dtype).eval()
-                fn = ref if compiled == "off" else _compile(ref, device)
-
-                def step(fn=fn):
-                    return fn(hidden_states=lat, encoder_hidden_states=text, timestep=t, image_rotary_emb=rope,
-                              return_dict=False)[0]
-
-                with torch.inference_mode():
-                    record("diffusers", "none", compiled, "-", step)
-                del ref, fn
-                gc.collect()
-
+    attn_flops = cfg.num_layers * 2 * 2 * lat.shape[0] * (text.shape[1] + nv) ** 2 * cfg.inner_dim
+    with torch.inference_mode():
+        reference = base(*inputs).float()  # eager fp32 cogvx: every step row's quality reference
+    rows = [cogvx_step(base, r, inputs, device, fuse_qkv=args.fuse_qkv) for r in args.recipes]
+    rows += [diffusers_step(base, p, inputs, device) for p in args.peers]
     for r in rows:
-        for peer in ("off", "on"):
-            base = next((x for x in rows if x["impl"] == "diffusers" and x["compile"] == peer), None)
-            r[f"ratio_to_diffusers_{'eager' if peer == 'off' else 'compiled'}"] = (
-                r["median_s"] / base["median_s"] if base else None)
-    meta = _meta(device, dtype, cfg, frames, height, width, args, lat, text, nv, flops)
-    return dict(meta=meta, rows=rows)
+        r.extra["reference"] = reference
+    print(f"{args.preset}: {len(rows)} step rows, {flops / 1e9:.0f} GFLOP/step "
+          f"({attn_flops / flops:.0%} attention)", flush=True)
+    results = measure(rows, args.repeats, flops)
+    profiles = {}
+    for name in args.profile:
+        row = next((r for r in rows if r.name == name or r.recipe == name and r.impl == "cogvx"), None)
+        if row is not None:
+            profiles[row.name] = profile_row(row)
+    del rows
+    e2e_error = None
+    if args.e2e:
+        try:  # a failure here keeps the step rows measured so far
+            e = E2E(args.preset, steps=args.e2e_steps, t5_layers=args.t5_layers)
+            eng = base_engine(e, device)
+            e2e_rows = [cogvx_e2e(e, eng, r, device) for r in args.e2e_recipes]
+            e2e_rows += [diffusers_e2e(e, eng, p, device) for p in args.e2e_peers]
+            print(f"end to end: {len(e2e_rows)} rows", flush=True)
+            results += measure(e2e_rows, args.e2e_repeats, None)
+        except Exception as err:  # noqa: BLE001 - reported in the results, not lost
+            e2e_error = f"{type(err).__name__}: {err}"
+            print(f"end-to-end rows failed: {e2e_error}", file=sys.stderr)
+    add_ratios(results)
+    for r in results:
+        r.pop("reference", None)
+    meta = _meta(args, cfg, frames, height, width, lat, text, nv, flops, attn_flops)
+    meta["e2e_error"] = e2e_error
+    return dict(meta=meta, rows=results, profiles=profiles)
 
 
-def _compile(model, device):
-    from cogvx.engine.runtime.compiling import compile_module as compile_transformer
-
-    return compile_transformer(model, True, device)
-
-
-def _meta(device, dtype, cfg, frames, height, width, args, lat, text, nv, flops) -> dict:
-    import platform
-
+def _meta(args, cfg, frames, height, width, lat, text, nv, flops, attn_flops) -> dict:
     versions = {"torch": torch.__version__}
-    for mod in ("diffusers", "torchao", "optimum.quanto", "bitsandbytes", "triton", "transformers"):
+    for mod in ("diffusers", "torchao", "transformers"):
         try:
             versions[mod] = __import__(mod, fromlist=["__version__"]).__version__
         except Exception:
             pass
     commit, dirty = git_commit()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     return dict(
-        benchmark="denoising_step_sweep", device=str(device), device_name=name, dtype=str(dtype).split(".")[-1],
-        threads=torch.get_num_threads(), fuse_qkv=args.fuse_qkv, preset=args.preset, model=args.model, num_layers=cfg.num_layers,
-        inner_dim=cfg.inner_dim, frames=frames, height=height, width=width, cfg_batch=lat.shape[0],
-        latent_shape=list(lat.shape), text_tokens=text.shape[1], video_tokens=nv, flops_per_step=flops,
-        matmul_gflops=matmul_gflops(device, dtype), repeats=args.repeats, commit=commit, dirty=dirty,
-        date=time.strftime("%Y-%m-%d"), versions=versions,
-    )
-
-
-def markdown(result: dict) -> str:
-    m = result["meta"]
-    lines = [
-        f"Denoising step, {m['device_name']} ({m['threads']} threads), {m['dtype']}, preset {m['preset']}: "
-        f"{m['num_layers']} layers, D={m['inner_dim']}, {m['frames']} frames at {m['width']}x{m['height']}, "
-        f"CFG batch {m['cfg_batch']}, {m['text_tokens']}+{m['video_tokens']} tokens; commit {m['commit']}"
-        f"{' (dirty)' if m['dirty'] else ''}, {m['date']}. Measured {m['matmul_gflops']:.0f} GFLOP/s dense matmul.",
-        "",
-        "| impl | recipe | compile | kernels | median ms | p20 ms | p80 ms | x diffusers eager | x diffusers compiled "
-        "| GFLOP/s | SQNR dB | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        ratio = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
-        peak = max(r["memory"].values()) / 2**20 if r["memory"] else float("nan")
-        lines.append(
-            f"| {r['impl']} | {r['recipe']} | {r['compile']} | {r['kernels']} | {r['median_s'] * 1e3:.1f} | "
-            f"{r['p20_s'] * 1e3:.1f} | {r['p80_s'] * 1e3:.1f} | {ratio(r['ratio_to_diffusers_eager'])} | "
-            f"{ratio(r['ratio_to_diffusers_compiled'])} | {r['gflops']:.1f} | {r['sqnr_db']:.1f} | {peak:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
-def chart(result: dict, path: Path) -> None:
-    """A horizontal bar chart of the median step times (drawn with PIL: no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
-    rows = result["rows"]
-    w, bar_h, left = 900, 26, 330
-    img = Image.new("RGB", (w, 60 + bar_h * len(rows)), "white")
-    d = ImageDraw.Draw(img)
-    m = result["meta"]
-    d.text((10, 10), f"median step time, {m['device_name']}, {m['dtype']}, {m['preset']} (commit {m['commit']})",
-           fill="black")
-    top = max(r["median_s"] for r in rows)
-    for i, r in enumerate(rows):
-        y = 40 + i * bar_h
-        label = f"{r['impl']} {r['recipe']} compile={r['compile']} kernels={r['kernels']}"
-        d.text((10, y + 6), label, fill="black")
-        length = int((w - left - 90) * r["median_s"] / top)
-        d.rectangle([left, y + 4, left + length, y + bar_h - 4], fill="#c44" if r["impl"] == "diffusers" else "#36c")
-        d.text((left + length + 6, y + 6), f"{r['median_s'] * 1e3:.0f} ms", fill="black")
-    img.save(path)
+        benchmark="denoising_step_sweep", device="cpu", device_name=f"cpu-{platform.machine()}", cpu=cpu,
+        threads=torch.get_num_threads(), dtype="float32 (cogvx rows and diffusers fp32/int8dq; diffusers-bf16: bfloat16)",
+        preset=args.preset, num_layers=cfg.num_layers, inner_dim=cfg.inner_dim, heads=cfg.num_attention_heads,
+        frames=frames, height=height, width=width, cfg_batch=lat.shape[0], latent_shape=list(lat.shape),
+        text_tokens=text.shape[1], video_tokens=nv, flops_per_step=flops, attention_flop_share=attn_flops / flops,
+        fuse_qkv=args.fuse_qkv, repeats=args.repeats, e2e=dict(steps=args.e2e_steps, t5_layers=args.t5_layers,
+                                                               repeats=args.e2e_repeats) if args.e2e else None,
+        matmul_gflops_fp32=matmul_gflops(torch.float32), peak_rss_bytes=peak_rss(),
+        load_average=list(__import__("os").getloadavg()), commit=commit, dirty=dirty,
+        date=time.strftime("%Y-%m-%d %H:%M"), versions=versions)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="real-shape model with random weights")
-    p.add_argument("--model", default=None, help="a checkpoint directory instead of a preset")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--frames", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--videos", type=int, default=1)
-    p.add_argument("--recipes", nargs="+", default=["none"])
-    p.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
-    p.add_argument("--kernels", nargs="+", default=["auto"], choices=["auto", "triton", "torch"])
-    p.add_argument("--fuse-qkv", action="store_true", help="cogvx rows with q/k/v fused into one GEMM")
-    p.add_argument("--no-diffusers", dest="diffusers", action="store_false")
+    p.add_argument("--preset", default="cpu-bench", choices=sorted(PRESETS))
+    p.add_argument("--recipes", nargs="+", default=["none", "int8dq", "int8dq-cpu"],
+                   help="cogvx rows ('none': fp32); the first is the quality reference's twin")
+    p.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS)
+    p.add_argument("--no-fuse-qkv", dest="fuse_qkv", action="store_false")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--profile", nargs="*", default=["int8dq-cpu"],
+                   help="rows (or cogvx recipes) to profile once with torch.profiler after timing")
+    p.add_argument("--e2e", action="store_true", help="also time whole generations (text + steps + VAE decode)")
+    p.add_argument("--e2e-recipes", nargs="+", default=["none", "int8dq-cpu"])
+    p.add_argument("--e2e-peers", nargs="*", default=["diffusers-fp32", "diffusers-int8dq"], choices=PEERS)
+    p.add_argument("--e2e-steps", type=int, default=2)
+    p.add_argument("--e2e-repeats", type=int, default=2)
+    p.add_argument("--t5-layers", type=int, default=2, help="T5-XXL layers kept for --e2e (24: the real one)")
+    p.add_argument("--threads", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS), help="directory for the json/md/png files")
     args = p.parse_args(argv)
-    if (args.preset is None) == (args.model is None):
-        p.error("give exactly one of --preset or --model")
     result = run(args)
     m = result["meta"]
-    stem = results_path("sweep", m["device_name"], m["commit"], suffix="", out=Path(args.out))
+    stem = results_path(f"sweep-{args.preset}", m["device_name"], m["commit"], suffix="", out=Path(args.out))
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     Path(f"{stem}.md").write_text(markdown(result))
     chart(result, Path(f"{stem}.png"))

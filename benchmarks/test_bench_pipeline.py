@@ -62,7 +62,7 @@ def test_denoising_step(benchmark, compiled):
 @pytest.mark.parametrize("tiled", [False, True], ids=["frame-batched", "tiled"])
 def test_vae_decode(benchmark, tiled):
     from cogvx.engine.models.config import VAEConfig
-from cogvx.engine.models.vae import CogVideoXVAE
+    from cogvx.engine.models.vae import CogVideoXVAE
 
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     p = PRESETS[PRESET]

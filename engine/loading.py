@@ -34,7 +34,7 @@ from .models.text_encoder import build_text_encoder, text_encoder_dtype, tie_emb
 from .models.tokenizer import MAX_EXTRA_IDS, PromptTokenizer, TokenizerError
 from .models.transformer import CogVideoXTransformer, build_transformer
 from .models.vae import CogVideoXVAE
-from .quantizing import quantize_text_encoder, quantize_transformer, resolve_quantization
+from .quantizing import apply_runtime_settings, quantize_text_encoder, quantize_transformer, resolve_quantization
 
 __all__ = [
     "load_components", "load_transformer", "load_vae", "load_text_encoder", "load_tokenizer", "load_scheduler",
@@ -99,6 +99,7 @@ def load_transformer(transformer_dir: str | Path, device: str | torch.device = "
         if info.get("fused_qkv"):
             model.fuse_qkv()  # on the meta device: only the module structure changes
         _load_quantized(model, d, info, headers, device, dtype)
+        apply_runtime_settings(model, info["recipe"].get("settings", {}))
     else:
         check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, headers, d / "config.json")
         load_into(model, dict(read_tensors(files, device)), where=f"transformer checkpoint {d}", dtype=dtype,

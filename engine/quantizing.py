@@ -21,7 +21,26 @@ from .models.positions import latent_frames, make_positions
 from .models.text_encoder import encode_prompts, text_encoder_dtype
 from .models.tokenizer import PromptTokenizer, PromptTruncationWarning
 
-__all__ = ["resolve_quantization", "quantize_transformer", "quantize_text_encoder", "transformer_calibration"]
+__all__ = ["resolve_quantization", "quantize_transformer", "quantize_text_encoder", "transformer_calibration",
+           "apply_runtime_settings"]
+
+# Recipe settings that are not about weights: what the transformer runs in besides its linears.
+_ATTENTION_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def apply_runtime_settings(transformer, settings: dict[str, Any]) -> None:
+    """Apply a recipe's non-weight settings to a (quantized) transformer: ``attention_dtype`` runs SDPA in
+    that dtype; ``fp8_activations`` feeds the adaLN kernel's per-row fp8 output straight into the fp8
+    q/k/v and feed-forward-up GEMMs. Called after quantizing and after loading a quantized checkpoint,
+    so both run alike."""
+    if settings.get("fp8_activations"):
+        transformer.set_fp8_activations(True)
+    name = settings.get("attention_dtype")
+    if name is None:
+        return
+    if name not in _ATTENTION_DTYPES:
+        raise ValueError(f"attention_dtype {name!r} is not one of {', '.join(_ATTENTION_DTYPES)}")
+    transformer.set_attention_dtype(_ATTENTION_DTYPES[name])
 
 
 def resolve_quantization(recipe, saved: dict[str, dict[str, Any]], device: torch.device, dtype: torch.dtype,
@@ -93,6 +112,7 @@ def quantize_transformer(transformer, recipe, tokenizer: PromptTokenizer | None 
                                     transformer.config.max_text_seq_length, dtype=dtype)
         calibrate = transformer_calibration(embeds)
     quantize_(transformer, recipe, "transformer", calibrate=calibrate)
+    apply_runtime_settings(transformer, recipe.options)
 
 
 def quantize_text_encoder(text_encoder, recipe, tokenizer: PromptTokenizer | None = None) -> None:

@@ -10,9 +10,11 @@ transformer forward and PSNR of decoded frames after a 4-step seeded generation,
 unquantized fp32 model. The floors are what the tests assert (a few dB below the measured value;
 measured values in tests/quantize_accuracy.json).
 
-    recipe        backend  SQNR dB (floor)   PSNR dB (floor)   runs on this CPU
+    recipe               backend  SQNR dB (floor)   PSNR dB (floor)   runs on this CPU
+    int8dq-cpu           native   49.4 (46)         52.7 (48)         yes: the fastest here
+    int8dq-cpu-bf16attn  native   49.2 (45)         51.2 (47)         yes
     int8wo        torchao  53.6 (50)         67.0 (63)         yes
-    int8dq        torchao  49.1 (46)         51.9 (48)         yes (slow)
+    int8dq        torchao  49.1 (46)         51.9 (48)         yes
     fp8wo         torchao  41.5 (38)         53.2 (50)         yes
     fp8dq         torchao  -                 -                 needs CUDA SM 8.9+
     fp8dq-row     torchao  -                 -                 needs CUDA SM 8.9+
@@ -26,6 +28,17 @@ int8 weight-only sits 12 dB above fp8 weight-only (per-channel int8 keeps ~8 bit
 e4m3 keeps 4). Recipes that also quantize activations (int8dq, quanto-w8a8, and bnb-int8, whose
 LLM.int8 matmul quantizes activations row-wise) lose more end to end than their single-forward SQNR
 suggests: the error compounds over the denoising steps.
+
+Speed on the CPU (AMD EPYC, 2 cores, AVX-512 with VNNI and BF16, no AMX; benchmarks/sweep.py, rows
+alternated in one process, cpu-bench step, process CPU time as a multiple of cogvx fp32 compiled):
+int8dq 0.32, int8dq-cpu 0.29, int8dq-cpu-bf16attn 0.29. int8 dynamic quantization is *faster* than fp32
+on such a CPU (VNNI int8 GEMMs run at 4-5x the fp32 rate), not slower. int8dq-cpu beats torchao's
+int8dq (same numerics) because its GEMM is oneDNN's u8 x s8 kernel on a weight prepacked once,
+writing bf16, where torchao's compiled linear is ``_int_mm`` (oneDNN's s8 x s8 GEMM API: weight
+reordered every call, int32 written and read back). What is left in its step: SDPA (fp32; its CPU
+flash kernel runs no faster in bf16 without AMX, hence no gain from int8dq-cpu-bf16attn), the GEMMs,
+and inductor's fused adaLN / GELU + quantization loops. Weight-only recipes dequantize to the
+activation dtype for the GEMM: no speedup over fp32 here.
 """
 
 from __future__ import annotations
@@ -91,19 +104,26 @@ def _fp8_filters() -> tuple[tuple[str, ModuleFilter], ...]:
 
 
 _SM89 = (8, 9)
+CPU_FAST_NOTE = ("fastest here on AVX-512 VNNI CPUs: oneDNN u8 x s8 GEMM on prepacked weights, quantization fused "
+                 "into the adaLN / GELU under compile; cpu-bench step ~0.29x fp32 compiled (CPU time), ~0.9x int8dq")
+CPU_BF16_ATTN_NOTE = "runs; no faster than int8dq-cpu: SDPA's CPU flash kernel is no faster in bf16 than fp32 without AMX"
+_INT8DQ_NOTE = "runs; VNNI makes it faster than fp32 here (cpu-bench step ~0.32x fp32 compiled, CPU time); int8dq-cpu is faster"
+_WO_NOTE = "runs; weight-only: the GEMM runs in the activation dtype, no faster than fp32 on a CPU"
 _RECIPES = [
     Recipe("int8wo", "torchao", "int8 weight-only, per-channel scales",
-           (("config", "Int8WeightOnlyConfig"),)),
+           (("config", "Int8WeightOnlyConfig"),), cpu_note=_WO_NOTE),
     Recipe("int8dq", "torchao", "int8 dynamic per-token activations + int8 per-channel weights",
            (("config", "Int8DynamicActivationInt8WeightConfig"),),
-           cpu_note="runs; on CPUs with AVX-512 VNNI its int8 GEMMs beat fp32 (see int8dq-cpu for the fast CPU path)"),
+           cpu_note=_INT8DQ_NOTE),
     Recipe("fp8wo", "torchao", "float8 e4m3 weight-only, per-channel scales",
            (("config", "Float8WeightOnlyConfig"),)),
     Recipe("fp8dq", "torchao", "float8 e4m3 dynamic activations + weights, per-tensor scales",
            (("config", "Float8DynamicActivationFloat8WeightConfig"), ("granularity", "PerTensor")),
            _fp8_filters(), needs_cuda_capability=_SM89),
-    Recipe("fp8dq-row", "torchao", "float8 e4m3 dynamic activations + weights, per-row scales",
-           (("config", "Float8DynamicActivationFloat8WeightConfig"), ("granularity", "PerRow")),
+    Recipe("fp8dq-row", "torchao", "float8 e4m3 dynamic activations + weights, per-row scales; the adaLN kernel "
+           "quantizes the q/k/v and feed-forward-up inputs",
+           (("config", "Float8DynamicActivationFloat8WeightConfig"), ("granularity", "PerRow"),
+            ("fp8_activations", True)),
            _fp8_filters(), needs_cuda_capability=_SM89),
     Recipe("quanto-int8", "quanto", "optimum-quanto int8 weights, per-channel scales",
            (("weights", "qint8"), ("activations", None))),
@@ -113,6 +133,11 @@ _RECIPES = [
            (("weights", "qint8"), ("activations", "qint8")), needs_calibration=True),
     Recipe("bnb-int8", "bnb", "bitsandbytes LLM.int8 (int8 weights, fp16 outlier columns above 6.0)",
            (("kind", "int8"), ("threshold", 6.0))),
+    Recipe("int8dq-cpu", "native",
+           "int8 dynamic per-token activations + int8 per-channel weights, oneDNN u8 x s8 VNNI GEMM writing bf16",
+           (("gemm_out", "bfloat16"),), cpu_note=CPU_FAST_NOTE),
+    Recipe("int8dq-cpu-bf16attn", "native", "int8dq-cpu with attention (SDPA) in bf16",
+           (("gemm_out", "bfloat16"), ("attention_dtype", "bfloat16")), cpu_note=CPU_BF16_ATTN_NOTE),
     Recipe("bnb-nf4", "bnb", "bitsandbytes 4-bit NormalFloat, blocks of 64, double-quantized scales",
            (("kind", "nf4"), ("blocksize", 64), ("compress_statistics", True))),
 ]

@@ -37,6 +37,8 @@ FLOORS = {
     "quanto-w8a8": (33.0, 38.0),
     "bnb-int8": (46.0, 48.0),
     "bnb-nf4": (20.0, 33.0),
+    "int8dq-cpu": (46.0, 48.0),  # same numerics as int8dq (symmetric per-token / per-channel int8) + bf16 GEMM output
+    "int8dq-cpu-bf16attn": (45.0, 47.0),  # and attention in bf16
 }
 # bf16 on a GPU: bf16 itself costs accuracy (8 mantissa bits), so floors are the CPU ones capped
 # by the bf16 model's own SQNR; unmeasured until a GPU run (see test_gpu_bf16_accuracy).

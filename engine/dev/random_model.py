@@ -41,11 +41,12 @@ def _init_(module: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
 
 
 def random_components(preset: str, device: torch.device, dtype: torch.dtype, *, text_encoder: bool = True,
-                      vae: bool = True, seed: int = 0) -> dict:
+                      vae: bool = True, seed: int = 0, t5_layers: int | None = None) -> dict:
     """Engine components of a preset with random weights (keys as ``loading.load_components``).
 
     The tokenizer is a small sentencepiece model (its ids fall inside T5's vocabulary); the T5-XXL
-    encoder is real-size unless the preset is ``tiny``. Weights are materialized once, on ``device``.
+    encoder is real-size unless the preset is ``tiny`` (``t5_layers``: keep only that many of its 24
+    layers, e.g. for a CPU benchmark). Weights are materialized once, on ``device``.
     """
     p = get_preset(preset)
     cfg = p.transformer
@@ -59,6 +60,8 @@ def random_components(preset: str, device: torch.device, dtype: torch.dtype, *, 
     te = None
     if text_encoder:
         t5 = T5Config(**T5_XXL) if cfg.text_embed_dim == 4096 else tiny_t5_config(cfg.text_embed_dim, 32128)
+        if t5_layers is not None:
+            t5.num_layers = t5_layers
         te = _init_(build_text_encoder(t5).to_empty(device=device), seed + 1)
         tie_embedding(te)
         te = te.to(text_encoder_dtype(dtype, device)).eval().requires_grad_(False)

@@ -10,6 +10,7 @@ from torch import nn
 from cogvx.kernels import attention, qk_norm_rope, rope_attention
 
 from .config import TransformerConfig
+from .fp8_linear import fp8_linear
 
 __all__ = ["Attention"]
 
@@ -31,6 +32,7 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(d, d, bias=True), nn.Dropout(cfg.dropout)])
         self.backend = "torch"  # QK-norm + RoPE kernel: "torch" (reference) or "triton"
         self.attention = "sdpa"  # "sdpa" after the QK kernel, or "flash": Triton attention that rotates its tiles
+        self.sdpa_dtype: torch.dtype | None = None  # run SDPA in this dtype (a recipe's attention_dtype), else x's
 
     @torch.no_grad()
     def fuse_qkv(self) -> None:
@@ -46,13 +48,20 @@ class Attention(nn.Module):
         self.to_qkv = fused
         del self.to_q, self.to_k, self.to_v
 
-    def forward(self, x: torch.Tensor, rope, n_text: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, n_text: int, x_scale: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x [B, S, D]; or, with ``x_scale`` [B, S, 1], x is float8 e4m3 quantized per row and the q/k/v
+        projections (fp8 row-wise weights) take it as is, producing ``out_dtype``."""
         b, s, _ = x.shape
         shape = (b, s, self.heads, self.head_dim)
+
+        def proj(layer):
+            return layer(x) if x_scale is None else fp8_linear(layer, x, x_scale, out_dtype)
+
         if self.to_qkv is not None:
-            q, k, v = self.to_qkv(x).view(b, s, 3, self.heads, self.head_dim).unbind(2)
+            q, k, v = proj(self.to_qkv).view(b, s, 3, self.heads, self.head_dim).unbind(2)
         else:
-            q, k, v = self.to_q(x).view(shape), self.to_k(x).view(shape), self.to_v(x).view(shape)
+            q, k, v = proj(self.to_q).view(shape), proj(self.to_k).view(shape), proj(self.to_v).view(shape)
         cos, sin = rope if rope is not None else (None, None)
         norms = (self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias)
         if self.attention == "flash":  # RoPE applied inside the attention kernel, on its Q/K tiles
@@ -60,5 +69,8 @@ class Attention(nn.Module):
             o = rope_attention(q, k, v.transpose(1, 2), cos, sin, n_text, backend="triton")
         else:
             q, k = qk_norm_rope(q, k, *norms, cos, sin, n_text, self.norm_q.eps, backend=self.backend)
-            o = attention(q, k, v.transpose(1, 2), backend="torch")  # SDPA, [B, H, S, Dh]
+            v, q_dtype = v.transpose(1, 2), q.dtype
+            if self.sdpa_dtype is not None and self.sdpa_dtype != q_dtype:  # casts fuse into the ops around
+                q, k, v = q.to(self.sdpa_dtype), k.to(self.sdpa_dtype), v.to(self.sdpa_dtype)
+            o = attention(q, k, v, backend="torch").to(q_dtype)  # SDPA, [B, H, S, Dh]
         return self.to_out[0](o.transpose(1, 2).reshape(b, s, -1))

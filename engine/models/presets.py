@@ -48,6 +48,12 @@ PRESETS: dict[str, ModelPreset] = {
     "cpu-bench": ModelPreset(
         "cpu-bench", TransformerConfig(num_attention_heads=30, num_layers=2, **_V10), torch.float32, 240, 352, 9,
         vae=VAEConfig.real("2b")),
+    # The attention-heavy CPU benchmark shape: 1 layer of 2b width, 25 frames at 480x720 (7 x 30 x 45 =
+    # 9,450 video + 226 text tokens, CFG batch 2). Attention's two matmuls are 46 % of the step's FLOPs
+    # (``transformer_flops``; 49 % at the real 5b shape), against 9 % at cpu-bench.
+    "cpu-long": ModelPreset(
+        "cpu-long", TransformerConfig(num_attention_heads=30, num_layers=1, **_V10), torch.float32, 480, 720, 25,
+        vae=VAEConfig.real("2b")),
     # Small enough for a 2-core CPU test; RoPE so the 5b code path is what the tests exercise.
     "tiny": ModelPreset(
         "tiny",

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cogvx.kernels import adaptive_layernorm
+from cogvx.kernels import adaptive_layernorm, adaptive_layernorm_fp8
 
 from .attention import Attention
 from .config import TransformerConfig
+from .fp8_linear import attach_fp8_weight, fp8_linear
 from .positions import Positions, sincos_embedding, video_grid
 
 __all__ = ["CogVideoXTransformer", "build_transformer", "timestep_embedding"]
@@ -115,8 +116,12 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.ModuleList([GELUProj(dim, 4 * dim), nn.Dropout(dropout), nn.Linear(4 * dim, dim), nn.Dropout(dropout)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for m in self.net:
+    def forward(self, x: torch.Tensor, x_scale: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x [.., D]; with ``x_scale`` [.., 1], x is float8 quantized per row and feeds the up projection as is."""
+        if x_scale is not None:
+            x = F.gelu(fp8_linear(self.net[0].proj, x, x_scale, out_dtype), approximate="tanh")
+        for m in self.net[1:] if x_scale is not None else self.net:
             x = m(x)
         return x
 
@@ -130,20 +135,38 @@ class Block(nn.Module):
         self.norm2 = AdaLayerNormZero(cfg.time_embed_dim, d, cfg.norm_elementwise_affine, cfg.norm_eps)
         self.ff = FeedForward(d, cfg.dropout)
         self.backend = "torch"
+        self.fp8_activations = False  # adaLN output quantized per row in the kernel, fed to q/k/v and ff-up
 
     def forward(self, x: torch.Tensor, silu_temb: torch.Tensor, rope, n_text: int) -> torch.Tensor:
         shift1, scale1, gate1 = self.norm1.modulation(silu_temb)
         shift2, scale2, gate2 = self.norm2.modulation(silu_temb)
         n1, n2 = self.norm1.norm, self.norm2.norm
+        if self.fp8_activations:
+            return self._forward_fp8(x, rope, n_text, shift1, scale1, gate1, shift2, scale2, gate2)
         _, y = adaptive_layernorm(x, None, None, n1.weight, n1.bias, shift1, scale1, n_text, n1.eps,
                                   backend=self.backend)
         a = self.attn1(y, rope, n_text)
         x, y = adaptive_layernorm(x, a, gate1, n2.weight, n2.bias, shift2, scale2, n_text, n2.eps,
                                   backend=self.backend)
         f = self.ff(y)
+        return self._ff_residual(x, f, gate2, n_text)
+
+    @staticmethod
+    def _ff_residual(x, f, gate2, n_text):
         # Gated residual of the feed-forward, text and video rows with their own gate.
         return torch.cat([x[:, :n_text] + gate2[:, 0:1] * f[:, :n_text], x[:, n_text:] + gate2[:, 1:2] * f[:, n_text:]],
                          dim=1)
+
+    def _forward_fp8(self, x, rope, n_text, shift1, scale1, gate1, shift2, scale2, gate2):
+        """The block with both adaLN outputs leaving the kernel as fp8 + row scales (fp8dq-row)."""
+        n1, n2 = self.norm1.norm, self.norm2.norm
+        out_dtype = torch.promote_types(torch.promote_types(x.dtype, scale1.dtype), shift1.dtype)
+        _, y8, ys = adaptive_layernorm_fp8(x, None, None, n1.weight, n1.bias, shift1, scale1, n_text, n1.eps,
+                                           backend=self.backend)
+        a = self.attn1(y8, rope, n_text, x_scale=ys, out_dtype=out_dtype)
+        x, y8, ys = adaptive_layernorm_fp8(x, a, gate1, n2.weight, n2.bias, shift2, scale2, n_text, n2.eps,
+                                           backend=self.backend)
+        return self._ff_residual(x, self.ff(y8, ys, out_dtype), gate2, n_text)
 
 
 class OutputNorm(nn.Module):
@@ -191,6 +214,23 @@ class CogVideoXTransformer(nn.Module):
             blk.backend = backend
             blk.attn1.backend = backend
             blk.attn1.attention = attention
+
+    def set_attention_dtype(self, dtype: torch.dtype | None) -> None:
+        """Run SDPA in ``dtype`` (None: the activations' dtype); q, k, v are cast after the QK norm and
+        RoPE, the output cast back before the output projection."""
+        for blk in self.transformer_blocks:
+            blk.attn1.sdpa_dtype = dtype
+
+    def set_fp8_activations(self, on: bool = True) -> None:
+        """Feed the adaptive LayerNorm's per-row fp8 output straight into the q/k/v and feed-forward-up
+        projections (their weights must be per-row float8: the fp8dq-row recipe); False: the plain path."""
+        for blk in self.transformer_blocks:
+            if on:
+                attn = blk.attn1
+                for layer in [attn.to_qkv] if attn.to_qkv is not None else [attn.to_q, attn.to_k, attn.to_v]:
+                    attach_fp8_weight(layer)
+                attach_fp8_weight(blk.ff.net[0].proj)
+            blk.fp8_activations = on
 
     # -- forward -------------------------------------------------------------------------
     # Three regions, callable (and compilable) on their own: ``embed`` (patches, text, positions, time

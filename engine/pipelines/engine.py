@@ -146,11 +146,12 @@ class Engine:
         text_encoder: bool = True,
         vae: bool = True,
         seed: int = 0,
+        t5_layers: int | None = None,
     ) -> "Engine":
         """A real-shape model (``cogvx.engine.models.presets.PRESETS``) with random weights, built on the
         device: for benchmarks when no checkpoint is on disk. dtype defaults to the preset's on CUDA,
         float32 on the CPU; ``text_encoder=False`` / ``vae=False`` leave those out (pass prompt_embeds,
-        and output_type="latent")."""
+        and output_type="latent"); ``t5_layers`` keeps that many of T5-XXL's 24 layers (CPU benchmarks)."""
         p = get_preset(preset)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype or (p.dtype if dev.type == "cuda" else torch.float32), dev)
@@ -159,7 +160,7 @@ class Engine:
         if compile:
             use_cache_dir(compile_cache_dir)
         requested = resolve_recipes(recipe, dev) if recipe is not None else {}
-        parts = random_components(preset, dev, dt, text_encoder=text_encoder, vae=vae, seed=seed)
+        parts = random_components(preset, dev, dt, text_encoder=text_encoder, vae=vae, seed=seed, t5_layers=t5_layers)
         if "text_encoder" in requested:
             quantize_text_encoder(parts["text_encoder"], requested["text_encoder"], parts["tokenizer"])
         if "transformer" in requested:

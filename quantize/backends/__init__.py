@@ -43,6 +43,7 @@ BACKENDS = {
     "torchao": ("cogvx.quantize.backends.torchao", "torchao", "torchao"),
     "quanto": ("cogvx.quantize.backends.quanto", "optimum.quanto", "optimum-quanto"),
     "bnb": ("cogvx.quantize.backends.bnb", "bitsandbytes", "bitsandbytes"),
+    "native": ("cogvx.quantize.backends.native", "torch", "torch"),  # cogvx's own: needs only torch
 }
 _status: dict[str, tuple[bool, str]] = {}
 

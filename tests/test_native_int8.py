@@ -1,0 +1,133 @@
+"""cogvx's own int8 dynamic-activation linear (recipe int8dq-cpu, backend "native"): against a float64
+computation of its documented numerics, the oneDNN GEMM against the op's reference, compile with no
+graph break, and clear errors. (Accuracy floors and the save/reload round trip of the recipe live in
+test_quantize_accuracy.py with every other recipe.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cogvx.engine.models.presets import PRESETS
+from cogvx.engine.models.positions import make_positions
+from cogvx.engine.models.transformer import build_transformer
+from cogvx.engine.quantizing import apply_runtime_settings, quantize_transformer
+from cogvx.engine.runtime.compiling import compile_module, dynamo_counts
+from cogvx.quantize import RECIPES, availability, quantize_
+from cogvx.quantize.backends import native
+from cogvx.quantize.backends.native import Int8DynamicLinear, int8_linear_reference
+
+RECIPES_HERE = ["int8dq-cpu", "int8dq-cpu-bf16attn"]
+
+
+def _float64_reference(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+    """The module docstring's numerics, written out in float64 (per-token / per-channel symmetric int8)."""
+    x, w, b = x.double(), lin.weight.double(), lin.bias.double()
+    sx = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+    qx = torch.clamp(torch.round(x / sx), -127, 127)
+    sw = w.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+    qw = torch.clamp(torch.round(w / sw), -127, 127)
+    return (qx @ qw.t()) * sw.t() * sx + b
+
+
+@pytest.mark.parametrize("gemm_out, rtol", [("float32", 1e-5), ("bfloat16", 2**-8)])
+@pytest.mark.parametrize("shape", [(3, 7, 96), (1, 33, 64)], ids=["3x7x96", "1x33x64"])
+def test_linear_matches_float64_numerics(gemm_out, rtol, shape):
+    torch.manual_seed(0)
+    *lead, k = shape
+    lin = nn.Linear(k, 80)
+    x = torch.randn(*lead, k) * torch.linspace(0.1, 3, k)  # uneven channels, as real activations
+    q = Int8DynamicLinear.from_linear(lin, gemm_out)
+    with torch.no_grad():
+        got, ref = q(x), _float64_reference(x, lin)
+    assert got.shape == (*lead, 80) and got.dtype == torch.float32
+    # A product that rounds to the other side of a .5 quantization step moves one int8 level: allow
+    # a level of the largest activation times the largest weight on top of the output rounding.
+    err = (got.double() - ref).abs()
+    bound = rtol * ref.abs() + 2 * (x.abs().amax() / 127) * lin.weight.abs().amax()
+    assert (err <= bound).all(), f"max error {err.max():.3g} ({gemm_out})"
+
+
+def test_onednn_gemm_equals_reference():
+    """The oneDNN u8 x s8 kernel against the op's reference (sums below 2^24 stay exact in fp32)."""
+    if not native._ONEDNN:
+        pytest.skip("this torch build has no oneDNN qlinear")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 256, (37, 96), generator=g, dtype=torch.uint8)
+    w = torch.randint(-127, 128, (72, 96), generator=g, dtype=torch.int8)
+    s = torch.rand(72, generator=g) * 1e-2 + 1e-3
+    for bf16 in (False, True):
+        got = torch.ops.cogvx.int8_linear(x, w, s, bf16)
+        ref = int8_linear_reference(x, w, s, bf16)
+        assert got.dtype == ref.dtype
+        torch.testing.assert_close(got.float(), ref.float(), rtol=1e-6 if not bf16 else 2**-8, atol=0)
+
+
+def test_packed_weight_follows_in_place_changes():
+    lin = nn.Linear(64, 32)
+    q = Int8DynamicLinear.from_linear(lin, "float32")
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        before = q(x)
+        q.weight_int8.neg_()  # bumps the tensor's version: the prepacked copy must be rebuilt
+        after = q(x)
+    torch.testing.assert_close(after - q.bias, -(before - q.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_replaces_the_filtered_linears():
+    torch.manual_seed(0)
+    model = build_transformer(PRESETS["tiny"].transformer, device="cpu")
+    names = quantize_(model, "int8dq-cpu")
+    assert names and all(isinstance(model.get_submodule(n), Int8DynamicLinear) for n in names)
+    assert isinstance(model.proj_out, nn.Linear) and not isinstance(model.proj_out, Int8DynamicLinear)
+
+
+def test_attention_dtype_setting_reaches_every_block():
+    model = build_transformer(PRESETS["tiny"].transformer, device="cpu")
+    apply_runtime_settings(model, RECIPES["int8dq-cpu-bf16attn"].options)
+    assert all(b.attn1.sdpa_dtype == torch.bfloat16 for b in model.transformer_blocks)
+    with pytest.raises(ValueError, match="attention_dtype 'float16' is not one of bfloat16, float32"):
+        apply_runtime_settings(model, {"attention_dtype": "float16"})
+
+
+def test_bad_settings_and_stored_tensors_are_clear_errors():
+    with pytest.raises(ValueError, match="gemm_out must be one of bfloat16, float32"):
+        Int8DynamicLinear(8, 4, True, gemm_out="int8")
+    layer = Int8DynamicLinear(8, 4, True, device="meta")
+    with pytest.raises(ValueError, match=r"expected exactly weight_int8 and weight_scale \(got \['weight'\]\)"):
+        native.load_layer(layer, {"weight": torch.zeros(4, 8)}, {}, "cpu")
+    with pytest.raises(ValueError, match="weight_int8 must be int8 and weight_scale float32"):
+        native.load_layer(layer, {"weight_int8": torch.zeros(4, 8), "weight_scale": torch.ones(4)}, {}, "cpu")
+
+
+def test_recipes_listed_without_importing_the_backend():
+    for name in RECIPES_HERE:
+        ok, why = availability(name, "cpu", import_backend=False)
+        assert ok and why, f"{name}: runs on the CPU with a note (got {ok}, {why!r})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RECIPES_HERE)
+def test_compiled_transformer_has_no_graph_break_and_matches_eager(name):
+    """inductor with freezing (the engine's CPU compile) over the quantized tiny transformer: one graph,
+    the same output as eager up to the bf16 GEMM output rounding and fused-order float differences."""
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"].transformer
+    model = build_transformer(cfg, device="cpu")
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    model.fuse_qkv()
+    quantize_transformer(model, name)
+    g = torch.Generator().manual_seed(1)
+    args = (torch.randn(2, 3, 4, 6, 10, generator=g), torch.randn(2, 64, 32, generator=g), torch.tensor([900, 300]),
+            make_positions(cfg, 3, 6, 10))
+    torch._dynamo.reset()
+    before = dynamo_counts()
+    with torch.inference_mode():
+        eager = model(*args)
+        compiled = compile_module(model, True, torch.device("cpu"))(*args)
+    after = dynamo_counts()
+    assert after["graph_breaks"] == before["graph_breaks"], "graph break in the compiled int8dq-cpu transformer"
+    rel = ((compiled - eager).norm() / eager.norm()).item()
+    assert rel < 2e-2, f"compiled differs from eager by {rel:.3g} (relative L2)"
