@@ -5,11 +5,15 @@ component with ``quantize_(module, recipe)``, and quantized diffusers-layout che
     quantize_(engine.transformer, "int8wo")
 """
 
-from .apply import quantize_, quantized_layers, selected_layers
-from .format import DTYPES
-from .filters import COMPONENTS as QUANTIZABLE
-from .filters import DEFAULT_FILTERS, ModuleFilter, default_filter
-from .recipes import (
+from .quiet import quiet_library_logs
+
+quiet_library_logs()  # before anything imports torchao or bitsandbytes
+
+from .apply import quantize_, quantized_layers, selected_layers  # noqa: E402
+from .format import DTYPES  # noqa: E402
+from .filters import COMPONENTS as QUANTIZABLE  # noqa: E402
+from .filters import DEFAULT_FILTERS, ModuleFilter, default_filter  # noqa: E402
+from .recipes import (  # noqa: E402
     RECIPES,
     Recipe,
     RecipeError,
@@ -24,5 +28,5 @@ from .recipes import (
 __all__ = [
     "DTYPES", "QUANTIZABLE", "RECIPES", "Recipe", "RecipeError", "ModuleFilter", "DEFAULT_FILTERS", "default_filter", "availability",
     "check_runnable", "get_recipe", "parse_recipe_spec", "resolve_recipes", "runnable_recipes", "quantize_",
-    "quantized_layers", "selected_layers",
+    "quantized_layers", "selected_layers", "quiet_library_logs",
 ]
