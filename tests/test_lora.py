@@ -21,11 +21,11 @@ from cogvx.engine.models.lora import LoraError
 from cogvx.engine.runtime.compiling import dynamo_counts
 from cogvx.quantize.metrics import sqnr
 from helpers import rel_l2
+from test_quantize_accuracy import FLOORS
 
 TOL = 1e-4
 GEN = dict(prompt="a fox in the snow", negative_prompt="blurry", num_frames=9, height=32, width=48,
            num_inference_steps=2, guidance_scale=6.0)
-INT8WO_SQNR_FLOOR = 50.0  # tests/test_quantize_accuracy.py FLOORS["int8wo"]
 
 
 def _lora_config(kind: str) -> LoraConfig:
@@ -163,7 +163,17 @@ def test_int8wo_keeps_its_sqnr_floor_with_a_lora(setup, how):
     fp32 = _forward_pair(setup, Engine.load(setup["ckpt"], lora=[(setup["a"][0], 1.0)]))[1]
     assert rel_l2(fp32, ref) <= TOL
     s = sqnr(ref, got)
-    assert s >= INT8WO_SQNR_FLOOR, f"{how}: SQNR {s:.1f} dB < {INT8WO_SQNR_FLOOR} dB"
+    assert s >= FLOORS["int8wo"][0], f"{how}: SQNR {s:.1f} dB < {FLOORS['int8wo'][0]} dB"
+
+
+@pytest.mark.parametrize("recipe", ["quanto-int8", "bnb-int8", "fp8wo"])
+def test_side_branch_on_other_quantized_layers_keeps_their_floor(setup, recipe):
+    """optimum-quanto and bitsandbytes replace the Linear modules; the branch hooks onto theirs."""
+    engine = Engine.load(setup["ckpt"], recipe=recipe)
+    engine.load_lora(setup["a"][0], "a")
+    ref, got = _forward_pair(setup, engine)
+    s = sqnr(ref, got)
+    assert s >= FLOORS[recipe][0], f"{recipe} + LoRA side branch: SQNR {s:.1f} dB < {FLOORS[recipe][0]} dB"
 
 
 @pytest.mark.slow

@@ -133,3 +133,16 @@ def test_other_quantized_folders_are_clear_errors(ckpt_factory, tmp_path, edit, 
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=message):
         Engine.load(d)
+
+
+def test_text_encoder_export_loads_in_transformers(ckpt_factory, tmp_path):
+    from transformers import T5EncoderModel
+
+    engine = Engine.load(ckpt_factory("rope"), recipe={"text_encoder": "int8wo"})
+    out = engine.save_quantized(tmp_path / "q")
+    theirs = T5EncoderModel.from_pretrained(out, subfolder="text_encoder", torch_dtype=torch.float32)
+    assert type(theirs.encoder.block[0].layer[0].SelfAttention.q.weight).__name__ == "Int8Tensor"
+    ids = torch.randint(0, 250, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        s = sqnr(engine.text_encoder(input_ids=ids)[0], theirs(input_ids=ids)[0])
+    assert s >= INT8WO_SQNR_FLOOR, f"transformers' forward of the export is {s:.1f} dB from cogvx's"
