@@ -121,7 +121,7 @@ def test_arguments_follow_diffusers(pair):
         seen[i] = (pipe, int(t), kw["latents"].shape, pipe.num_timesteps, pipe.guidance_scale)
         return {"latents": kw["latents"] * 1.0}
 
-    gen = dict(COMMON, eta=0.0, output_type="pt", return_dict=False, callback_on_step_end=cb,
+    gen = dict(COMMON, eta=0.7, output_type="pt", return_dict=False, callback_on_step_end=cb,
                callback_on_step_end_tensor_inputs=["latents"])
     (got,) = ours(**gen, generator=torch.Generator().manual_seed(3))
     ours_seen = dict(seen)
@@ -142,6 +142,7 @@ def test_arguments_follow_diffusers(pair):
     (dict(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["prompt_embeds"]), "only 'latents'"),
     (dict(callback_on_step_end_tensor_inputs=["noise"]), "has to be in"),
     (dict(attention_kwargs={"foo": 1}), "attention_kwargs"),
+    (dict(callback_on_step_end=lambda p, i, t, kw: {"prompt_embeds": None}), "only 'latents'"),
 ])
 def test_what_cannot_be_honoured_is_refused(pair, kwargs, message):
     _, ours, _ = pair

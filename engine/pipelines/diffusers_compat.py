@@ -258,6 +258,9 @@ class CogVideoXPipelineBase:
 
         def step(_, i, t, kw):
             out = callback_on_step_end(self, i, torch.tensor(t), kw) if callback_on_step_end is not None else None
+            if isinstance(out, dict) and set(out) - {"latents"}:
+                raise ValueError(f"the step callback returned {sorted(set(out) - {'latents'})}; cogvx step callbacks "
+                                 "can replace only 'latents'")
             if self._interrupt:
                 _say_once("interrupt", "pipe._interrupt was set in a step callback: cogvx cannot stop the loop early; "
                                        "the remaining steps ran")
