@@ -74,7 +74,8 @@ def _run(script: str, library: str, ckpt, tmp_path, output_type="np", offload_de
     return ns
 
 
-@pytest.mark.parametrize("script", ["quick start", pytest.param("quantized", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["quick start", "quantized"])
 def test_model_card_script_runs_with_only_the_import_changed(ckpt_factory, tmp_path, script):
     """The "cuda" offload of the card runs as device="cpu" here (diffusers cannot offload to a missing GPU):
     cogvx still goes through its staged offload path (each component moved for its stage)."""
