@@ -2,16 +2,29 @@
 
 The public names are resolved on first use (PEP 562), so that ``cogvx --help`` and ``cogvx recipes``,
 which import parts of this package, do not pay for torch.compile, transformers and the quantization
-libraries that the Engine pulls in.
+libraries that the Engine pulls in. diffusers' names are here too: a diffusers script runs on cogvx by
+changing ``from diffusers import ...`` to ``from cogvx.engine import ...``.
 """
 
 from __future__ import annotations
 
 import importlib
 
-__all__ = ["Engine", "GenerationResult"]
+from .runtime.quiet import quiet_library_logs
 
-_PUBLIC = {"Engine": "cogvx.engine.pipelines.engine", "GenerationResult": "cogvx.engine.pipelines.output"}
+quiet_library_logs()  # first: any part of the engine may import transformers' T5, which imports torchao
+
+_PIPELINES = "cogvx.engine.pipelines"
+_PUBLIC = {
+    "Engine": f"{_PIPELINES}.engine",
+    "GenerationResult": f"{_PIPELINES}.output",
+    **dict.fromkeys(["CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline",
+                     "CogVideoXFunControlPipeline"], f"{_PIPELINES}.diffusers_pipelines"),
+    **dict.fromkeys(["CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX", "CogVideoXDDIMScheduler",
+                     "CogVideoXDPMScheduler", "CogVideoXPipelineOutput", "export_to_video"],
+                    f"{_PIPELINES}.diffusers_models"),
+}
+__all__ = list(_PUBLIC)
 
 
 def __getattr__(name: str):

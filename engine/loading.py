@@ -8,6 +8,7 @@ every shape is checked, before a single weight is read.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -17,18 +18,22 @@ from transformers import T5Config
 
 from cogvx.quantize import QUANTIZABLE
 from cogvx.quantize.format import QUANT_FILE, QuantizedFormatError, check_info, fill_quantized, prepare_quantized
+from cogvx.quantize.torchao_format import cat_rows, info_from_torchao
 
 from .io.checkpoint import CheckpointError, PIPELINE_CLASSES, check_file_name, read_json, read_model_index
+from .io.lora import read_lora
 from .io.safetensors import (
     TensorInfo,
     check_filled,
     check_shapes,
     load_into,
     read_headers,
+    read_metadata,
     read_tensors,
     weight_files,
 )
 from .models.config import ConfigError, TransformerConfig, VAEConfig
+from .models.lora import LoraError, is_plain_linear, merge_into_weight, pairs_by_layer, resolve_targets
 from .models.schedulers import make_scheduler
 from .models.text_encoder import build_text_encoder, text_encoder_dtype, tie_embedding
 from .models.tokenizer import MAX_EXTRA_IDS, PromptTokenizer, TokenizerError
@@ -38,7 +43,7 @@ from .quantizing import apply_runtime_settings, quantize_text_encoder, quantize_
 
 __all__ = [
     "load_components", "load_transformer", "load_vae", "load_text_encoder", "load_tokenizer", "load_scheduler",
-    "read_config", "read_quantization", "required_components",
+    "read_config", "read_quantization", "required_components", "merge_loras",
 ]
 
 # Components a pipeline needs, with the file each must hold (the tokenizer's files are checked by its loader).
@@ -65,10 +70,12 @@ def read_config(cls, path: Path):
 
 # ----------------------------------------------------------------------------------------- components
 def read_quantization(component_dir: Path) -> dict[str, Any] | None:
-    """The component's quantization.json, checked; None when the component is not quantized."""
+    """The component's quantization.json, checked; None when the component is not quantized. A folder
+    saved quantized by diffusers or transformers (torchao, no quantization.json) gets the same record,
+    built from config.json's quantization_config and the safetensors metadata."""
     p = Path(component_dir) / QUANT_FILE
     if not p.exists():
-        return None
+        return _torchao_info(Path(component_dir))
     info = read_json(p, "a cogvx quantization file (a JSON object)")
     try:
         info = check_info(info, str(p))
@@ -77,6 +84,28 @@ def read_quantization(component_dir: Path) -> dict[str, Any] | None:
     for name in info["files"]:
         check_file_name(name, p, "weight file")
     return info
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _torchao_info(d: Path) -> dict[str, Any] | None:
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        return None
+    qc = read_json(cfg_path, "a component config.json (a JSON object)").get("quantization_config")
+    if qc is None:
+        return None
+    files = weight_files(d)
+    headers, metadata = read_headers(files), read_metadata(files)
+    try:
+        plain = [h.dtype for k, h in headers.items() if h.is_floating and k in metadata
+                 and json.loads(metadata[k]).get("_type") == "Tensor"]
+        dtype = _SAFETENSORS_DTYPES[plain[0]] if plain else "float32"
+        info = info_from_torchao(qc, metadata, d.name, dtype, [f.name for f in files], str(cfg_path))
+        return check_info(info, str(cfg_path))
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(str(e)) from e
 
 
 def load_transformer(transformer_dir: str | Path, device: str | torch.device = "cpu",
@@ -92,13 +121,22 @@ def load_transformer(transformer_dir: str | Path, device: str | torch.device = "
     _check_layer_count(headers, "transformer_blocks", cfg.num_layers, d / "config.json", "num_layers")
     model = build_transformer(cfg)
     if info is not None:
-        if fuse_qkv and not info.get("fused_qkv"):
+        # torchao weights stored with q/k/v apart are fused at load when asked, or when they were exported
+        # from a fused model ("fuse_qkv": true)
+        fuse_after = (fuse_qkv or info.get("fuse_qkv") is True) and not info.get("fused_qkv") \
+            and info["backend"] == "torchao"
+        if fuse_qkv and not info.get("fused_qkv") and not fuse_after:
             raise CheckpointError(
-                f"{d} was quantized with separate q/k/v projections and quantized weights cannot be fused at load "
-                "time; load it with fuse_qkv=False, or export from an engine loaded with fuse_qkv=True")
+                f"{d} was quantized with separate q/k/v projections and {info['backend']} weights cannot be fused at "
+                "load time; load it with fuse_qkv=False, or export from an engine loaded with fuse_qkv=True")
         if info.get("fused_qkv"):
             model.fuse_qkv()  # on the meta device: only the module structure changes
         _load_quantized(model, d, info, headers, device, dtype)
+        if fuse_after:  # torchao per-row weights: their stored parts are joined
+            try:
+                model.fuse_qkv(cat=cat_rows)
+            except ValueError as e:
+                raise CheckpointError(f"{d}: {e}; load it with fuse_qkv=False") from e
         apply_runtime_settings(model, info["recipe"].get("settings", {}))
     else:
         check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, headers, d / "config.json")
@@ -226,12 +264,15 @@ def load_scheduler(source: str | Path, class_name: str | None = None):
 
 
 def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *, fuse_qkv: bool = False,
-                    scheduler: str | None = None, recipe=None) -> dict:
+                    scheduler: str | None = None, recipe=None, lora=()) -> dict:
     """Every component of a checked checkpoint directory, loaded once.
 
     Returns a dict with "transformer", "scheduler", "tokenizer", "text_encoder", "vae", "recipes"
     ({component: recipe name} of what is quantized) and "task" ("t2v", "i2v" or "control", from
-    model_index.json). Cheap reads and checks come first (configs, recipe availability, quantization
+    model_index.json), "lora_merged" (the LoRAs merged into the weights) and "lora_pending" (those left
+    for the caller to attach as side branches). ``lora``: (path, scale) pairs; when a recipe quantizes
+    the transformer here they are merged before quantizing, otherwise they are pending.
+    Cheap reads and checks come first (configs, recipe availability, quantization
     files, headers), so that a bad request or a broken checkpoint fails before weights are read.
     """
     index = read_model_index(model_dir, _REQUIRED)
@@ -254,12 +295,28 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *
     vae = load_vae(model_dir / "vae", device=device, dtype=dtype)
     transformer = load_transformer(model_dir / "transformer", device, dtype, fuse_qkv=fuse_qkv,
                                    info=saved.get("transformer"))
+    lora, merged = list(lora or ()), []
     if "transformer" in requested:
+        merged, lora = merge_loras(transformer, lora), []
         quantize_transformer(transformer, requested["transformer"], tokenizer, text_encoder, dtype)
     recipes = {c: info["recipe"]["name"] for c, info in saved.items()}
     recipes.update({c: r.name for c, r in requested.items()})
     return dict(transformer=transformer, scheduler=sched, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                recipes=recipes, task=task)
+                recipes=recipes, task=task, lora_merged=merged, lora_pending=lora)
+
+
+def merge_loras(transformer: torch.nn.Module, specs) -> list[str]:
+    """Merge LoRAs ((path, scale) pairs) into a full-precision transformer for good, before it is
+    quantized; every file is read and checked against the model before any weight changes. Returns
+    "file:scale" per LoRA."""
+    loras = [(read_lora(path), float(scale)) for path, scale in specs]
+    plans = [(lora, scale, resolve_targets(transformer, lora.modules, str(lora.path))) for lora, scale in loras]
+    for lora, scale, targets in plans:
+        for layer, pairs in pairs_by_layer(lora.modules, targets, scale).items():
+            if not is_plain_linear(layer):
+                raise LoraError(f"{lora.path}: cannot merge into the quantized layer {type(layer).__name__}")
+            merge_into_weight(layer, pairs)
+    return [f"{lora.path.name}:{scale:g}" for lora, scale, _ in plans]
 
 
 # ----------------------------------------------------------------------------------------- helpers

@@ -5,6 +5,10 @@ module stores, what its ``quantization.json`` says, and how a meta-built module 
      "backend": "torchao", "backend_version": "0.18.0", "torch_version": ..., "dtype": "float32",
      "fused_qkv": false, "files": [...], "layers": {qualified name: backend metadata}}
 
+A torchao component is written in torchao's own safetensors format (``torchao_format``); when it comes
+from a model with fused q/k/v it is stored apart ("fused_qkv": false) with ``"fuse_qkv": true``: fuse
+again at load.
+
 ``layers`` records exactly which Linear layers were quantized, so a later change of a default
 filter never changes how an old checkpoint loads. Stored tensors are plain tensors under each
 backend's own names (``<layer>.<suffix>``); full-precision parameters keep their names. Reading and
@@ -22,10 +26,10 @@ import torch
 from torch import nn
 
 from .backends import backend_version, get_backend
-from .recipes import get_recipe
+from .recipes import Recipe, get_recipe
 
 __all__ = [
-    "FORMAT_VERSION", "QUANT_FILE", "QuantizedFormatError", "DTYPES", "export_component", "check_info",
+    "FORMAT_VERSION", "QUANT_FILE", "QuantizedFormatError", "DTYPES", "export_component", "component_info", "check_info",
     "prepare_quantized", "full_precision_tensors", "fill_quantized",
 ]
 
@@ -61,7 +65,15 @@ def export_component(module: nn.Module, component: str, recipe: str) -> tuple[di
         tensors[name] = t.detach()
         if dtype is None and t.is_floating_point():
             dtype = t.dtype
-    info = {
+    fused = any(n.endswith("attn1.to_qkv") for n, _ in module.named_modules())
+    return tensors, component_info(component, r, dtype, fused, layer_meta)
+
+
+def component_info(component: str, recipe: str | Recipe, dtype: torch.dtype | None, fused_qkv: bool,
+                   layers: dict[str, Any]) -> dict[str, Any]:
+    """quantization.json's content (without "files")."""
+    r = get_recipe(recipe)
+    return {
         "format_version": FORMAT_VERSION,
         "format": "cogvx-quantized",
         "component": component,
@@ -70,10 +82,9 @@ def export_component(module: nn.Module, component: str, recipe: str) -> tuple[di
         "backend_version": backend_version(r.backend),
         "torch_version": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."),
-        "fused_qkv": any(n.endswith("attn1.to_qkv") for n, _ in module.named_modules()),
-        "layers": layer_meta,
+        "fused_qkv": fused_qkv,
+        "layers": layers,
     }
-    return tensors, info
 
 
 def check_info(info: Any, where: str) -> dict[str, Any]:
@@ -100,8 +111,9 @@ def check_info(info: Any, where: str) -> dict[str, Any]:
     if info["backend"] != recipe.backend:
         raise QuantizedFormatError(f"{where}: backend {info['backend']!r} does not match recipe {recipe.name!r} "
                                    f"({recipe.backend})")
-    if not isinstance(info.get("fused_qkv", False), bool):
-        raise QuantizedFormatError(f"{where}: fused_qkv must be true or false")
+    for key in ("fused_qkv", "fuse_qkv"):
+        if not isinstance(info.get(key, False), bool):
+            raise QuantizedFormatError(f"{where}: {key} must be true or false")
     if not all(isinstance(m, dict) for m in info["layers"].values()):
         raise QuantizedFormatError(f"{where}: every entry of 'layers' must be a JSON object")
     return info

@@ -28,7 +28,7 @@ ALLOWED = {
                                "cogvx.engine.loading", "cogvx.engine.quantizing", "cogvx.engine.dev",
                                "cogvx.kernels", "cogvx.quantize"),
     "cogvx.engine.cli": ("cogvx.engine", "cogvx.quantize", "cogvx.kernels"),
-    "cogvx.engine": ("cogvx.engine.pipelines",),  # the package __init__: the public face
+    "cogvx.engine": ("cogvx.engine.pipelines", "cogvx.quantize"),  # the package __init__: the public face
 }
 
 

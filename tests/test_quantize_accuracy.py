@@ -12,7 +12,6 @@ bf16, fp8dq and fp8dq-row included, against the fp32 model.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import torch
 from cogvx.engine import Engine
 from cogvx.quantize import RECIPES, availability
+from cogvx.quantize.metrics import psnr, sqnr
 
 MEASURED_FILE = Path(__file__).with_name("quantize_accuracy.json")
 
@@ -46,16 +46,6 @@ GPU_MARGIN_DB = 6.0
 
 PROMPT = "a red fox running through fresh snow"
 GEN = dict(num_frames=9, height=48, width=80, num_inference_steps=4, guidance_scale=6.0, seed=0)
-
-
-def sqnr(ref: torch.Tensor, q: torch.Tensor) -> float:
-    ref, q = ref.double().cpu(), q.double().cpu()
-    return (10 * torch.log10(ref.pow(2).sum() / (ref - q).pow(2).sum().clamp_min(1e-300))).item()
-
-
-def psnr(ref: torch.Tensor, q: torch.Tensor) -> float:
-    mse = (ref.double().cpu() - q.double().cpu()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def transformer_inputs(engine: Engine):

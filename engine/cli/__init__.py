@@ -21,6 +21,7 @@ _RUNNERS = {
     "make-tiny": "cogvx.engine.cli.tiny",
     "recipes": "cogvx.engine.cli.recipes",
     "quantize": "cogvx.engine.cli.quantize",
+    "eval": "cogvx.engine.cli.eval",
 }
 SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
 RECIPE_HELP = ("quantization recipe for the transformer, or component=recipe pairs "
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint runs in (load it with the same dtype)")
     q.add_argument("--fuse-qkv", action="store_true", help="fuse q/k/v into one GEMM before quantizing")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _eval_parser(sub)
     return parser
 
 
@@ -90,10 +92,46 @@ def _generate_parser(sub) -> None:
     g.add_argument("--compile-cache-dir", default=None, help="inductor's persistent cache (default "
                    "~/.cache/cogvx/inductor or $COGVX_COMPILE_CACHE)")
     g.add_argument("--recipe", default=None, metavar="NAME|COMP=NAME,...", help=RECIPE_HELP)
+    g.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                   help="a diffusers/peft CogVideoX LoRA (.safetensors file or its folder) and its weight "
+                        "(default 1.0); repeat for several. With --recipe it is merged before quantizing")
     g.add_argument("--profile", action="store_true", help="print time per stage, compile time, peak memory, "
                                                            "achieved FLOP/s")
     g.add_argument("--profile-json", default=None, help="also write the profile as JSON to this path")
     g.add_argument("--profile-trace", default=None, help="write a torch.profiler Chrome trace to this path")
+
+
+def _eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="measure a quantization recipe on a checkpoint against its unquantized "
+                                    "reference (PSNR, SSIM, SQNR), record or compare goldens",
+                       description="Generate the same prompts and seeds with a reference and with a recipe; report "
+                                   "per-video PSNR and SSIM of the frames and SQNR of the latents (report.json, "
+                                   "contact_sheet.png in --out).")
+    e.add_argument("--model", required=True, help="full-precision checkpoint directory (diffusers layout)")
+    e.add_argument("--recipe", required=True, help="quantization recipe for the transformer, or component=recipe "
+                                                   "pairs; 'none' runs the model unquantized")
+    e.add_argument("--reference", choices=["fp32", "bf16", "none"], default="fp32",
+                   help="what the recipe is measured against: the unquantized model in fp32 (default) or bf16, or "
+                        "none (with --compare: only the goldens)")
+    e.add_argument("--prompts", default=None, help="text file, one prompt per line (or a JSON list); default: "
+                                                   "two stock prompts")
+    e.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds, one video per prompt and seed "
+                                                                      "(default 0)")
+    e.add_argument("--frames", type=int, default=None, help="4k+1 (default 49)")
+    e.add_argument("--height", type=int, default=None, help="default 480")
+    e.add_argument("--width", type=int, default=None, help="default 720")
+    e.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
+    e.add_argument("--guidance", type=float, default=None, help="default 6.0")
+    e.add_argument("--device", default=None)
+    e.add_argument("--dtype", default=None, help="dtype of the recipe run (default bfloat16 on CUDA, float32 on CPU)")
+    e.add_argument("--out", default="cogvx-eval", help="folder for report.json and contact_sheet.png")
+    e.add_argument("--record", default=None, metavar="DIR", help="write this run's outputs as goldens to DIR")
+    e.add_argument("--compare", default=None, metavar="DIR", help="compare this run with goldens recorded in DIR "
+                                                                   "(exit status 1 when a figure is under its floor)")
+    e.add_argument("--min-psnr", type=float, default=70.0, help="frame PSNR floor for --compare, dB (default 70)")
+    e.add_argument("--min-ssim", type=float, default=0.9999, help="frame SSIM floor for --compare (default 0.9999)")
+    e.add_argument("--min-sqnr", type=float, default=60.0, help="latent SQNR floor for --compare, dB (default 60)")
+    e.add_argument("--overwrite", action="store_true", help="replace --record DIR if it exists")
 
 
 def main(argv: list[str] | None = None) -> int:

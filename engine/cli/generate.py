@@ -11,8 +11,10 @@ from cogvx.quantize import parse_recipe_spec
 from tqdm import tqdm
 
 from ..dev.tiny import ensure_tiny_checkpoint
+from ..io.lora import find_lora_file
 from ..io.video import VideoWriteError, check_fps, check_output_path
 from ..pipelines.engine import Engine
+from ..pipelines.lora import parse_lora_spec
 from ..pipelines.request import check_sampling, check_video_shape
 from ..runtime.devices import default_device
 
@@ -48,6 +50,9 @@ def run(args: argparse.Namespace) -> int:
     check_video_shape(frames or 1, height, width)  # every CogVideoX VAE: 4x temporal, 8x spatial, patch 2
     check_sampling(steps, args.guidance)
     recipe = parse_recipe_spec(args.recipe) if args.recipe else None
+    loras = [parse_lora_spec(spec) for spec in args.lora or ()]
+    for path, _ in loras:
+        find_lora_file(path)  # a missing or pickle LoRA fails before the model loads
     device = args.device or default_device()
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
 
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         model = args.model
     compile_mode = {None: False, "default": True, "max-autotune": "max-autotune"}[args.compile]
     engine = Engine.load(model, device=device, dtype=dtype, scheduler=args.scheduler, kernels=args.kernels,
-                         compile=compile_mode, compile_cache_dir=args.compile_cache_dir, recipe=recipe)
+                         compile=compile_mode, compile_cache_dir=args.compile_cache_dir, recipe=recipe, lora=loras)
     if args.vae_tiling:
         engine.vae.enable_tiling()
     timings["load"] = time.perf_counter() - t0

@@ -13,6 +13,7 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel
+from transformers.utils import logging as hf_logging
 
 from ..io.atomic import atomic_directory, umask_mode
 from ..io.cache import cache_root
@@ -73,7 +74,13 @@ def _write_all(d: Path, seed: int, task: str) -> None:
     make_tiny_tokenizer(d / "tokenizer")
     vocab = spm.SentencePieceProcessor(model_file=str(d / "tokenizer" / "spiece.model")).get_piece_size()
     t5 = T5EncoderModel(tiny_t5_config(tcfg.text_embed_dim, vocab)).eval()
-    t5.save_pretrained(d / "text_encoder", safe_serialization=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar, for one tiny file
+    try:
+        t5.save_pretrained(d / "text_encoder", safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     # scheduler
     (d / "scheduler").mkdir()
     sched = {"_class_name": preset.scheduler, "_diffusers_version": _DIFFUSERS_VERSION, **SchedulerConfig().to_dict()}

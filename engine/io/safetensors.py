@@ -22,7 +22,7 @@ from torch import nn
 from .checkpoint import CheckpointError, check_file_name, read_json
 
 __all__ = [
-    "TensorInfo", "weight_files", "read_headers", "read_tensors", "read_state_dict", "check_shapes", "load_into",
+    "TensorInfo", "weight_files", "read_headers", "read_metadata", "read_tensors", "read_state_dict", "check_shapes", "load_into",
     "check_filled", "save_shards",
 ]
 
@@ -149,6 +149,18 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
     return out
 
 
+def read_metadata(files: list[Path]) -> dict[str, str]:
+    """The ``__metadata__`` of the files' headers, merged (a later file's entry wins, as diffusers merges)."""
+    out: dict[str, str] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                out.update(sf.metadata() or {})
+        except Exception as e:
+            raise _unreadable(f, e) from e
+    return out
+
+
 def read_tensors(files: list[Path], device: str | torch.device = "cpu", keys: set[str] | None = None):
     """Yield (name, tensor) of every tensor (or those in ``keys``), memory-mapped where safetensors allows."""
     for f in files:
@@ -233,9 +245,10 @@ def check_filled(module: nn.Module, where: str) -> None:
         raise CheckpointError(f"{where}: tensors {_few(left)} were not filled by the checkpoint")
 
 
-def save_shards(tensors: dict[str, torch.Tensor], out_dir: Path, stem: str, max_shard_bytes: int) -> list[str]:
+def save_shards(tensors: dict[str, torch.Tensor], out_dir: Path, stem: str, max_shard_bytes: int,
+                metadata: dict[str, str] | None = None) -> list[str]:
     """Write ``tensors`` as ``<stem>.safetensors`` or numbered shards of at most ``max_shard_bytes`` with
-    an index (diffusers' names); returns the file names."""
+    an index (diffusers' names); returns the file names. ``metadata`` goes into every file's header."""
     seen: set[tuple[int, int]] = set()
     tensors = dict(tensors)
     for k, t in tensors.items():  # safetensors refuses tensors sharing storage
@@ -256,7 +269,7 @@ def save_shards(tensors: dict[str, torch.Tensor], out_dir: Path, stem: str, max_
     else:
         names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        save_file(shard, str(out_dir / name), metadata={**(metadata or {}), "format": "pt"})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}

@@ -35,16 +35,17 @@ class Attention(nn.Module):
         self.sdpa_dtype: torch.dtype | None = None  # run SDPA in this dtype (a recipe's attention_dtype), else x's
 
     @torch.no_grad()
-    def fuse_qkv(self) -> None:
-        """Replace to_q/to_k/to_v by one [3D, D] projection (one GEMM instead of three)."""
+    def fuse_qkv(self, cat=torch.cat) -> None:
+        """Replace to_q/to_k/to_v by one [3D, D] projection (one GEMM instead of three). ``cat`` joins the
+        three weights along the output rows (quantized weights need their own, see ``cogvx.quantize``)."""
         if self.to_qkv is not None:
             return
         qs = (self.to_q, self.to_k, self.to_v)
-        w = torch.cat([m.weight for m in qs])
-        fused = nn.Linear(w.shape[1], w.shape[0], bias=self.to_q.bias is not None, device=w.device, dtype=w.dtype)
-        fused.weight.copy_(w)
+        w = cat([m.weight for m in qs])
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=self.to_q.bias is not None, device="meta")
+        fused.weight = nn.Parameter(w, requires_grad=False)
         if fused.bias is not None:
-            fused.bias.copy_(torch.cat([m.bias for m in qs]))
+            fused.bias = nn.Parameter(torch.cat([m.bias for m in qs]), requires_grad=False)
         self.to_qkv = fused
         del self.to_q, self.to_k, self.to_v
 

@@ -200,9 +200,9 @@ class CogVideoXTransformer(nn.Module):
         self.proj_out = nn.Linear(d, p * p * pt * cfg.out_channels_)
 
     # -- options applied after loading -------------------------------------------------
-    def fuse_qkv(self) -> None:
+    def fuse_qkv(self, cat=torch.cat) -> None:
         for blk in self.transformer_blocks:
-            blk.attn1.fuse_qkv()
+            blk.attn1.fuse_qkv(cat)
 
     def set_kernel_backend(self, backend: str, attention: str = "sdpa") -> None:
         """backend: "torch" (PyTorch references) or "triton" (fused kernels) for the adaptive LayerNorm

@@ -38,6 +38,7 @@ from ..runtime.profiling import PeakMemory, Profile, StepClock, stage, tracer, t
 from .conditioning import condition
 from .denoise import denoise
 from .guidance import Guidance, guidance_scales
+from .lora import LoraAdapters
 from .output import GenerationResult, postprocess
 from .prompts import embed_prompts
 from .quantized_export import save_quantized
@@ -76,6 +77,7 @@ class Engine:
         self._compiled = None  # the compiled transformer forward, when Engine.load(compile=...)
         self._warm: set[tuple] = set()  # shapes the compiled forward has already been compiled for
         self._lock = threading.RLock()
+        self.lora = LoraAdapters()  # LoRA adapters: load_lora, set_adapters, fuse_lora, unfuse_lora
         if tokenizer is not None and text_encoder is not None:
             check_vocab(tokenizer, text_encoder)
 
@@ -97,6 +99,7 @@ class Engine:
         kernels: str = "auto",
         compile: bool | str = False,
         compile_cache_dir: str | os.PathLike | None = None,
+        lora: list[tuple[str | os.PathLike, float]] | None = None,
     ) -> "Engine":
         """Load every component of a diffusers-layout CogVideoX checkpoint.
 
@@ -120,6 +123,8 @@ class Engine:
         compile_cache_dir: inductor's on-disk cache, shared across processes (default
             ~/.cache/cogvx/inductor, or $COGVX_COMPILE_CACHE; a TORCHINDUCTOR_CACHE_DIR you set wins
             over the default).
+        lora: (path, scale) pairs of LoRAs. With a recipe for the transformer they are merged into its
+            full-precision weights before quantizing; otherwise loaded as with :meth:`load_lora`.
         """
         dev = resolve_device(device)
         dt = resolve_dtype(dtype or _default_dtype(dev), dev)
@@ -128,9 +133,13 @@ class Engine:
         backend = resolve_backend(kernels, dev)
         if compile:
             use_cache_dir(compile_cache_dir)  # an unwritable cache fails now, not after the weights load
-        parts = load_components(model_dir, dev, dt, fuse_qkv=fuse_qkv, scheduler=scheduler, recipe=recipe)
-        return cls(**parts, device=dev, dtype=dt, model_dir=model_dir)._finish(backend, kernels, compile,
-                                                                              compile_cache_dir)
+        parts = load_components(model_dir, dev, dt, fuse_qkv=fuse_qkv, scheduler=scheduler, recipe=recipe, lora=lora)
+        merged, pending = parts.pop("lora_merged"), parts.pop("lora_pending")
+        engine = cls(**parts, device=dev, dtype=dt, model_dir=model_dir)
+        engine.lora.baked = merged
+        for path, scale in pending:
+            engine.load_lora(path, scale=scale)
+        return engine._finish(backend, kernels, compile, compile_cache_dir)
 
     @classmethod
     def from_preset(
@@ -191,6 +200,7 @@ class Engine:
         use_cache_dir(cache_dir)
         with self._lock:
             self._compiled = compile_module(self.transformer, mode, self.device, backend)
+            self._compile_mode, self._compile_backend = mode, backend
             self._warm.clear()
             if vae and self.vae is not None:
                 self.vae.compile_decoder(mode="max-autotune-no-cudagraphs" if mode == "max-autotune" else None)
@@ -341,6 +351,44 @@ class Engine:
         ``Engine.load`` reads back without re-quantizing; atomic (a temporary directory renamed at the end).
         kwargs: ``overwrite``, ``max_shard_bytes`` (``cogvx.engine.pipelines.quantized_export.save_quantized``)."""
         return save_quantized(self, out_dir, **kwargs)
+
+    # ------------------------------------------------------------------ LoRA (cogvx.engine.pipelines.lora)
+    def load_lora(self, path: str | os.PathLike, adapter_name: str | None = None, scale: float = 1.0) -> str:
+        """Load a diffusers/peft CogVideoX LoRA (a .safetensors file or its directory) as an active adapter
+        with weight ``scale``; returns its name. Runs as a side branch until :meth:`fuse_lora`."""
+        with self._lock:
+            name = self.lora.load(self.transformer, path, adapter_name, scale, dtype=self.dtype)
+            self._weights_changed()
+        return name
+
+    def set_adapters(self, adapter_names: str | list[str], weights: float | list[float] | None = None) -> None:
+        """Activate these adapters (others off) with these weights (default 1.0 each)."""
+        with self._lock:
+            self.lora.set_adapters(self.transformer, adapter_names, weights, dtype=self.dtype)
+            self._weights_changed()
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
+        """Merge the active adapters (times ``lora_scale``) into the transformer weights."""
+        with self._lock:
+            self.lora.fuse(self.transformer, lora_scale, adapter_names, dtype=self.dtype)
+            self._weights_changed()
+
+    def unfuse_lora(self) -> None:
+        """Take fused adapters out of the weights again; they run as side branches."""
+        with self._lock:
+            self.lora.unfuse(self.transformer, dtype=self.dtype)
+            self._weights_changed()
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        with self._lock:
+            self.lora.delete(self.transformer, adapter_names, dtype=self.dtype)
+            self._weights_changed()
+
+    def _weights_changed(self) -> None:
+        # A compiled graph holds the weights it saw (frozen on the CPU): compile again, timed as "compile".
+        if self._compiled is not None:
+            self._compiled = compile_module(self.transformer, self._compile_mode, self.device, self._compile_backend)
+            self._warm.clear()
 
     def encode(self, prompts: list[str], max_length: int = MAX_LENGTH) -> torch.Tensor:
         """T5 embeddings [B, max_length, text_embed_dim] of prompts, in the engine dtype."""

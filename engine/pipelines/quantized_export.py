@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from cogvx.quantize import resolve_recipes
+from cogvx.quantize import get_recipe, resolve_recipes
 from cogvx.quantize.format import QUANT_FILE, export_component
+from cogvx.quantize.torchao_format import export_torchao
 
 from ..io.atomic import atomic_directory, umask_mode
 from ..io.checkpoint import CheckpointError, read_model_index, resolve_model_dir
@@ -100,17 +101,28 @@ def export_quantized(model: str | os.PathLike, recipe, out_dir: str | os.PathLik
 
 def write_component(module, component: str, recipe: str, out_dir: Path, *, config_src: Path | None = None,
                     max_shard_bytes: int = DEFAULT_SHARD) -> dict:
-    """Write one quantized component folder (config.json, safetensors, quantization.json)."""
-    tensors, info = export_component(module, component, recipe)
+    """Write one quantized component folder (config.json, safetensors, quantization.json).
+
+    torchao recipes are written in torchao's own safetensors format (config.json's
+    ``quantization_config`` and torchao metadata in every safetensors header; fused q/k/v split), which
+    diffusers' ``from_pretrained`` and torchao's safetensors helpers read; the other backends' tensors are
+    plain safetensors described by quantization.json alone.
+    """
+    header, qc = None, None
+    if get_recipe(recipe).backend == "torchao":
+        tensors, header, info, qc = export_torchao(module, component, recipe)
+    else:
+        tensors, info = export_component(module, component, recipe)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True, mode=umask_mode())
     if config_src is not None and config_src.is_file():
-        shutil.copyfile(config_src, out_dir / "config.json")
-    elif component == "transformer":
-        (out_dir / "config.json").write_text(json.dumps(module.config.to_dict(), indent=2) + "\n")
+        config = json.loads(config_src.read_text(encoding="utf-8"))
     else:
-        module.config.to_json_file(str(out_dir / "config.json"))
-    info["files"] = save_shards(tensors, out_dir, WEIGHTS_NAME[component], max_shard_bytes)
+        config = module.config.to_dict()
+    if qc is not None:
+        config["quantization_config"] = qc
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    info["files"] = save_shards(tensors, out_dir, WEIGHTS_NAME[component], max_shard_bytes, metadata=header)
     (out_dir / QUANT_FILE).write_text(json.dumps(info, indent=1) + "\n")
     return info
 

@@ -35,7 +35,8 @@ _GRANULARITY = {"PerTensor": PerTensor, "PerRow": PerRow}
 _KEY = "L.weight"  # torchao's flattening wants "<module>.<param>" names
 
 
-def _config(options: dict[str, Any]):
+def config_for(options: dict[str, Any]):
+    """The torchao config object of a recipe's settings."""
     cls = _CONFIGS[options["config"]]
     if "granularity" in options:
         return cls(granularity=_GRANULARITY[options["granularity"]]())
@@ -44,7 +45,7 @@ def _config(options: dict[str, Any]):
 
 def quantize(module: nn.Module, fqns: list[str], options: dict[str, Any], calibrate=None) -> None:
     wanted = set(fqns)
-    quantize_(module, _config(options), filter_fn=lambda m, fqn: fqn in wanted)
+    quantize_(module, config_for(options), filter_fn=lambda m, fqn: fqn in wanted)
 
 
 def is_quantized(layer: nn.Module) -> bool:
