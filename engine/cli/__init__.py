@@ -88,6 +88,9 @@ def _generate_parser(sub) -> None:
     g.add_argument("--compile-cache-dir", default=None, help="inductor's persistent cache (default "
                    "~/.cache/cogvx/inductor or $COGVX_COMPILE_CACHE)")
     g.add_argument("--recipe", default=None, metavar="NAME|COMP=NAME,...", help=RECIPE_HELP)
+    g.add_argument("--parallel", choices=["cfg", "ulysses", "cfg+ulysses"], default=None,
+                   help="one video over several processes: run under `torchrun --nproc-per-node N -m "
+                        "cogvx.engine.cli generate ...` (cfg: 2 processes; cfg+ulysses: an even number)")
     g.add_argument("--profile", action="store_true", help="print time per stage, compile time, peak memory, "
                                                            "achieved FLOP/s")
     g.add_argument("--profile-json", default=None, help="also write the profile as JSON to this path")

@@ -46,19 +46,29 @@ class Attention(nn.Module):
         self.to_qkv = fused
         del self.to_q, self.to_k, self.to_v
 
-    def forward(self, x: torch.Tensor, rope, n_text: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, n_text: int, exchange=None) -> torch.Tensor:
+        """x [B, S, D] -> [B, S, D]. ``exchange(q, k, v, attend)`` (sequence parallelism): x holds a shard
+        of the sequence; the exchange brings q, k, v [B, S, H, Dh] of the shard to the whole sequence
+        for a subset of heads, calls ``attend`` on them and returns the shard's output [B, H, S, Dh]."""
         b, s, _ = x.shape
         shape = (b, s, self.heads, self.head_dim)
         if self.to_qkv is not None:
             q, k, v = self.to_qkv(x).view(b, s, 3, self.heads, self.head_dim).unbind(2)
         else:
             q, k, v = self.to_q(x).view(shape), self.to_k(x).view(shape), self.to_v(x).view(shape)
+        if exchange is None:
+            o = self.attend(q, k, v, rope, n_text)
+        else:
+            o = exchange(q, k, v, lambda q_, k_, v_: self.attend(q_, k_, v_, rope, n_text))
+        return self.to_out[0](o.transpose(1, 2).reshape(b, s, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope, n_text: int) -> torch.Tensor:
+        """QK-norm, RoPE on the video rows, attention: q, k, v [B, S, h, Dh] (any strides, any head
+        count h) of the whole [text; video] sequence -> [B, h, S, Dh]."""
         cos, sin = rope if rope is not None else (None, None)
         norms = (self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias)
         if self.attention == "flash":  # RoPE applied inside the attention kernel, on its Q/K tiles
             q, k = qk_norm_rope(q, k, *norms, None, None, n_text, self.norm_q.eps, backend=self.backend)
-            o = rope_attention(q, k, v.transpose(1, 2), cos, sin, n_text, backend="triton")
-        else:
-            q, k = qk_norm_rope(q, k, *norms, cos, sin, n_text, self.norm_q.eps, backend=self.backend)
-            o = attention(q, k, v.transpose(1, 2), backend="torch")  # SDPA, [B, H, S, Dh]
-        return self.to_out[0](o.transpose(1, 2).reshape(b, s, -1))
+            return rope_attention(q, k, v.transpose(1, 2), cos, sin, n_text, backend="triton")
+        q, k = qk_norm_rope(q, k, *norms, cos, sin, n_text, self.norm_q.eps, backend=self.backend)
+        return attention(q, k, v.transpose(1, 2), backend="torch")  # SDPA, [B, H, S, Dh]

@@ -131,13 +131,13 @@ class Block(nn.Module):
         self.ff = FeedForward(d, cfg.dropout)
         self.backend = "torch"
 
-    def forward(self, x: torch.Tensor, silu_temb: torch.Tensor, rope, n_text: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_temb: torch.Tensor, rope, n_text: int, exchange=None) -> torch.Tensor:
         shift1, scale1, gate1 = self.norm1.modulation(silu_temb)
         shift2, scale2, gate2 = self.norm2.modulation(silu_temb)
         n1, n2 = self.norm1.norm, self.norm2.norm
         _, y = adaptive_layernorm(x, None, None, n1.weight, n1.bias, shift1, scale1, n_text, n1.eps,
                                   backend=self.backend)
-        a = self.attn1(y, rope, n_text)
+        a = self.attn1(y, rope, n_text, exchange)
         x, y = adaptive_layernorm(x, a, gate1, n2.weight, n2.bias, shift2, scale2, n_text, n2.eps,
                                   backend=self.backend)
         f = self.ff(y)
@@ -224,17 +224,21 @@ class CogVideoXTransformer(nn.Module):
         return self._add_positions(x, positions, text.shape[1], f, h, w), F.silu(temb)
 
     def blocks(self, x: torch.Tensor, silu_temb: torch.Tensor, positions: Positions, n_text: int,
-               start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Transformer blocks ``start .. stop - 1`` (all by default) on joint tokens [B, S, D]."""
+               start: int = 0, stop: int | None = None, exchange=None) -> torch.Tensor:
+        """Transformer blocks ``start .. stop - 1`` (all by default) on joint tokens [B, S, D].
+        exchange: sequence parallelism (x is [text; a shard of the video]), see ``Attention.forward``."""
         for blk in self.transformer_blocks[start:stop]:
-            x = blk(x, silu_temb, positions.rope, n_text)
+            x = blk(x, silu_temb, positions.rope, n_text, exchange)
         return x
 
-    def head(self, x: torch.Tensor, silu_temb: torch.Tensor, n_text: int, latent_shape) -> torch.Tensor:
-        """Output norm and projection of the video tokens, unpatchified to [B, F, C_out, H, W]."""
-        b, f, _, h, w = latent_shape
-        v = self.norm_out(self.norm_final(x[:, n_text:]), silu_temb)
-        return self._unpatchify(self.proj_out(v), b, f, h, w)
+    def head(self, x: torch.Tensor, silu_temb: torch.Tensor, n_text: int, latent_shape, gather=None) -> torch.Tensor:
+        """Output norm and projection of the video tokens, unpatchified to [B, F, C_out, H, W].
+        gather: under parallelism, maps this rank's projected tokens to every rank's [B', Nv, P]."""
+        _, f, _, h, w = latent_shape
+        v = self.proj_out(self.norm_out(self.norm_final(x[:, n_text:]), silu_temb))
+        if gather is not None:
+            v = gather(v)
+        return self._unpatchify(v, v.shape[0], f, h, w)
 
     def _add_positions(self, x, positions: Positions, n_text: int, f: int, h: int, w: int) -> torch.Tensor:
         cfg = self.config

@@ -31,6 +31,7 @@ from ..models.text_encoder import check_vocab, encode_ids
 from ..models.tokenizer import MAX_LENGTH, PromptTokenizer
 from ..models.transformer import CogVideoXTransformer
 from ..models.vae import unscale_latents
+from ..parallel import check_mode, make_mesh, parallel_device
 from ..quantizing import quantize_text_encoder, quantize_transformer
 from ..runtime.compiling import check_compile_mode, compile_module, use_cache_dir
 from ..runtime.devices import resolve_device, resolve_dtype
@@ -39,6 +40,7 @@ from .conditioning import condition
 from .denoise import denoise
 from .guidance import Guidance, guidance_scales
 from .output import GenerationResult, postprocess
+from .parallel import Parallel
 from .prompts import embed_prompts
 from .quantized_export import save_quantized
 from .request import ModelFacts, Request, plan_request, trace_path
@@ -76,6 +78,7 @@ class Engine:
         self._compiled = None  # the compiled transformer forward, when Engine.load(compile=...)
         self._warm: set[tuple] = set()  # shapes the compiled forward has already been compiled for
         self._lock = threading.RLock()
+        self.parallel: Parallel | None = None  # set by Engine.load(parallel=...)
         if tokenizer is not None and text_encoder is not None:
             check_vocab(tokenizer, text_encoder)
 
@@ -97,6 +100,7 @@ class Engine:
         kernels: str = "auto",
         compile: bool | str = False,
         compile_cache_dir: str | os.PathLike | None = None,
+        parallel: str | None = None,
     ) -> "Engine":
         """Load every component of a diffusers-layout CogVideoX checkpoint.
 
@@ -120,8 +124,18 @@ class Engine:
         compile_cache_dir: inductor's on-disk cache, shared across processes (default
             ~/.cache/cogvx/inductor, or $COGVX_COMPILE_CACHE; a TORCHINDUCTOR_CACHE_DIR you set wins
             over the default).
+        parallel: None, "cfg", "ulysses" or "cfg+ulysses": one video over the processes of the initialized
+            torch.distributed process group (every rank calls load and generate with the same arguments;
+            'cuda' means each rank's own GPU). "cfg": the guidance halves on 2 ranks; "ulysses": the video
+            tokens sharded over every rank; "cfg+ulysses": both, on an even number of ranks. Frames are
+            returned (and saved) on rank 0; every rank returns the latents.
         """
-        dev = resolve_device(device)
+        dev = resolve_device(parallel_device(device, check_mode(parallel)))
+        mesh = make_mesh(parallel, dev)
+        if mesh is not None:
+            Parallel.agree_load(dict(model=os.fspath(model), device=dev.type, dtype=dtype, fuse_qkv=fuse_qkv,
+                                     scheduler=scheduler, recipe=recipe, kernels=kernels, compile=compile,
+                                     parallel=parallel), dev)
         dt = resolve_dtype(dtype or _default_dtype(dev), dev)
         model_dir = resolve_model_dir(model)
         check_compile_mode(compile)
@@ -130,7 +144,7 @@ class Engine:
             use_cache_dir(compile_cache_dir)  # an unwritable cache fails now, not after the weights load
         parts = load_components(model_dir, dev, dt, fuse_qkv=fuse_qkv, scheduler=scheduler, recipe=recipe)
         return cls(**parts, device=dev, dtype=dt, model_dir=model_dir)._finish(backend, kernels, compile,
-                                                                              compile_cache_dir)
+                                                                              compile_cache_dir, mesh)
 
     @classmethod
     def from_preset(
@@ -146,13 +160,19 @@ class Engine:
         text_encoder: bool = True,
         vae: bool = True,
         seed: int = 0,
+        parallel: str | None = None,
     ) -> "Engine":
         """A real-shape model (``cogvx.engine.models.presets.PRESETS``) with random weights, built on the
         device: for benchmarks when no checkpoint is on disk. dtype defaults to the preset's on CUDA,
         float32 on the CPU; ``text_encoder=False`` / ``vae=False`` leave those out (pass prompt_embeds,
-        and output_type="latent")."""
+        and output_type="latent"). ``parallel``: as in :meth:`load`."""
         p = get_preset(preset)
-        dev = resolve_device(device)
+        dev = resolve_device(parallel_device(device, check_mode(parallel)))
+        mesh = make_mesh(parallel, dev)
+        if mesh is not None:
+            Parallel.agree_load(dict(preset=preset, device=dev.type, dtype=dtype, recipe=recipe, kernels=kernels,
+                                     compile=compile, text_encoder=text_encoder, vae=vae, seed=seed,
+                                     parallel=parallel), dev)
         dt = resolve_dtype(dtype or (p.dtype if dev.type == "cuda" else torch.float32), dev)
         backend = resolve_backend(kernels, dev)
         check_compile_mode(compile)
@@ -166,13 +186,15 @@ class Engine:
             quantize_transformer(parts["transformer"], requested["transformer"], parts["tokenizer"],
                                  parts["text_encoder"], dt)
         parts["recipes"] = {c: r.name for c, r in requested.items()}
-        return cls(**parts, device=dev, dtype=dt)._finish(backend, kernels, compile, compile_cache_dir)
+        return cls(**parts, device=dev, dtype=dt)._finish(backend, kernels, compile, compile_cache_dir, mesh)
 
-    def _finish(self, backend: str, kernels: str, compile, compile_cache_dir) -> "Engine":
+    def _finish(self, backend: str, kernels: str, compile, compile_cache_dir, mesh=None) -> "Engine":
         # "auto" starts with SDPA for attention and switches per shape where a recorded benchmark on
         # this GPU found the fused RoPE flash attention faster (cogvx.kernels.attention_for).
         self.transformer.set_kernel_backend(backend, "flash" if kernels == "triton" else "sdpa")
         self.kernels, self._backend = kernels, backend
+        if mesh is not None:
+            self.parallel = Parallel(mesh, self.transformer)
         if compile:
             self.compile(compile, compile_cache_dir)
         return self
@@ -188,7 +210,8 @@ class Engine:
         check_compile_mode(mode)
         use_cache_dir(cache_dir)
         with self._lock:
-            self._compiled = compile_module(self.transformer, mode, self.device)
+            net = self.transformer if self.parallel is None else self.parallel.net
+            self._compiled = compile_module(net, mode, self.device)
             self._warm.clear()
             if vae and self.vae is not None:
                 self.vae.compile_decoder(mode="max-autotune-no-cudagraphs" if mode == "max-autotune" else None)
@@ -259,10 +282,15 @@ class Engine:
                       negative_prompt_embeds=negative_prompt_embeds, callback_on_step_end=callback_on_step_end,
                       output_type=output_type, max_sequence_length=max_sequence_length, image=image, video=video,
                       strength=strength, control_video=control_video)
-        if check_finite not in ("warn", "raise", "off"):
-            raise ValueError(f"check_finite must be 'warn', 'raise' or 'off' (got {check_finite!r})")
+        par = self.parallel
         with stage(prof, "prepare", self.device):
+            if par is not None:  # the ranks agree on every argument before anything can fail on one of them
+                par.agree("Engine.generate", dict(vars(req), profile_trace=profile_trace, check_finite=check_finite))
+            if check_finite not in ("warn", "raise", "off"):
+                raise ValueError(f"check_finite must be 'warn', 'raise' or 'off' (got {check_finite!r})")
             plan = plan_request(req, self.facts())  # every check first: nothing heavy runs on bad input
+            if par is not None:
+                par.settle(plan, req)
             trace_file = trace_path(profile_trace) if profile_trace is not None else None
             schedule = self.scheduler.schedule(plan.steps)
         with self._lock:
@@ -278,6 +306,9 @@ class Engine:
                 run_ts = list(schedule.timesteps_host[cond.start:])
                 guidance = Guidance(plan.cfg, tuple(guidance_scales(run_ts, len(run_ts), guidance_scale,
                                                                     bool(use_dynamic_cfg))))
+                if par is not None:
+                    text, guidance = par.local(text, guidance)
+                    par.comm.reset()
                 positions = self.positions(plan.shape[1], plan.shape[3], plan.shape[4])
                 model = self._model_for(plan, text, cond, guidance, positions, schedule, prof)
                 clock = StepClock(self.device)
@@ -286,31 +317,38 @@ class Engine:
                                   callback=callback_on_step_end, callback_owner=self, clock=clock, dtype=self.dtype,
                                   check_finite=check_finite)
                 prof.steps = clock.seconds()
+                if par is not None:
+                    par.report_loop(prof, self._compiled is not None, len(run_ts))
                 out = out[:, plan.extra:]
                 frames = None
                 if output_type != "latent":
                     with stage(prof, "vae_decode", self.device):
-                        frames = postprocess(self.decode(out), output_type)
+                        video = self.decode(out) if par is None else par.decode(self, out)
+                        frames = None if video is None else postprocess(video, output_type)
+            if par is not None:
+                par.report_ranks(prof, time.perf_counter() - t_call)
             prof.memory = mem.result
             if trace_file is not None:
                 trace.export_chrome_trace(str(trace_file))
         prof.total_seconds = time.perf_counter() - t_call
         return GenerationResult(latents=out, frames=frames, output_type=output_type, timesteps=run_ts,
-                                guidance_scales=list(guidance.scales), seed=plan.seed, task=plan.task, profile=prof)
+                                guidance_scales=list(guidance.scales), seed=plan.seed, task=plan.task, profile=prof,
+                                rank=0 if par is None else par.rank)
 
     def _model_for(self, plan, text, cond, guidance, positions, schedule, prof: Profile):
         """The transformer call of this plan's shape: eager or compiled (compiled once per shape, timed
         apart as the "compile" stage); sets the FLOP count and shape of the profile."""
-        batch = plan.n * guidance.copies
+        batch = plan.n * guidance.copies  # this rank's model batch
         nv = positions.grid[0] * positions.grid[1] * positions.grid[2]
-        prof.flops_per_step = transformer_flops(self.config, batch, text.shape[1], nv)
-        prof.shape = dict(batch=batch, latent_frames=plan.shape[1], latent_height=plan.shape[3],
+        whole = plan.n * (2 if guidance.enabled else 1)  # the whole job's, on every rank
+        prof.flops_per_step = transformer_flops(self.config, whole, text.shape[1], nv)
+        prof.shape = dict(batch=whole, latent_frames=plan.shape[1], latent_height=plan.shape[3],
                           latent_width=plan.shape[4], text_tokens=text.shape[1], video_tokens=nv)
         if self.kernels == "auto" and self.device.type == "cuda":
             attn = attention_for(self.device, self.config.num_attention_heads, text.shape[1] + nv, self.dtype)
             self.transformer.set_kernel_backend(self._backend, attn)
         if self._compiled is None:
-            return self.transformer
+            return self.transformer if self.parallel is None else self.parallel.net
         x = cond.latents if cond.concat is None else torch.cat([cond.latents, cond.concat], dim=2)
         key = (batch, tuple(x.shape[1:]), tuple(text.shape[1:]), cond.ofs is not None)
         if key not in self._warm:
