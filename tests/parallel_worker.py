@@ -24,6 +24,7 @@ if not torch.cuda.is_available():  # as tests/conftest.py: before cogvx.kernels 
 from safetensors.torch import save_file  # noqa: E402
 
 from cogvx.engine import Engine  # noqa: E402
+from cogvx.engine.parallel import raise_together  # noqa: E402
 from cogvx.engine.runtime.compiling import dynamo_counts  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
@@ -81,8 +82,10 @@ def _run_case(case: dict, rank: int, out: Path) -> None:
     t0 = time.perf_counter()
     tensors = {}
     try:
+        if case.get("kind") == "raise_together":  # a check that failed on one rank only
+            raise_together(ValueError("no such file on this node") if rank == 1 else None, "the test", torch.device("cpu"))
         load = dict(case["load"], **over.get("load", {}))
-        engine = Engine.load(case["ckpt"], **load)
+        engine = Engine.load(over.get("ckpt", case["ckpt"]), **load)
         if case.get("tiling"):
             th, tw = case["tiling"]
             engine.vae.enable_tiling(tile_sample_min_height=th, tile_sample_min_width=tw)
@@ -97,6 +100,12 @@ def _run_case(case: dict, rank: int, out: Path) -> None:
                       stages=result.profile.stages, seed=result.seed, rank=result.rank,
                       saved=[str(p) for p in result.save(out / f"{case['name']}.rank{rank}.mp4")]
                       if case.get("save") else None)
+        par = engine.parallel
+        if par is not None and not load.get("compile"):  # what Comm.replay would run, against what ran
+            shape, steps = result.profile.shape, len(result.profile.steps)
+            want = par.net.calls(shape["batch"] // par.mesh.cfg, shape["text_tokens"], shape["video_tokens"],
+                                 engine.dtype) * steps
+            record["calls_as_replayed"] = par.comm.calls == want
         tensors["latents"] = result.latents.float().contiguous()
         if result.frames is not None:
             tensors["frames"] = torch.as_tensor(np.ascontiguousarray(result.frames))

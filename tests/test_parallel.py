@@ -9,6 +9,9 @@ that is most of a spawn's time). The tiny checkpoints have 2 or 3 heads and, at 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -79,9 +82,11 @@ def _check_error(out, name: str, world: int, *needles: str) -> None:
 
 
 # ---------------------------------------------------------------- 2 processes
-def _two_rank_cases(ckpt_factory) -> list[dict]:
+def _two_rank_cases(ckpt_factory, tmp) -> list[dict]:
     rope, sincos = ckpt_factory("rope"), ckpt_factory("sincos", "CogVideoXDPMScheduler")
     learned, v15 = ckpt_factory("learned"), ckpt_factory("v15_ofs", "CogVideoXDPMScheduler")
+    linked = tmp / "rope-link"
+    linked.symlink_to(rope, target_is_directory=True)
     return [
         _case("rope-cfg", rope, "cfg", save=True),
         _case("rope-ulysses", rope, "ulysses"),  # 3 heads: 2 + 1
@@ -98,24 +103,32 @@ def _two_rank_cases(ckpt_factory) -> list[dict]:
         _case("rope-ulysses-triton", rope, "ulysses", dict(T2V, num_inference_steps=1, max_sequence_length=16),
               load=dict(kernels="triton")),
         _case("rope-ulysses-int8wo", rope, "ulysses", load=dict(recipe="int8wo")),
+        _case("rope-ulysses-no-guidance", rope, "ulysses", dict(T2V, guidance_scale=1.0)),
+        _case("rope-cfg-2-prompts", rope, "cfg",
+              dict(T2V, prompt=["a fox", "a cat"], negative_prompt=["dark", "blurry"])),
         # bad input: each must raise on every rank, and the group carries on with the next case
         _case("bad-cfg-no-guidance", rope, "cfg", dict(T2V, guidance_scale=1.0)),
         _case("bad-seed-disagrees", rope, "ulysses", rank_overrides={"1": {"generate": {"seed": 6}}}),
         _case("bad-load-disagrees", rope, "ulysses", rank_overrides={"1": {"load": {"kernels": "torch"}}}),
+        _case("bad-model-missing-on-rank-1", rope, "ulysses", rank_overrides={"1": {"ckpt": str(rope) + "-missing"}}),
+        # the same checkpoint by another path on rank 1 is the same model
+        _case("rope-other-path", rope, "ulysses", rank_overrides={"1": {"ckpt": str(linked)}}),
+        dict(name="raise-together", kind="raise_together"),
         _case("after-errors", rope, "cfg+ulysses"),
     ]
 
 
 @pytest.fixture(scope="module")
 def two_ranks(ckpt_factory, tmp_path_factory):
-    cases = _two_rank_cases(ckpt_factory)
     out = tmp_path_factory.mktemp("two-ranks")
+    cases = _two_rank_cases(ckpt_factory, out)
     spawn_ranks(2, dict(cases=cases), out, timeout=600)
     return out, {c["name"]: c for c in cases}
 
 
 MATCH_2 = ["rope-cfg", "rope-ulysses", "rope-cfg+ulysses", "sincos-cfg", "sincos-ulysses", "learned-i2v-ulysses",
-           "learned-i2v-cfg", "v15-i2v-ulysses", "rope-ulysses-tiles", "rope-ulysses-triton", "after-errors"]
+           "learned-i2v-cfg", "v15-i2v-ulysses", "rope-ulysses-tiles", "rope-ulysses-triton", "after-errors",
+           "rope-ulysses-no-guidance", "rope-cfg-2-prompts", "rope-other-path"]
 
 
 @pytest.mark.slow
@@ -151,6 +164,11 @@ def test_bad_input_raises_on_every_rank(two_ranks):
     _check_error(out, "bad-cfg-no-guidance", 2, "guidance_scale=1.0", "parallel='ulysses'")
     _check_error(out, "bad-seed-disagrees", 2, "disagree", "seed (rank 1 differs from rank 0)")
     _check_error(out, "bad-load-disagrees", 2, "Engine.load", "kernels (rank 1 differs from rank 0)")
+    _check_error(out, "bad-model-missing-on-rank-1", 2, "Engine.load", "model (rank 1 differs from rank 0)")
+    # a check that fails on one rank only stops every rank, with that rank's message
+    assert _read(out, "raise-together", 1)[0]["error"] == "ValueError: no such file on this node"
+    assert _read(out, "raise-together", 0)[0]["error"] == "ValueError: the test failed on rank 1 of the process " \
+        "group, so it stops on every rank: ValueError: no such file on this node"
 
 
 @pytest.mark.slow
@@ -165,6 +183,9 @@ def test_profile_reports_every_rank_and_the_collectives(two_ranks):
             assert 0 < p["collective_seconds"] < p["ranks"][rank]["stages"]["denoise"]
             assert [r["rank"] for r in p["ranks"]] == [0, 1]
             assert all(r["stages"]["denoise"] > 0 and r["step_median_seconds"] > 0 for r in p["ranks"])
+    # the collectives a compiled forward's profile replays are the ones an eager forward makes
+    for name in ("rope-ulysses", "rope-cfg", "rope-cfg+ulysses", "sincos-ulysses", "v15-i2v-ulysses"):
+        assert all(_read(out, name, r)[0]["calls_as_replayed"] for r in range(2)), name
     # rank 0 decodes and writes; the other rank's save writes nothing
     rec0, rec1 = (_read(out, "rope-cfg", r)[0] for r in range(2))
     assert len(rec0["saved"]) == 1 and rec1["saved"] == []
@@ -177,7 +198,8 @@ def four_ranks(ckpt_factory, tmp_path_factory):
     rope, sincos, learned = ckpt_factory("rope"), ckpt_factory("sincos"), ckpt_factory("learned")
     short = dict(T2V, num_inference_steps=2)
     cases = [
-        _case("rope-cfg+ulysses", rope, "cfg+ulysses", short),  # 2 x 2
+        # 2 x 2, two prompts: the gathered predictions come back in [uncond; cond] x prompt order
+        _case("rope-cfg+ulysses", rope, "cfg+ulysses", dict(short, prompt=["a fox", "a cat"], negative_prompt=None)),
         _case("rope-ulysses", rope, "ulysses", short),  # 4 shards of 12 rows (3 padded); 3 heads: one idle
         _case("sincos-ulysses", sincos, "ulysses", short),
         _case("learned-i2v-cfg+ulysses", learned, "cfg+ulysses", dict(I2V, num_inference_steps=2), image=[48, 80]),
@@ -222,3 +244,20 @@ def test_compiled_parallel_generate_has_no_graph_break(ckpt_factory, tmp_path):
         assert p["collective_timing"] == "replayed" and p["collective_calls"] == 3 * (2 * LAYERS + 1)
         assert p["collective_seconds"] > 0
         assert rel_l2(got["latents"], ref["latents"]) <= 1e-4
+
+
+# ---------------------------------------------------------------- torchrun
+@pytest.mark.slow
+def test_torchrun_cli_generates_on_two_processes(ckpt_factory, tmp_path):
+    """``torchrun --nproc-per-node 2 -m cogvx.engine.cli generate --parallel ulysses``: the CLI starts the
+    gloo group from torchrun's environment, rank 0 alone writes the video and prints, the profile lists
+    both ranks."""
+    out = tmp_path / "v.mp4"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "cogvx.engine.cli",
+           "generate", "--model", str(ckpt_factory("rope")), "--prompt", "a fox", "--frames", "9", "--height", "48",
+           "--width", "80", "--steps", "2", "--seed", "3", "--parallel", "ulysses", "--profile", "--out", str(out)]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert out.is_file() and r.stdout.count("wrote ") == 1
+    assert "parallel ulysses on 2 ranks" in r.stdout and "rank 1" in r.stdout

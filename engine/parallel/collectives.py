@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
-__all__ = ["Comm", "Call", "agree_or_raise", "broadcast_int", "gather_floats"]
+__all__ = ["Comm", "Call", "agree_or_raise", "broadcast_int", "gather_floats", "raise_together"]
 
 # torch 2.13 renamed the all-gathers (the old names warn); older releases have only the old ones.
 _gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
@@ -133,6 +133,26 @@ def agree_or_raise(what: str, digests: dict[str, bytes], device: torch.device) -
         raise ValueError(f"the ranks of the process group disagree on the arguments of {what}: {detail}. Every rank "
                          "must pass the same arguments (same prompts, seed or generator state, sizes, inputs); "
                          "compute them once, or on rank 0 and broadcast them")
+
+
+def raise_together(error: Exception | None, what: str, device: torch.device, limit: int = 1000) -> None:
+    """Raise on every rank when ``error`` is set on any: the failing ranks raise their own error, the
+    others a ValueError quoting it (its first ``limit`` bytes travel in one all-gather of bytes)."""
+    dev = _device_for(dist.get_backend(), device)
+    msg = b"" if error is None else f"{type(error).__name__}: {error}".encode()[:limit]
+    mine = torch.zeros(limit + 1, dtype=torch.uint8)
+    mine[0] = error is not None
+    mine[1 : 1 + len(msg)] = torch.frombuffer(bytearray(msg), dtype=torch.uint8) if msg else mine[1:1]
+    every = torch.empty(dist.get_world_size() * (limit + 1), dtype=torch.uint8, device=dev)
+    _gather_into(every, mine.to(dev))
+    rows = every.view(-1, limit + 1).cpu()
+    if error is not None:
+        raise error
+    failed = [(r, bytes(row[1:].tolist()).rstrip(b"\0").decode(errors="replace")) for r, row in enumerate(rows)
+              if row[0]]
+    if failed:
+        r, text = failed[0]
+        raise ValueError(f"{what} failed on rank {r} of the process group, so it stops on every rank: {text}")
 
 
 def broadcast_int(value: int, device: torch.device) -> int:

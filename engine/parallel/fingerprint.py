@@ -14,6 +14,9 @@ __all__ = ["digest", "digests"]
 
 
 def _feed(h, value) -> None:
+    if callable(value) and not isinstance(value, type):
+        h.update(b"callable")  # callbacks may differ per rank (logging); only whether one is given must agree
+        return
     h.update(type(value).__name__.encode())
     if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
         h.update(repr(value).encode())
@@ -38,9 +41,6 @@ def _feed(h, value) -> None:
         h.update(str(len(value)).encode())
         for v in value:
             _feed(h, v)
-    elif callable(value):
-        # Callbacks may differ per rank (logging); only whether one is given must agree.
-        pass
     elif hasattr(value, "tobytes") and hasattr(value, "size") and hasattr(value, "mode"):  # a PIL image
         h.update(f"{value.mode}{value.size}".encode())
         h.update(value.tobytes())

@@ -132,12 +132,12 @@ class Engine:
         """
         dev = resolve_device(parallel_device(device, check_mode(parallel)))
         mesh = make_mesh(parallel, dev)
-        if mesh is not None:
-            Parallel.agree_load(dict(model=os.fspath(model), device=dev.type, dtype=dtype, fuse_qkv=fuse_qkv,
-                                     scheduler=scheduler, recipe=recipe, kernels=kernels, compile=compile,
-                                     parallel=parallel), dev)
+        if mesh is not None:  # the ranks agree on the checkpoint (its contents, not its path) and the options
+            model_dir = Parallel.agree_load(dict(device=dev.type, dtype=dtype, fuse_qkv=fuse_qkv, scheduler=scheduler,
+                                                 recipe=recipe, kernels=kernels, compile=compile, parallel=parallel),
+                                            dev, model)
         dt = resolve_dtype(dtype or _default_dtype(dev), dev)
-        model_dir = resolve_model_dir(model)
+        model_dir = resolve_model_dir(model) if mesh is None else model_dir
         check_compile_mode(compile)
         backend = resolve_backend(kernels, dev)
         if compile:
@@ -283,15 +283,16 @@ class Engine:
                       output_type=output_type, max_sequence_length=max_sequence_length, image=image, video=video,
                       strength=strength, control_video=control_video)
         par = self.parallel
-        with stage(prof, "prepare", self.device):
-            if par is not None:  # the ranks agree on every argument before anything can fail on one of them
-                par.agree("Engine.generate", dict(vars(req), profile_trace=profile_trace, check_finite=check_finite))
+
+        def checked():  # every check first: nothing heavy runs on bad input
             if check_finite not in ("warn", "raise", "off"):
                 raise ValueError(f"check_finite must be 'warn', 'raise' or 'off' (got {check_finite!r})")
-            plan = plan_request(req, self.facts())  # every check first: nothing heavy runs on bad input
-            if par is not None:
-                par.settle(plan, req)
-            trace_file = trace_path(profile_trace) if profile_trace is not None else None
+            return plan_request(req, self.facts()), trace_path(profile_trace) if profile_trace is not None else None
+
+        with stage(prof, "prepare", self.device):
+            # Parallel: the ranks agree on the arguments first, and a check that fails on one rank fails on all.
+            args = dict(vars(req), profile_trace=profile_trace, check_finite=check_finite)
+            plan, trace_file = checked() if par is None else par.plan(checked, args, req)
             schedule = self.scheduler.schedule(plan.steps)
         with self._lock:
             ctx = tracer(self.device) if trace_file is not None else contextlib.nullcontext()

@@ -5,17 +5,23 @@ CFG half, decode on rank 0 (or decode the VAE tiles across ranks), and report ti
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 
-from ..parallel import Comm, Mesh, ParallelTransformer, agree_or_raise, broadcast_int, digests, gather_floats
+from ..io.checkpoint import resolve_model_dir
+from ..models.vae import unscale_latents
+from ..parallel import (Comm, Mesh, ParallelTransformer, agree_or_raise, broadcast_int, digests, gather_floats,
+                        raise_together)
 from ..parallel.decode import decode_tiles
 from ..runtime.profiling import Profile
-from ..models.vae import unscale_latents
 from .guidance import Guidance, SplitGuidance
-from .request import Plan, Request
+from .request import Request
 
 __all__ = ["Parallel", "STAGES"]
+
+_INPUT_FILES = ("image", "video", "control_video")  # arguments that may name a file: compared by content
 
 # The stages each rank reports (in this order) in ``profile.parallel["ranks"]``.
 STAGES = ("prepare", "tokenize", "text_encode", "encode", "compile", "denoise", "vae_decode")
@@ -34,22 +40,44 @@ class Parallel:
         return self.mesh.rank
 
     @staticmethod
-    def agree_load(args: dict, device: torch.device) -> None:
-        """Every rank raises the same ValueError when the ranks' load arguments differ (one all-gather)."""
-        agree_or_raise("Engine.load", digests(args), device)
+    def agree_load(args: dict, device: torch.device, model=None) -> Path | None:
+        """Every rank raises the same ValueError when the ranks' load arguments differ (one all-gather).
+        ``model``: a checkpoint, compared by the contents of its model_index.json and transformer config
+        (ranks may reach it by different paths); resolved here, and a rank that cannot read it raises only
+        after the all-gather, so the other ranks are told instead of waiting. Returns its directory."""
+        model_dir, error, ident = None, None, None
+        if model is not None:
+            try:
+                model_dir = resolve_model_dir(model)
+                ident = [(model_dir / f).read_bytes() for f in ("model_index.json", "transformer/config.json")
+                         if (model_dir / f).is_file()]
+            except (ValueError, TypeError, OSError) as e:
+                error, ident = e, f"unreadable: {e}"
+        agree_or_raise("Engine.load", digests(dict(args, model=ident)), device)
+        if error is not None:
+            raise error
+        return model_dir
 
-    def agree(self, what: str, args: dict) -> None:
-        """Every rank raises the same ValueError when the ranks' arguments differ (one all-gather)."""
-        agree_or_raise(what, digests(args), self.mesh.device)
-
-    def settle(self, plan: Plan, req: Request) -> None:
-        """Checks a parallel plan needs, and rank 0's seed on every rank when it was drawn at random."""
+    def plan(self, checked, args: dict, req: Request):
+        """``checked()`` (the argument checks of a generate call, returning (plan, ...)) on every rank, after
+        the ranks agreed on ``args``; a check that fails on one rank (a file missing on its node, less free
+        memory) raises on every rank. Then the parallel modes' own checks, and rank 0's seed on every rank
+        when it was drawn at random."""
+        agree_or_raise("Engine.generate", digests(_with_files(args)), self.mesh.device)
+        result, error = None, None
+        try:
+            result = checked()
+        except (ValueError, TypeError, OSError) as e:
+            error = e
+        raise_together(error, "Engine.generate", self.mesh.device)
+        plan = result[0]
         if self.mesh.cfg == 2 and not plan.cfg:
             raise ValueError(f"parallel={self.mesh.mode!r} runs the two halves of classifier-free guidance on "
                              f"different ranks, but guidance_scale={req.guidance_scale} turns guidance off; use "
                              "guidance_scale > 1, or load with parallel='ulysses'")
         if req.seed is None and req.generator is None and plan.seed is not None:
             plan.seed = broadcast_int(plan.seed, self.mesh.device)
+        return result
 
     def local(self, text: torch.Tensor, guidance: Guidance) -> tuple[torch.Tensor, Guidance]:
         """This rank's text batch and guidance: under CFG parallelism its half of [uncond; cond]."""
@@ -97,3 +125,15 @@ class Parallel:
     @staticmethod
     def _dtype(prof: Profile) -> torch.dtype:
         return getattr(torch, prof.dtype)
+
+
+def _with_files(args: dict) -> dict:
+    """args with the inputs given as file paths replaced by the files' bytes (ranks on different nodes may
+    hold different files under one path; a missing file reads as missing)."""
+    out = dict(args)
+    for k in _INPUT_FILES:
+        v = args.get(k)
+        if isinstance(v, (str, os.PathLike)):
+            p = Path(v).expanduser()
+            out[k] = p.read_bytes() if p.is_file() else f"missing file {os.fspath(v)}"
+    return out
