@@ -128,8 +128,8 @@ def agree_or_raise(what: str, digests: dict[str, bytes], device: torch.device) -
            for i, n in enumerate(names)]
     bad = [(n, ranks) for n, ranks in bad if ranks]
     if bad:
-        detail = "; ".join(f"{n} (rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))} differ from rank 0)"
-                           for n, r in bad)
+        detail = "; ".join(f"{n} ({'ranks' if len(r) > 1 else 'rank'} {', '.join(map(str, r))} "
+                           f"{'differ' if len(r) > 1 else 'differs'} from rank 0)" for n, r in bad)
         raise ValueError(f"the ranks of the process group disagree on the arguments of {what}: {detail}. Every rank "
                          "must pass the same arguments (same prompts, seed or generator state, sizes, inputs); "
                          "compute them once, or on rank 0 and broadcast them")
