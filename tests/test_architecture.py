@@ -24,9 +24,10 @@ ALLOWED = {
     "cogvx.engine.quantizing": ("cogvx.engine.models", "cogvx.engine.io", "cogvx.quantize"),
     "cogvx.engine.loading": ("cogvx.engine.models", "cogvx.engine.io", "cogvx.engine.quantizing", "cogvx.quantize"),
     "cogvx.engine.dev": ("cogvx.engine.models", "cogvx.engine.io", "cogvx.engine.loading"),
+    "cogvx.engine.parallel": ("cogvx.engine.models",),
     "cogvx.engine.pipelines": ("cogvx.engine.models", "cogvx.engine.io", "cogvx.engine.runtime",
                                "cogvx.engine.loading", "cogvx.engine.quantizing", "cogvx.engine.dev",
-                               "cogvx.kernels", "cogvx.quantize"),
+                               "cogvx.engine.parallel", "cogvx.kernels", "cogvx.quantize"),
     "cogvx.engine.cli": ("cogvx.engine", "cogvx.quantize", "cogvx.kernels"),
     "cogvx.engine": ("cogvx.engine.pipelines", "cogvx.quantize"),  # the package __init__: the public face
 }

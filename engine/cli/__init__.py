@@ -95,6 +95,9 @@ def _generate_parser(sub) -> None:
     g.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
                    help="a diffusers/peft CogVideoX LoRA (.safetensors file or its folder) and its weight "
                         "(default 1.0); repeat for several. With --recipe it is merged before quantizing")
+    g.add_argument("--parallel", choices=["cfg", "ulysses", "cfg+ulysses"], default=None,
+                   help="one video over several processes: run under `torchrun --nproc-per-node N -m "
+                        "cogvx.engine.cli generate ...` (cfg: 2 processes; cfg+ulysses: an even number)")
     g.add_argument("--profile", action="store_true", help="print time per stage, compile time, peak memory, "
                                                            "achieved FLOP/s")
     g.add_argument("--profile-json", default=None, help="also write the profile as JSON to this path")

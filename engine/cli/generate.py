@@ -7,12 +7,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+
 from cogvx.quantize import parse_recipe_spec
 from tqdm import tqdm
 
 from ..dev.tiny import ensure_tiny_checkpoint
 from ..io.lora import find_lora_file
 from ..io.video import VideoWriteError, check_fps, check_output_path
+from ..parallel import init_from_env
 from ..pipelines.engine import Engine
 from ..pipelines.lora import parse_lora_spec
 from ..pipelines.request import check_sampling, check_video_shape
@@ -55,26 +58,44 @@ def run(args: argparse.Namespace) -> int:
         find_lora_file(path)  # a missing or pickle LoRA fails before the model loads
     device = args.device or default_device()
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if args.parallel is not None and not init_from_env(device):
+        raise ValueError(f"--parallel {args.parallel} runs one process per device: launch with `torchrun "
+                         f"--nproc-per-node N -m cogvx.engine.cli generate --parallel {args.parallel} ...`")
+    try:
+        return _generate(args, out, demo, frames, height, width, steps, recipe, loras, device, dtype)
+    finally:
+        if args.parallel is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _generate(args, out, demo, frames, height, width, steps, recipe, loras, device, dtype) -> int:
+    rank = dist.get_rank() if args.parallel is not None else 0
+    say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 speaks and writes for the group
 
     timings = {}
     t0 = time.perf_counter()
     if demo:
+        if rank != 0:
+            dist.barrier()  # rank 0 makes the demo checkpoint first
         model, made = ensure_tiny_checkpoint()
-        print(f"No --model given: using the built-in tiny random-weight model at {model}"
-              f"{' (made just now)' if made else ''}.\n"
-              "Its weights are random, so the video will be noise. For real videos point --model at a "
-              "CogVideoX checkpoint directory (diffusers layout, e.g. a download of THUDM/CogVideoX-5b).",
-              file=sys.stderr)
+        if rank == 0 and args.parallel is not None:
+            dist.barrier()
+        say(f"No --model given: using the built-in tiny random-weight model at {model}"
+            f"{' (made just now)' if made else ''}.\n"
+            "Its weights are random, so the video will be noise. For real videos point --model at a "
+            "CogVideoX checkpoint directory (diffusers layout, e.g. a download of THUDM/CogVideoX-5b).",
+            file=sys.stderr)
     else:
         model = args.model
     compile_mode = {None: False, "default": True, "max-autotune": "max-autotune"}[args.compile]
     engine = Engine.load(model, device=device, dtype=dtype, scheduler=args.scheduler, kernels=args.kernels,
-                         compile=compile_mode, compile_cache_dir=args.compile_cache_dir, recipe=recipe, lora=loras)
+                         compile=compile_mode, compile_cache_dir=args.compile_cache_dir, recipe=recipe, lora=loras,
+                         parallel=args.parallel)
     if args.vae_tiling:
         engine.vae.enable_tiling()
     timings["load"] = time.perf_counter() - t0
 
-    bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr)
+    bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, disable=rank != 0)
 
     def on_step(eng, i, t, kw):
         bar.update(1)
@@ -90,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     timings.update(result.timings)
+    if rank != 0:
+        return 0
     try:
         written = result.save(out, fps=args.fps)[0]
     except VideoWriteError as e:

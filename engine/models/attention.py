@@ -49,10 +49,13 @@ class Attention(nn.Module):
         self.to_qkv = fused
         del self.to_q, self.to_k, self.to_v
 
-    def forward(self, x: torch.Tensor, rope, n_text: int, x_scale: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, rope, n_text: int, exchange=None, x_scale: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """x [B, S, D]; or, with ``x_scale`` [B, S, 1], x is float8 e4m3 quantized per row and the q/k/v
-        projections (fp8 row-wise weights) take it as is, producing ``out_dtype``."""
+        """x [B, S, D] -> [B, S, D]. With ``x_scale`` [B, S, 1], x is float8 e4m3 quantized per row and the
+        q/k/v projections (fp8 row-wise weights) take it as is, producing ``out_dtype``.
+        ``exchange(q, k, v, attend)`` (sequence parallelism): x holds a shard of the sequence; the exchange
+        brings q, k, v [B, S, H, Dh] of the shard to the whole sequence for a subset of heads, calls
+        ``attend`` on them and returns the shard's output [B, H, S, Dh]."""
         b, s, _ = x.shape
         shape = (b, s, self.heads, self.head_dim)
 
@@ -63,15 +66,22 @@ class Attention(nn.Module):
             q, k, v = proj(self.to_qkv).view(b, s, 3, self.heads, self.head_dim).unbind(2)
         else:
             q, k, v = proj(self.to_q).view(shape), proj(self.to_k).view(shape), proj(self.to_v).view(shape)
+        if exchange is None:
+            o = self.attend(q, k, v, rope, n_text)
+        else:
+            o = exchange(q, k, v, lambda q_, k_, v_: self.attend(q_, k_, v_, rope, n_text))
+        return self.to_out[0](o.transpose(1, 2).reshape(b, s, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope, n_text: int) -> torch.Tensor:
+        """QK-norm, RoPE on the video rows, attention: q, k, v [B, S, h, Dh] (any strides, any head
+        count h) of the whole [text; video] sequence -> [B, h, S, Dh]."""
         cos, sin = rope if rope is not None else (None, None)
         norms = (self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias)
         if self.attention == "flash":  # RoPE applied inside the attention kernel, on its Q/K tiles
             q, k = qk_norm_rope(q, k, *norms, None, None, n_text, self.norm_q.eps, backend=self.backend)
-            o = rope_attention(q, k, v.transpose(1, 2), cos, sin, n_text, backend="triton")
-        else:
-            q, k = qk_norm_rope(q, k, *norms, cos, sin, n_text, self.norm_q.eps, backend=self.backend)
-            v, q_dtype = v.transpose(1, 2), q.dtype
-            if self.sdpa_dtype is not None and self.sdpa_dtype != q_dtype:  # casts fuse into the ops around
-                q, k, v = q.to(self.sdpa_dtype), k.to(self.sdpa_dtype), v.to(self.sdpa_dtype)
-            o = attention(q, k, v, backend="torch").to(q_dtype)  # SDPA, [B, H, S, Dh]
-        return self.to_out[0](o.transpose(1, 2).reshape(b, s, -1))
+            return rope_attention(q, k, v.transpose(1, 2), cos, sin, n_text, backend="triton")
+        q, k = qk_norm_rope(q, k, *norms, cos, sin, n_text, self.norm_q.eps, backend=self.backend)
+        v, q_dtype = v.transpose(1, 2), q.dtype
+        if self.sdpa_dtype is not None and self.sdpa_dtype != q_dtype:  # casts fuse into the ops around
+            q, k, v = q.to(self.sdpa_dtype), k.to(self.sdpa_dtype), v.to(self.sdpa_dtype)
+        return attention(q, k, v, backend="torch").to(q_dtype)  # SDPA, [B, H, S, Dh]

@@ -137,15 +137,15 @@ class Block(nn.Module):
         self.backend = "torch"
         self.fp8_activations = False  # adaLN output quantized per row in the kernel, fed to q/k/v and ff-up
 
-    def forward(self, x: torch.Tensor, silu_temb: torch.Tensor, rope, n_text: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_temb: torch.Tensor, rope, n_text: int, exchange=None) -> torch.Tensor:
         shift1, scale1, gate1 = self.norm1.modulation(silu_temb)
         shift2, scale2, gate2 = self.norm2.modulation(silu_temb)
         n1, n2 = self.norm1.norm, self.norm2.norm
         if self.fp8_activations:
-            return self._forward_fp8(x, rope, n_text, shift1, scale1, gate1, shift2, scale2, gate2)
+            return self._forward_fp8(x, rope, n_text, exchange, shift1, scale1, gate1, shift2, scale2, gate2)
         _, y = adaptive_layernorm(x, None, None, n1.weight, n1.bias, shift1, scale1, n_text, n1.eps,
                                   backend=self.backend)
-        a = self.attn1(y, rope, n_text)
+        a = self.attn1(y, rope, n_text, exchange)
         x, y = adaptive_layernorm(x, a, gate1, n2.weight, n2.bias, shift2, scale2, n_text, n2.eps,
                                   backend=self.backend)
         f = self.ff(y)
@@ -157,13 +157,13 @@ class Block(nn.Module):
         return torch.cat([x[:, :n_text] + gate2[:, 0:1] * f[:, :n_text], x[:, n_text:] + gate2[:, 1:2] * f[:, n_text:]],
                          dim=1)
 
-    def _forward_fp8(self, x, rope, n_text, shift1, scale1, gate1, shift2, scale2, gate2):
+    def _forward_fp8(self, x, rope, n_text, exchange, shift1, scale1, gate1, shift2, scale2, gate2):
         """The block with both adaLN outputs leaving the kernel as fp8 + row scales (fp8dq-row)."""
         n1, n2 = self.norm1.norm, self.norm2.norm
         out_dtype = torch.promote_types(torch.promote_types(x.dtype, scale1.dtype), shift1.dtype)
         _, y8, ys = adaptive_layernorm_fp8(x, None, None, n1.weight, n1.bias, shift1, scale1, n_text, n1.eps,
                                            backend=self.backend)
-        a = self.attn1(y8, rope, n_text, x_scale=ys, out_dtype=out_dtype)
+        a = self.attn1(y8, rope, n_text, exchange, x_scale=ys, out_dtype=out_dtype)
         x, y8, ys = adaptive_layernorm_fp8(x, a, gate1, n2.weight, n2.bias, shift2, scale2, n_text, n2.eps,
                                            backend=self.backend)
         return self._ff_residual(x, self.ff(y8, ys, out_dtype), gate2, n_text)
@@ -264,17 +264,21 @@ class CogVideoXTransformer(nn.Module):
         return self._add_positions(x, positions, text.shape[1], f, h, w), F.silu(temb)
 
     def blocks(self, x: torch.Tensor, silu_temb: torch.Tensor, positions: Positions, n_text: int,
-               start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Transformer blocks ``start .. stop - 1`` (all by default) on joint tokens [B, S, D]."""
+               start: int = 0, stop: int | None = None, exchange=None) -> torch.Tensor:
+        """Transformer blocks ``start .. stop - 1`` (all by default) on joint tokens [B, S, D].
+        exchange: sequence parallelism (x is [text; a shard of the video]), see ``Attention.forward``."""
         for blk in self.transformer_blocks[start:stop]:
-            x = blk(x, silu_temb, positions.rope, n_text)
+            x = blk(x, silu_temb, positions.rope, n_text, exchange)
         return x
 
-    def head(self, x: torch.Tensor, silu_temb: torch.Tensor, n_text: int, latent_shape) -> torch.Tensor:
-        """Output norm and projection of the video tokens, unpatchified to [B, F, C_out, H, W]."""
-        b, f, _, h, w = latent_shape
-        v = self.norm_out(self.norm_final(x[:, n_text:]), silu_temb)
-        return self._unpatchify(self.proj_out(v), b, f, h, w)
+    def head(self, x: torch.Tensor, silu_temb: torch.Tensor, n_text: int, latent_shape, gather=None) -> torch.Tensor:
+        """Output norm and projection of the video tokens, unpatchified to [B, F, C_out, H, W].
+        gather: under parallelism, maps this rank's projected tokens to every rank's [B', Nv, P]."""
+        _, f, _, h, w = latent_shape
+        v = self.proj_out(self.norm_out(self.norm_final(x[:, n_text:]), silu_temb))
+        if gather is not None:
+            v = gather(v)
+        return self._unpatchify(v, v.shape[0], f, h, w)
 
     def _add_positions(self, x, positions: Positions, n_text: int, f: int, h: int, w: int) -> torch.Tensor:
         cfg = self.config

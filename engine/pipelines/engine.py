@@ -31,6 +31,7 @@ from ..models.text_encoder import check_vocab, encode_ids
 from ..models.tokenizer import MAX_LENGTH, PromptTokenizer
 from ..models.transformer import CogVideoXTransformer
 from ..models.vae import unscale_latents
+from ..parallel import check_mode, make_mesh, parallel_device
 from ..quantizing import quantize_text_encoder, quantize_transformer
 from ..runtime.compiling import check_compile_mode, compile_module, use_cache_dir
 from ..runtime.devices import resolve_device, resolve_dtype
@@ -39,7 +40,9 @@ from .conditioning import condition
 from .denoise import denoise
 from .guidance import Guidance, guidance_scales
 from .lora import LoraAdapters
+from .lora_methods import LoraMethods
 from .output import GenerationResult, postprocess
+from .parallel import Parallel
 from .prompts import embed_prompts
 from .quantized_export import save_quantized
 from .request import ModelFacts, Request, plan_request, trace_path
@@ -47,7 +50,7 @@ from .request import ModelFacts, Request, plan_request, trace_path
 __all__ = ["Engine"]
 
 
-class Engine:
+class Engine(LoraMethods):
     """A loaded CogVideoX model: text-to-video (and video-to-video on the same checkpoint),
     image-to-video, or Fun-Control, as ``model_index.json`` says.
 
@@ -78,6 +81,7 @@ class Engine:
         self._warm: set[tuple] = set()  # shapes the compiled forward has already been compiled for
         self._lock = threading.RLock()
         self.lora = LoraAdapters()  # LoRA adapters: load_lora, set_adapters, fuse_lora, unfuse_lora
+        self.parallel: Parallel | None = None  # set by Engine.load(parallel=...)
         if tokenizer is not None and text_encoder is not None:
             check_vocab(tokenizer, text_encoder)
 
@@ -100,6 +104,7 @@ class Engine:
         compile: bool | str = False,
         compile_cache_dir: str | os.PathLike | None = None,
         lora: list[tuple[str | os.PathLike, float]] | None = None,
+        parallel: str | None = None,
     ) -> "Engine":
         """Load every component of a diffusers-layout CogVideoX checkpoint.
 
@@ -125,10 +130,21 @@ class Engine:
             over the default).
         lora: (path, scale) pairs of LoRAs. With a recipe for the transformer they are merged into its
             full-precision weights before quantizing; otherwise loaded as with :meth:`load_lora`.
+        parallel: None, "cfg", "ulysses" or "cfg+ulysses": one video over the processes of the initialized
+            torch.distributed process group (every rank calls load and generate with the same arguments;
+            'cuda' means each rank's own GPU). "cfg": the guidance halves on 2 ranks; "ulysses": the video
+            tokens sharded over every rank; "cfg+ulysses": both, on an even number of ranks. Frames are
+            returned (and saved) on rank 0; every rank returns the latents.
         """
-        dev = resolve_device(device)
+        dev = resolve_device(parallel_device(device, check_mode(parallel)))
+        mesh = make_mesh(parallel, dev)
+        if mesh is not None:  # the ranks agree on the checkpoint (its contents, not its path) and the options
+            model_dir = Parallel.agree_load(dict(device=dev.type, dtype=dtype, fuse_qkv=fuse_qkv, scheduler=scheduler,
+                                                 recipe=recipe, kernels=kernels, compile=compile, parallel=parallel,
+                                                 lora=[(str(p_), float(s_)) for p_, s_ in lora or []]),
+                                            dev, model)
         dt = resolve_dtype(dtype or _default_dtype(dev), dev)
-        model_dir = resolve_model_dir(model)
+        model_dir = resolve_model_dir(model) if mesh is None else model_dir
         check_compile_mode(compile)
         backend = resolve_backend(kernels, dev)
         if compile:
@@ -139,7 +155,7 @@ class Engine:
         engine.lora.baked = merged
         for path, scale in pending:
             engine.load_lora(path, scale=scale)
-        return engine._finish(backend, kernels, compile, compile_cache_dir)
+        return engine._finish(backend, kernels, compile, compile_cache_dir, mesh)
 
     @classmethod
     def from_preset(
@@ -156,13 +172,20 @@ class Engine:
         vae: bool = True,
         seed: int = 0,
         t5_layers: int | None = None,
+        parallel: str | None = None,
     ) -> "Engine":
         """A real-shape model (``cogvx.engine.models.presets.PRESETS``) with random weights, built on the
         device: for benchmarks when no checkpoint is on disk. dtype defaults to the preset's on CUDA,
         float32 on the CPU; ``text_encoder=False`` / ``vae=False`` leave those out (pass prompt_embeds,
-        and output_type="latent"); ``t5_layers`` keeps that many of T5-XXL's 24 layers (CPU benchmarks)."""
+        and output_type="latent"); ``t5_layers`` keeps that many of T5-XXL's 24 layers (CPU benchmarks);
+        ``parallel``: as in :meth:`load`."""
         p = get_preset(preset)
-        dev = resolve_device(device)
+        dev = resolve_device(parallel_device(device, check_mode(parallel)))
+        mesh = make_mesh(parallel, dev)
+        if mesh is not None:
+            Parallel.agree_load(dict(preset=preset, device=dev.type, dtype=dtype, recipe=recipe, kernels=kernels,
+                                     compile=compile, text_encoder=text_encoder, vae=vae, seed=seed,
+                                     parallel=parallel), dev)
         dt = resolve_dtype(dtype or (p.dtype if dev.type == "cuda" else torch.float32), dev)
         backend = resolve_backend(kernels, dev)
         check_compile_mode(compile)
@@ -176,13 +199,15 @@ class Engine:
             quantize_transformer(parts["transformer"], requested["transformer"], parts["tokenizer"],
                                  parts["text_encoder"], dt)
         parts["recipes"] = {c: r.name for c, r in requested.items()}
-        return cls(**parts, device=dev, dtype=dt)._finish(backend, kernels, compile, compile_cache_dir)
+        return cls(**parts, device=dev, dtype=dt)._finish(backend, kernels, compile, compile_cache_dir, mesh)
 
-    def _finish(self, backend: str, kernels: str, compile, compile_cache_dir) -> "Engine":
+    def _finish(self, backend: str, kernels: str, compile, compile_cache_dir, mesh=None) -> "Engine":
         # "auto" starts with SDPA for attention and switches per shape where a recorded benchmark on
         # this GPU found the fused RoPE flash attention faster (cogvx.kernels.attention_for).
         self.transformer.set_kernel_backend(backend, "flash" if kernels == "triton" else "sdpa")
         self.kernels, self._backend = kernels, backend
+        if mesh is not None:
+            self.parallel = Parallel(mesh, self.transformer)
         if compile:
             self.compile(compile, compile_cache_dir)
         return self
@@ -199,7 +224,8 @@ class Engine:
         check_compile_mode(mode)
         use_cache_dir(cache_dir)
         with self._lock:
-            self._compiled = compile_module(self.transformer, mode, self.device, backend)
+            net = self.transformer if self.parallel is None else self.parallel.net
+            self._compiled = compile_module(net, mode, self.device, backend)
             self._compile_mode, self._compile_backend = mode, backend
             self._warm.clear()
             if vae and self.vae is not None:
@@ -271,11 +297,17 @@ class Engine:
                       negative_prompt_embeds=negative_prompt_embeds, callback_on_step_end=callback_on_step_end,
                       output_type=output_type, max_sequence_length=max_sequence_length, image=image, video=video,
                       strength=strength, control_video=control_video)
-        if check_finite not in ("warn", "raise", "off"):
-            raise ValueError(f"check_finite must be 'warn', 'raise' or 'off' (got {check_finite!r})")
+        par = self.parallel
+
+        def checked():  # every check first: nothing heavy runs on bad input
+            if check_finite not in ("warn", "raise", "off"):
+                raise ValueError(f"check_finite must be 'warn', 'raise' or 'off' (got {check_finite!r})")
+            return plan_request(req, self.facts()), trace_path(profile_trace) if profile_trace is not None else None
+
         with stage(prof, "prepare", self.device):
-            plan = plan_request(req, self.facts())  # every check first: nothing heavy runs on bad input
-            trace_file = trace_path(profile_trace) if profile_trace is not None else None
+            # Parallel: the ranks agree on the arguments first, and a check that fails on one rank fails on all.
+            args = dict(vars(req), profile_trace=profile_trace, check_finite=check_finite)
+            plan, trace_file = checked() if par is None else par.plan(checked, args, req)
             schedule = self.scheduler.schedule(plan.steps)
         with self._lock:
             ctx = tracer(self.device) if trace_file is not None else contextlib.nullcontext()
@@ -290,6 +322,9 @@ class Engine:
                 run_ts = list(schedule.timesteps_host[cond.start:])
                 guidance = Guidance(plan.cfg, tuple(guidance_scales(run_ts, len(run_ts), guidance_scale,
                                                                     bool(use_dynamic_cfg))))
+                if par is not None:
+                    text, guidance = par.local(text, guidance)
+                    par.comm.reset()
                 positions = self.positions(plan.shape[1], plan.shape[3], plan.shape[4])
                 model = self._model_for(plan, text, cond, guidance, positions, schedule, prof)
                 clock = StepClock(self.device)
@@ -298,31 +333,38 @@ class Engine:
                                   callback=callback_on_step_end, callback_owner=self, clock=clock, dtype=self.dtype,
                                   check_finite=check_finite)
                 prof.steps = clock.seconds()
+                if par is not None:
+                    par.report_loop(prof, self._compiled is not None, len(run_ts))
                 out = out[:, plan.extra:]
                 frames = None
                 if output_type != "latent":
                     with stage(prof, "vae_decode", self.device):
-                        frames = postprocess(self.decode(out), output_type)
+                        video = self.decode(out) if par is None else par.decode(self, out)
+                        frames = None if video is None else postprocess(video, output_type)
+            if par is not None:
+                par.report_ranks(prof, time.perf_counter() - t_call)
             prof.memory = mem.result
             if trace_file is not None:
                 trace.export_chrome_trace(str(trace_file))
         prof.total_seconds = time.perf_counter() - t_call
         return GenerationResult(latents=out, frames=frames, output_type=output_type, timesteps=run_ts,
-                                guidance_scales=list(guidance.scales), seed=plan.seed, task=plan.task, profile=prof)
+                                guidance_scales=list(guidance.scales), seed=plan.seed, task=plan.task, profile=prof,
+                                rank=0 if par is None else par.rank)
 
     def _model_for(self, plan, text, cond, guidance, positions, schedule, prof: Profile):
         """The transformer call of this plan's shape: eager or compiled (compiled once per shape, timed
         apart as the "compile" stage); sets the FLOP count and shape of the profile."""
-        batch = plan.n * guidance.copies
+        batch = plan.n * guidance.copies  # this rank's model batch
         nv = positions.grid[0] * positions.grid[1] * positions.grid[2]
-        prof.flops_per_step = transformer_flops(self.config, batch, text.shape[1], nv)
-        prof.shape = dict(batch=batch, latent_frames=plan.shape[1], latent_height=plan.shape[3],
+        whole = plan.n * (2 if guidance.enabled else 1)  # the whole job's, on every rank
+        prof.flops_per_step = transformer_flops(self.config, whole, text.shape[1], nv)
+        prof.shape = dict(batch=whole, latent_frames=plan.shape[1], latent_height=plan.shape[3],
                           latent_width=plan.shape[4], text_tokens=text.shape[1], video_tokens=nv)
         if self.kernels == "auto" and self.device.type == "cuda":
             attn = attention_for(self.device, self.config.num_attention_heads, text.shape[1] + nv, self.dtype)
             self.transformer.set_kernel_backend(self._backend, attn)
         if self._compiled is None:
-            return self.transformer
+            return self.transformer if self.parallel is None else self.parallel.net
         x = cond.latents if cond.concat is None else torch.cat([cond.latents, cond.concat], dim=2)
         key = (batch, tuple(x.shape[1:]), tuple(text.shape[1:]), cond.ofs is not None)
         if key not in self._warm:
@@ -351,44 +393,6 @@ class Engine:
         ``Engine.load`` reads back without re-quantizing; atomic (a temporary directory renamed at the end).
         kwargs: ``overwrite``, ``max_shard_bytes`` (``cogvx.engine.pipelines.quantized_export.save_quantized``)."""
         return save_quantized(self, out_dir, **kwargs)
-
-    # ------------------------------------------------------------------ LoRA (cogvx.engine.pipelines.lora)
-    def load_lora(self, path: str | os.PathLike, adapter_name: str | None = None, scale: float = 1.0) -> str:
-        """Load a diffusers/peft CogVideoX LoRA (a .safetensors file or its directory) as an active adapter
-        with weight ``scale``; returns its name. Runs as a side branch until :meth:`fuse_lora`."""
-        with self._lock:
-            name = self.lora.load(self.transformer, path, adapter_name, scale, dtype=self.dtype)
-            self._weights_changed()
-        return name
-
-    def set_adapters(self, adapter_names: str | list[str], weights: float | list[float] | None = None) -> None:
-        """Activate these adapters (others off) with these weights (default 1.0 each)."""
-        with self._lock:
-            self.lora.set_adapters(self.transformer, adapter_names, weights, dtype=self.dtype)
-            self._weights_changed()
-
-    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
-        """Merge the active adapters (times ``lora_scale``) into the transformer weights."""
-        with self._lock:
-            self.lora.fuse(self.transformer, lora_scale, adapter_names, dtype=self.dtype)
-            self._weights_changed()
-
-    def unfuse_lora(self) -> None:
-        """Take fused adapters out of the weights again; they run as side branches."""
-        with self._lock:
-            self.lora.unfuse(self.transformer, dtype=self.dtype)
-            self._weights_changed()
-
-    def delete_adapters(self, adapter_names: str | list[str]) -> None:
-        with self._lock:
-            self.lora.delete(self.transformer, adapter_names, dtype=self.dtype)
-            self._weights_changed()
-
-    def _weights_changed(self) -> None:
-        # A compiled graph holds the weights it saw (frozen on the CPU): compile again, timed as "compile".
-        if self._compiled is not None:
-            self._compiled = compile_module(self.transformer, self._compile_mode, self.device, self._compile_backend)
-            self._warm.clear()
 
     def encode(self, prompts: list[str], max_length: int = MAX_LENGTH) -> torch.Tensor:
         """T5 embeddings [B, max_length, text_embed_dim] of prompts, in the engine dtype."""

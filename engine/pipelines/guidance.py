@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["guidance_scales", "Guidance"]
+__all__ = ["guidance_scales", "Guidance", "SplitGuidance"]
 
 
 def guidance_scales(timesteps_host: list[int] | tuple[int, ...], num_inference_steps: int, guidance_scale: float,
@@ -47,3 +47,17 @@ class Guidance:
             return pred
         uncond, cond = pred.chunk(2)
         return uncond + self.scales[k] * (cond - uncond)
+
+
+@dataclass(frozen=True)
+class SplitGuidance(Guidance):
+    """CFG with the two halves on different ranks: this rank's model input is its own half (one copy of the
+    latents, its half of the text batch), and the model returns both halves' predictions (gathered across
+    ranks), which combine as usual."""
+
+    @property
+    def copies(self) -> int:
+        return 1
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        return x

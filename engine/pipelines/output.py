@@ -61,6 +61,7 @@ class GenerationResult:
     seed: int | None = None
     task: str = "t2v"
     profile: Profile = field(default_factory=Profile)
+    rank: int = 0  # under Engine.load(parallel=...): this process's rank (frames are on rank 0)
 
     @property
     def timings(self) -> dict[str, float]:
@@ -75,6 +76,8 @@ class GenerationResult:
         written goes to a temporary file; after trying every video, :class:`~cogvx.engine.io.video.VideoWriteError`
         names each fallback: a finished generation is never lost.
         """
+        if self.frames is None and self.rank != 0:
+            return []  # a parallel generate decodes and writes on rank 0 only
         if self.frames is None:
             raise ValueError("this result holds latents only (output_type='latent'); generate with "
                              "output_type='np' (the default) to get frames to save")

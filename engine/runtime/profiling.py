@@ -103,6 +103,9 @@ class Profile:
     device: str = ""
     dtype: str = ""
     shape: dict[str, int] = field(default_factory=dict)
+    # Under Engine.load(parallel=...): mode, world, rank, degrees, this rank's collective seconds in the
+    # loop (and how they were timed), and every rank's stage times ("ranks").
+    parallel: dict = field(default_factory=dict)
 
     @property
     def step_median(self) -> float:
@@ -133,8 +136,19 @@ class Profile:
         rows.append(("total", f"{self.total_seconds:9.3f} s"))
         for k, v in self.memory.items():
             rows.append((k.replace("_bytes", ""), f"{v / 2**30:9.3f} GiB"))
+        if self.parallel:
+            p = self.parallel
+            rows.append(("collectives", f"{p['collective_seconds']:9.3f} s  ({p['collective_timing']}, "
+                                        f"{p['collective_calls']} calls, {p['collective_bytes'] / 2**20:.1f} MiB)"))
+            for r in p.get("ranks", []):
+                parts = ", ".join(f"{k} {v:.3f}" for k, v in r["stages"].items())
+                rows.append((f"rank {r['rank']}", f"{parts}; step {r['step_median_seconds']:.3f}, collectives "
+                                                  f"{r['collective_seconds']:.3f} s"))
         width = max(len(r[0]) for r in rows)
         head = f"profile ({self.device}, {self.dtype}, {self.shape})"
+        if self.parallel:
+            head += f", parallel {self.parallel['mode']} on {self.parallel['world']} ranks (this is rank " \
+                    f"{self.parallel['rank']})"
         return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
