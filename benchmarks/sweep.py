@@ -9,7 +9,7 @@ Peak memory is process-wide (CUDA: max allocated/reserved during the timed calls
 size): on the CPU, later rows carry heap retained from earlier rows, so compare memory across rows
 only on CUDA.
 
-    python benchmarks/sweep.py --preset cpu-bench                    # the CPU figures of the issue
+    python benchmarks/sweep.py --preset cpu-bench                    # the README's CPU figures
     python benchmarks/sweep.py --preset 5b --device cuda --dtype bfloat16 \\
         --recipes none int8wo fp8dq-row --compile off on --kernels torch auto
 

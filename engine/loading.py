@@ -22,6 +22,7 @@ from .io.checkpoint import CheckpointError, PIPELINE_CLASSES, check_file_name, r
 from .io.safetensors import (
     TensorInfo,
     check_filled,
+    check_index,
     check_shapes,
     load_into,
     read_headers,
@@ -29,7 +30,7 @@ from .io.safetensors import (
     weight_files,
 )
 from .models.config import ConfigError, TransformerConfig, VAEConfig
-from .models.schedulers import make_scheduler
+from .models.schedulers import SCHEDULERS, make_scheduler
 from .models.text_encoder import build_text_encoder, text_encoder_dtype, tie_embedding
 from .models.tokenizer import MAX_EXTRA_IDS, PromptTokenizer, TokenizerError
 from .models.transformer import CogVideoXTransformer, build_transformer
@@ -46,7 +47,9 @@ _REQUIRED = {"transformer": "config.json", "scheduler": "scheduler_config.json",
              "tokenizer": None, "vae": "config.json"}
 # Sizes no T5 encoder comes near; a hostile config.json must not make the meta build run for minutes.
 _T5_RANGES = {"vocab_size": (1, 1 << 20), "d_model": (1, 65536), "d_kv": (1, 4096), "d_ff": (1, 1 << 18),
-              "num_layers": (1, 256), "num_heads": (1, 1024)}
+              "num_layers": (1, 256), "num_heads": (1, 1024), "relative_attention_num_buckets": (1, 4096),
+              "relative_attention_max_distance": (1, 1 << 20)}
+_T5_FLOATS = {"layer_norm_epsilon": (1e-12, 1.0), "dropout_rate": (0.0, 1.0), "initializer_factor": (0.0, 1e6)}
 
 
 def required_components() -> dict[str, str | None]:
@@ -89,6 +92,8 @@ def load_transformer(transformer_dir: str | Path, device: str | torch.device = "
     info = info if info is not None else read_quantization(d)
     files = _listed_files(d, info) if info else weight_files(d)
     headers = read_headers(files)
+    if not info:
+        check_index(d, headers)
     _check_layer_count(headers, "transformer_blocks", cfg.num_layers, d / "config.json", "num_layers")
     model = build_transformer(cfg)
     if info is not None:
@@ -119,6 +124,7 @@ def load_vae(vae_dir: str | Path, device: str | torch.device = "cpu", dtype: tor
     cfg = read_config(VAEConfig, d / "config.json")
     files = weight_files(d)
     headers = read_headers(files)
+    check_index(d, headers)
     with torch.device("meta"):
         model = CogVideoXVAE(cfg)
     check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, headers, d / "config.json")
@@ -134,10 +140,18 @@ def t5_config(text_encoder_dir: Path) -> T5Config:
         v = d.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi):
             raise CheckpointError(f"{path}: {key}={v!r} must be an integer from {lo} to {hi}")
+    for key, (lo, hi) in _T5_FLOATS.items():
+        v = d.get(key)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi):
+            raise CheckpointError(f"{path}: {key}={v!r} must be a finite number from {lo:g} to {hi:g}")
+    if not isinstance(d.get("feed_forward_proj", "relu"), str):
+        raise CheckpointError(f"{path}: feed_forward_proj={d['feed_forward_proj']!r} must be a string such as "
+                              "'gated-gelu'")
     try:
         return T5Config(**{k: v for k, v in d.items() if not k.startswith("_")})
     except Exception as e:  # transformers raises several types for bad values
-        raise CheckpointError(f"{path}: not a T5 config ({type(e).__name__}: {e})") from e
+        msg = " ".join(f"{type(e).__name__}: {e}".split())  # one line
+        raise CheckpointError(f"{path}: not a T5 config ({msg})") from e
 
 
 def load_text_encoder(text_encoder_dir: str | Path, device: str | torch.device = "cpu",
@@ -156,6 +170,8 @@ def load_text_encoder(text_encoder_dir: str | Path, device: str | torch.device =
     info = info if info is not None else read_quantization(d)
     files = _listed_files(d, info) if info else weight_files(d)
     headers = read_headers(files)
+    if not info:
+        check_index(d, headers)
     _check_layer_count(headers, "encoder.block", config.num_layers, d / "config.json", "num_layers")
     model = build_text_encoder(config)
     if info is not None:
@@ -186,18 +202,22 @@ def load_tokenizer(tokenizer_dir: str | Path, vocab_limit: int | None = None) ->
     if not d.is_dir():
         raise CheckpointError(f"tokenizer directory {d} does not exist")
     cfg: dict[str, Any] = {}
+    origin: dict[str, Path] = {}  # key -> the file it came from (the later file wins, as in transformers)
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         if (d / name).exists():
-            cfg.update(read_json(d / name, f"the tokenizer's {name} (a JSON object)"))
-    eos, pad = _token_str(cfg.get("eos_token", "</s>"), d), _token_str(cfg.get("pad_token", "<pad>"), d)
+            part = read_json(d / name, f"the tokenizer's {name} (a JSON object)")
+            cfg.update(part)
+            origin.update({k: d / name for k in part})
+    eos = _token_str(cfg.get("eos_token", "</s>"), origin.get("eos_token", d), "eos_token")
+    pad = _token_str(cfg.get("pad_token", "<pad>"), origin.get("pad_token", d), "pad_token")
     try:
         if (d / "spiece.model").is_file():
             extra = cfg.get("extra_ids", 100)
             if not isinstance(extra, int) or isinstance(extra, bool) or not 0 <= extra <= MAX_EXTRA_IDS:
-                raise TokenizerError(f"{d / 'tokenizer_config.json'}: extra_ids={extra!r} must be an integer from 0 to "
+                raise TokenizerError(f"{origin.get('extra_ids', d)}: extra_ids={extra!r} must be an integer from 0 to "
                                      f"{MAX_EXTRA_IDS} (T5 uses 100)")
             if vocab_limit is not None and extra > vocab_limit:
-                raise TokenizerError(f"{d / 'tokenizer_config.json'}: extra_ids={extra} exceeds the text encoder's "
+                raise TokenizerError(f"{origin.get('extra_ids', d)}: extra_ids={extra} exceeds the text encoder's "
                                      f"vocabulary ({vocab_limit}); they are not from the same checkpoint")
             tok = PromptTokenizer.from_sentencepiece((d / "spiece.model").read_bytes(), extra_ids=extra,
                                                      eos_token=eos, pad_token=pad, source=d / "spiece.model")
@@ -221,7 +241,13 @@ def load_scheduler(source: str | Path, class_name: str | None = None):
     path = Path(source)
     if path.is_dir():
         path = path / "scheduler_config.json"
-    return make_scheduler(read_json(path, "a diffusers scheduler_config.json (a JSON object)"), class_name)
+    if class_name is not None and class_name not in SCHEDULERS:
+        raise ValueError(f"unsupported scheduler class {class_name!r}; accepted: {', '.join(SCHEDULERS)}")
+    config = read_json(path, "a diffusers scheduler_config.json (a JSON object)")
+    try:
+        return make_scheduler(config, class_name)
+    except (ValueError, TypeError) as e:  # the file's values: name the file
+        raise CheckpointError(f"{path}: {e}") from e
 
 
 def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *, fuse_qkv: bool = False,
@@ -246,6 +272,10 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *
     requested = resolve_quantization(recipe, saved, device, dtype, model_dir)
     sched = load_scheduler(model_dir / "scheduler", class_name=scheduler)
     tokenizer = load_tokenizer(model_dir / "tokenizer", vocab_limit=te_cfg.vocab_size)
+    # Every component's headers against its config before any weight is read (the loaders check again).
+    _check_headers(model_dir / "transformer", saved.get("transformer"), "transformer_blocks", t_cfg.num_layers)
+    _check_headers(model_dir / "text_encoder", saved.get("text_encoder"), "encoder.block", te_cfg.num_layers)
+    check_index(model_dir / "vae", read_headers(weight_files(model_dir / "vae")))
     te_dtype = text_encoder_dtype(dtype, device)
     text_encoder = load_text_encoder(model_dir / "text_encoder", device, te_dtype, info=saved.get("text_encoder"))
     if "text_encoder" in requested:
@@ -281,6 +311,13 @@ def _listed_files(d: Path, info: dict[str, Any]) -> list[Path]:
             raise CheckpointError(f"{f} is missing: {d / QUANT_FILE} lists it among the weight files; the checkpoint "
                                   "is incomplete: copy or export it again")
     return files
+
+
+def _check_headers(d: Path, info: dict[str, Any] | None, prefix: str, layers: int) -> None:
+    headers = read_headers(_listed_files(d, info) if info else weight_files(d))
+    if not info:
+        check_index(d, headers)
+    _check_layer_count(headers, prefix, layers, d / "config.json", "num_layers")
 
 
 def _check_layer_count(headers: dict[str, TensorInfo], prefix: str, n: int, config_path: Path, key: str) -> None:
@@ -332,10 +369,10 @@ def _merge_tied_embedding(state: dict[str, torch.Tensor], where: str) -> None:
         state["shared.weight"] = state["encoder.embed_tokens.weight"] = emb
 
 
-def _token_str(tok, d: Path) -> str:
+def _token_str(tok, where: Path, key: str) -> str:
     # Saved AddedTokens are dicts {"content": "</s>", "lstrip": ..., ...}.
     value = tok.get("content") if isinstance(tok, dict) else tok
     if not isinstance(value, str):
-        raise CheckpointError(f"{d}: special token {tok!r} is not a string")
+        raise CheckpointError(f"{where}: {key}: special token {tok!r} is not a string")
     return value
 

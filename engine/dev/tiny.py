@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel
 
-from ..io.atomic import atomic_directory, umask_mode
+from ..io.atomic import apply_umask, atomic_directory, umask_mode
 from ..io.cache import cache_root
 from ..models.presets import PRESETS
 from ..models.schedulers import SchedulerConfig
@@ -63,6 +63,7 @@ def _write_all(d: Path, seed: int) -> None:
     vocab = spm.SentencePieceProcessor(model_file=str(d / "tokenizer" / "spiece.model")).get_piece_size()
     t5 = T5EncoderModel(tiny_t5_config(tcfg.text_embed_dim, vocab)).eval()
     t5.save_pretrained(d / "text_encoder", safe_serialization=True)
+    apply_umask(*(d / "text_encoder").glob("*.safetensors"))  # safetensors writes 0600 files
     # scheduler
     (d / "scheduler").mkdir()
     sched = {"_class_name": preset.scheduler, "_diffusers_version": _DIFFUSERS_VERSION, **SchedulerConfig().to_dict()}
@@ -86,6 +87,7 @@ def _save_module(module: torch.nn.Module, d: Path, config: dict) -> None:
     (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(d / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    apply_umask(d / "diffusion_pytorch_model.safetensors")
 
 
 def default_tiny_dir() -> Path:
