@@ -74,8 +74,8 @@ def unguard(engine):
 def cli_env(tmp: Path, **extra: str) -> dict[str, str]:
     """The environment of a fresh user process: HOME, caches and temporaries under ``tmp``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COGVX_", "TORCHINDUCTOR_", "TRITON_CACHE"))}
-    env.update(HOME=str(tmp / "home"), XDG_CACHE_HOME="", TMPDIR=str(tmp / "tmp"))
-    env.pop("XDG_CACHE_HOME")
+    env.update(HOME=str(tmp / "home"), TMPDIR=str(tmp / "tmp"))
+    env.pop("XDG_CACHE_HOME", None)
     (tmp / "home").mkdir(parents=True, exist_ok=True)
     (tmp / "tmp").mkdir(exist_ok=True)
     env.update(extra)
