@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import re
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from cogvx.engine.runtime.profiling import peak_rss  # noqa: F401  (re-exported: the one peak-RSS helper)
+from cogvx.quantize.metrics import sqnr as sqnr_db  # noqa: F401  (re-exported: the one SQNR helper)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -59,13 +59,6 @@ def write_results(name: str, payload: dict) -> Path:
     return path
 
 
-def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio of ``x`` against ``ref`` in dB (float64; inf when equal)."""
-    ref, x = ref.detach().double().cpu(), x.detach().double().cpu()
-    noise = (ref - x).pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(ref.pow(2).sum().item() / noise)
-
-
 def current_rss() -> int:
     """Resident set size of this process now, in bytes (Linux)."""
     with open("/proc/self/statm") as f:
@@ -88,11 +81,17 @@ def child_result(payload) -> None:
     print(RESULT_PREFIX + json.dumps(payload), flush=True)
 
 
-def run_child(script: str | Path, *args: str, env: dict | None = None, cwd: Path | None = None) -> dict:
+def run_child(script: str | Path, *args: str, env: dict | None = None, cwd: Path | None = None,
+              timeout: float | None = None) -> dict:
     """Run ``python script --child args...`` in a fresh process and return the JSON it printed with
-    ``child_result``; a failed child raises RuntimeError with the end of its stderr."""
+    ``child_result``; a failed child (or one over ``timeout`` seconds) raises RuntimeError with the end of
+    its stderr."""
     cmd = [sys.executable, str(Path(script).resolve()), "--child", *args]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"child {' '.join(args)} timed out after {timeout:.0f} s") from None
     line = next((x for x in reversed(p.stdout.splitlines()) if x.startswith(RESULT_PREFIX)), None)
     if p.returncode or line is None:
         raise RuntimeError(f"child {' '.join(args)} failed (exit {p.returncode}):\n{(p.stderr or p.stdout)[-4000:]}")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .backends import backend_version, get_backend
-from .recipes import Recipe, get_recipe
+from .recipes import Recipe, RecipeError, get_recipe
 
 __all__ = [
     "FORMAT_VERSION", "QUANT_FILE", "QuantizedFormatError", "DTYPES", "export_component", "component_info", "check_info",
@@ -41,6 +41,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Stored tensors of quantized layers that hold scales or other real numbers: an integer dtype there
 # would silently change every output.
 _FLOAT_SUFFIXES = ("scale", "SCB", "nested_absmax", "quant_map")
+# The stored quantized weight data of each backend (torchao, quanto, bitsandbytes): 8-bit elements.
+_DATA_NAMES = ("_weight_qdata", "weight._data", "weight")
 
 
 class QuantizedFormatError(ValueError):
@@ -107,7 +109,10 @@ def check_info(info: Any, where: str) -> dict[str, Any]:
         raise QuantizedFormatError(f"{where}: dtype {info['dtype']!r} is not one of {', '.join(DTYPES)}")
     if not isinstance(info["recipe"].get("name"), str):
         raise QuantizedFormatError(f"{where}: recipe has no name")
-    recipe = get_recipe(info["recipe"]["name"])  # an unknown recipe name is a RecipeError naming the known ones
+    try:
+        recipe = get_recipe(info["recipe"]["name"])
+    except RecipeError as e:  # names the known recipes; say which file asked for it
+        raise QuantizedFormatError(f"{where}: {e}") from e
     if info["backend"] != recipe.backend:
         raise QuantizedFormatError(f"{where}: backend {info['backend']!r} does not match recipe {recipe.name!r} "
                                    f"({recipe.backend})")
@@ -169,6 +174,9 @@ def fill_quantized(model: nn.Module, layers: dict[str, nn.Module], info: dict[st
     per_layer: dict[str, dict[str, torch.Tensor]] = {fqn: {} for fqn in layers}
     for key, t in tensors:
         if key in fp:
+            if _target(model, key).is_floating_point() and not t.is_floating_point():
+                raise QuantizedFormatError(f"{where}: tensor {key!r} is stored as {t.dtype} but the model needs a "
+                                           "floating-point tensor; the checkpoint is damaged: export it again")
             if t.is_floating_point() and t.dtype != dtype:
                 raise QuantizedFormatError(f"{where}: tensor {key!r} is {t.dtype}, but the quantization file says the "
                                            f"checkpoint is {info['dtype']}")
@@ -181,12 +189,22 @@ def fill_quantized(model: nn.Module, layers: dict[str, nn.Module], info: dict[st
         if suffix.split(".")[-1].endswith(_FLOAT_SUFFIXES) and not t.is_floating_point():
             raise QuantizedFormatError(f"{where}: tensor {key!r} holds scales but is stored as {t.dtype}; "
                                        "the checkpoint is damaged: export it again")
+        if suffix in _DATA_NAMES and t.element_size() != 1:
+            raise QuantizedFormatError(f"{where}: tensor {key!r} holds quantized weights but is stored as {t.dtype} "
+                                       "(8-bit int8, uint8 or float8 expected); the checkpoint is damaged: export "
+                                       "it again")
         per_layer[owner][suffix] = t
     for fqn, q in layers.items():
         try:
             backend.load_layer(q, per_layer.pop(fqn), info["layers"][fqn], device)
         except Exception as e:
             raise QuantizedFormatError(f"{where}: cannot rebuild quantized layer {fqn!r} ({info['backend']}): {e}") from e
+
+
+def _target(model: nn.Module, name: str) -> torch.Tensor:
+    owner, leaf = name.rpartition(".")[::2]
+    mod = model.get_submodule(owner) if owner else model
+    return mod._parameters[leaf] if leaf in mod._parameters else mod._buffers[leaf]
 
 
 def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:

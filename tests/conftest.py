@@ -8,7 +8,7 @@ import pytest
 import torch
 
 # Triton kernels run on the CPU only through the interpreter, and the variable must be set
-# before any @triton.jit function is defined (DESIGN §7): set here, before any test imports them.
+# before any @triton.jit function is defined: set here, before any test imports them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -41,3 +41,11 @@ def ckpt_factory(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def quantized_ckpt(ckpt_factory, tmp_path_factory):
+    """The tiny "rope" checkpoint with an int8wo transformer, saved once per session (copy it to break it)."""
+    from cogvx.engine import Engine
+
+    return Engine.load(ckpt_factory("rope"), recipe="int8wo").save_quantized(tmp_path_factory.mktemp("q8") / "q")

@@ -32,7 +32,7 @@ def randomize_(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.n
     return module
 
 
-# Small transformer variants covering every code path of DESIGN §5.
+# Small transformer variants covering every code path of the released models (2b, 5b, I2V, 1.5, Fun-Control).
 TRANSFORMER_VARIANTS = {
     # 2b: 3D sin-cos positions, no RoPE
     "sincos": dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=24,
@@ -85,7 +85,7 @@ def kernel_markers(kernel):
 
 def device_dtype_params(kernel) -> list:
     """(device, dtype) test parameters: CPU fp32/fp16 under the interpreter (bf16 ``tl.dot`` is wrong
-    there, DESIGN §7), CUDA fp32/fp16/bf16."""
+    there), CUDA fp32/fp16/bf16."""
     import pytest
 
     interp, cuda = kernel_markers(kernel)

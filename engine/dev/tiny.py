@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel
 from transformers.utils import logging as hf_logging
 
-from ..io.atomic import atomic_directory, umask_mode
+from ..io.atomic import apply_umask, atomic_directory, umask_mode
 from ..io.cache import cache_root
 from ..models.presets import PRESETS
 from ..models.schedulers import SchedulerConfig
@@ -81,6 +81,7 @@ def _write_all(d: Path, seed: int, task: str) -> None:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    apply_umask(*(d / "text_encoder").glob("*.safetensors"))  # safetensors writes 0600 files
     # scheduler
     (d / "scheduler").mkdir()
     sched = {"_class_name": preset.scheduler, "_diffusers_version": _DIFFUSERS_VERSION, **SchedulerConfig().to_dict()}
@@ -104,6 +105,7 @@ def _save_module(module: torch.nn.Module, d: Path, config: dict) -> None:
     (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(d / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    apply_umask(d / "diffusion_pytorch_model.safetensors")
 
 
 def default_tiny_dir() -> Path:

@@ -15,7 +15,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_file", "umask_mode", "temporary_sibling"]
+__all__ = ["atomic_directory", "atomic_file", "umask_mode", "apply_umask", "temporary_sibling"]
 
 
 def umask_mode(base: int = 0o777) -> int:
@@ -23,6 +23,14 @@ def umask_mode(base: int = 0o777) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return base & ~mask
+
+
+def apply_umask(*paths: Path) -> None:
+    """Give files written by libraries that create them 0600 (safetensors' ``save_file``) the mode the
+    user's umask gives any new file."""
+    mode = umask_mode(0o666)
+    for p in paths:
+        os.chmod(p, mode)
 
 
 def temporary_sibling(path: Path, kind: str = "partial") -> Path:

@@ -13,6 +13,9 @@ __all__ = ["CheckpointError", "resolve_model_dir", "read_model_index", "read_jso
            "PIPELINE_CLASSES"]
 
 
+MAX_JSON_BYTES = 64 * 2**20
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory or file is missing, incomplete, malformed or does not match the model."""
 
@@ -33,8 +36,13 @@ def read_json(path: Path, what: str, expect: type = dict) -> Any:
     p = Path(path)
     if p.is_dir():
         raise CheckpointError(f"{p} is a directory; expected {what}")
+    if p.exists() and not p.is_file():  # a FIFO would block open() forever
+        raise CheckpointError(f"{p} is not a regular file (a FIFO, a device or a socket); expected {what}")
     if not p.is_file():
         raise CheckpointError(f"{p} is missing or a broken link; expected {what}")
+    if p.stat().st_size > MAX_JSON_BYTES:  # configs and indexes are kilobytes; parsing gigabytes costs minutes
+        raise CheckpointError(f"{p} is {p.stat().st_size} bytes, more than any {what} ({MAX_JSON_BYTES} at most); "
+                              "the file is not what its name says")
     try:
         value = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -66,6 +74,8 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
     """
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a checkpoint directory path or a hub id (got {type(model).__name__})")
+    if "\0" in os.fspath(model):
+        raise CheckpointError(f"checkpoint path {os.fspath(model)!r} holds a NUL character; pass a directory path")
     p = Path(model).expanduser()
     if p.is_dir():
         return p
@@ -97,7 +107,7 @@ def read_model_index(model_dir: Path, components: dict[str, str | None]) -> dict
     index = read_json(model_dir / "model_index.json",
                       "model_index.json of a diffusers-layout checkpoint (a JSON object naming _class_name)")
     cls = index.get("_class_name")
-    if cls not in PIPELINE_CLASSES:
+    if not isinstance(cls, str) or cls not in PIPELINE_CLASSES:
         raise CheckpointError(
             f"{model_dir / 'model_index.json'}: _class_name {cls!r} is not a CogVideoX pipeline; accepted: "
             f"{', '.join(PIPELINE_CLASSES)}"
@@ -106,6 +116,6 @@ def read_model_index(model_dir: Path, components: dict[str, str | None]) -> dict
         d = model_dir / name
         if not d.is_dir():
             raise CheckpointError(f"{model_dir} is incomplete: the {name}/ directory is missing")
-        if needed and not (d / needed).is_file():
+        if needed and not (d / needed).exists():  # a directory or a FIFO there: read_json says so
             raise CheckpointError(f"{model_dir} is incomplete: {name}/{needed} is missing")
     return index

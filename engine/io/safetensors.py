@@ -19,11 +19,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import apply_umask
 from .checkpoint import CheckpointError, check_file_name, read_json
 
 __all__ = [
-    "TensorInfo", "weight_files", "read_headers", "read_metadata", "read_tensors", "read_state_dict", "check_shapes", "load_into",
-    "check_filled", "save_shards",
+    "TensorInfo", "weight_files", "read_headers", "read_metadata", "check_index", "read_tensors", "read_state_dict",
+    "check_shapes", "load_into", "check_filled", "save_shards",
 ]
 
 # safetensors dtype codes -> torch dtypes (what a header can say without reading data)
@@ -57,6 +58,9 @@ def _unreadable(f: Path, e: Exception) -> CheckpointError:
         return CheckpointError(f"{f} is a broken symbolic link (or a link loop); fetch the file again")
     if f.is_dir():
         return CheckpointError(f"{f} is a directory, not a safetensors file")
+    if f.exists() and not f.is_file():
+        return CheckpointError(f"{f} is not a regular file (a FIFO, a device or a socket); a weight file must be a "
+                               "plain safetensors file")
     return CheckpointError(f"cannot read {f}: {e}; the file is damaged or truncated: fetch or export it again")
 
 
@@ -79,7 +83,7 @@ def weight_files(component_dir: str | Path) -> list[Path]:
         return files
     if len(files) > 1:
         raise CheckpointError(
-            f"{d} holds several .safetensors files ({', '.join(f.name for f in files)}) but no "
+            f"{d} holds several .safetensors files ({_few([f.name for f in files])}) but no "
             "*.safetensors.index.json saying how they belong together"
         )
     pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -120,6 +124,8 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
     tensor stored in two files, and a tensor whose bytes run past the end of its file are errors."""
     out: dict[str, TensorInfo] = {}
     for f in files:
+        if not f.is_file():  # a FIFO would block open() forever, a device never end
+            raise _unreadable(f, FileNotFoundError(f"{f} is not a file"))
         try:
             size = f.stat().st_size
             with open(f, "rb") as fh:
@@ -161,6 +167,25 @@ def read_metadata(files: list[Path]) -> dict[str, str]:
     return out
 
 
+def check_index(component_dir: str | Path, headers: dict[str, TensorInfo]) -> None:
+    """A sharded component's index must say where each tensor is: every stored tensor listed, in the
+    shard that holds it, and every listed tensor stored (no-op for a single-file component)."""
+    indexes = sorted(Path(component_dir).glob("*.safetensors.index.json"))
+    if not indexes:
+        return
+    index = indexes[0]
+    wmap = read_json(index, "a safetensors index")["weight_map"]
+    for k, info in headers.items():
+        if wmap.get(k) != info.file.name:
+            where = f"places it in {wmap[k]!r}" if k in wmap else "does not list it"
+            raise CheckpointError(f"{index}: tensor {k!r} is stored in {info.file.name} but the index {where}; "
+                                  "the index and the shards do not belong together: fetch or export them again")
+    missing = sorted(k for k in wmap if k not in headers)
+    if missing:
+        raise CheckpointError(f"{index} lists tensor(s) {_few(missing)} that no shard holds; the index and the "
+                              "shards do not belong together: fetch or export them again")
+
+
 def read_tensors(files: list[Path], device: str | torch.device = "cpu", keys: set[str] | None = None):
     """Yield (name, tensor) of every tensor (or those in ``keys``), memory-mapped where safetensors allows."""
     for f in files:
@@ -178,7 +203,7 @@ def read_tensors(files: list[Path], device: str | torch.device = "cpu", keys: se
 def read_state_dict(component_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """All tensors of a component directory, after the header checks of :func:`read_headers`."""
     files = weight_files(component_dir)
-    read_headers(files)
+    check_index(component_dir, read_headers(files))
     return dict(read_tensors(files, device))
 
 
@@ -270,6 +295,7 @@ def save_shards(tensors: dict[str, torch.Tensor], out_dir: Path, stem: str, max_
         names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
         save_file(shard, str(out_dir / name), metadata={**(metadata or {}), "format": "pt"})
+        apply_umask(out_dir / name)  # save_file creates 0600 files
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}

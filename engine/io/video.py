@@ -3,6 +3,7 @@ videos that condition a generation (PNG/JPEG/... through PIL, mp4/gif/webm throu
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import tempfile
@@ -143,9 +144,10 @@ def _fallback_save(u8: np.ndarray, fps: float, stem: str) -> Path | None:
     return None
 
 
-def read_video(path: str | os.PathLike) -> np.ndarray:
-    """All frames of a video file (mp4, gif, webm, ...) as uint8 [F, H, W, 3] (iterating: ``list(reader)``
-    fails on some builds)."""
+def read_video(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
+    """The frames of a video file (mp4, gif, webm, ...) as uint8 [F, H, W, 3]: all of them, or the first
+    ``max_frames`` (a long video is never decoded whole for a few frames). Iterates: ``list(reader)``
+    fails on some builds."""
     import imageio.v2 as imageio
 
     p = Path(path).expanduser()
@@ -156,7 +158,7 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
     except Exception as e:
         raise MediaError(f"cannot read video {p}: {e}; give an mp4/gif/webm file") from e
     try:
-        frames = [np.asarray(f) for f in reader]
+        frames = [np.asarray(f) for f in itertools.islice(reader, max_frames)]
     except Exception as e:
         raise MediaError(f"cannot decode video {p}: {e}; the file is damaged or not a video") from e
     finally:

@@ -63,27 +63,42 @@ def _check_value(where: str, key: str, value, hint) -> Any:
     if base is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: {key}={value!r} must be true or false (a JSON boolean, not a string)")
+        raise ConfigError(f"{where}: {key}={_short(value)} must be true or false (a JSON boolean, not a string)")
     if base is int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: {key}={value!r} must be an integer")
+        raise ConfigError(f"{where}: {key}={_short(value)} must be an integer")
     if base is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return value  # an int stays an int: diffusers computes shapes from some of these
 
-        raise ConfigError(f"{where}: {key}={value!r} must be a finite number")
+        raise ConfigError(f"{where}: {key}={_short(value)} must be a finite number")
     if base is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: {key}={value!r} must be a string")
+        raise ConfigError(f"{where}: {key}={_short(value)} must be a string")
     if base is tuple:
-        if isinstance(value, (list, tuple)):
-            return tuple(value)
-        raise ConfigError(f"{where}: {key}={value!r} must be a list")
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key}={_short(value)} must be a list")
+        item = _item_type(hint)
+        return tuple(_check_value(where, f"{key}[{i}]", v, item) for i, v in enumerate(value)) if item else tuple(value)
     return value
+
+
+def _short(value, n: int = 80) -> str:
+    """repr of a config value, cut to ``n`` characters (a hostile file may hold a huge list)."""
+    r = repr(value)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _item_type(hint):
+    """The element type of a ``tuple[X, ...]`` annotation (also inside ``| None``), or None."""
+    for h in (hint, *typing.get_args(hint)):
+        if typing.get_origin(h) is tuple and typing.get_args(h):
+            return typing.get_args(h)[0]
+    return None
 
 
 def _validate(obj, where: str, ranges: dict[str, tuple[float, float]]) -> None:

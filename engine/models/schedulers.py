@@ -40,6 +40,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+MAX_TRAIN_TIMESTEPS = 100_000
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -72,7 +73,7 @@ class SchedulerConfig:
     def __post_init__(self):
         def bad(field, expected):
             raise ValueError(
-                f"scheduler config: {field}={getattr(self, field)!r} is invalid; expected {expected}"
+                f"scheduler config: {field}={repr(getattr(self, field))[:80]} is invalid; expected {expected}"
             )
 
         for name, choices in (
@@ -82,12 +83,15 @@ class SchedulerConfig:
         ):
             if getattr(self, name) not in choices:
                 bad(name, "one of " + ", ".join(repr(c) for c in choices))
+        for name in ("clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "true or false (a JSON boolean, not a string or a number)")
         for name in ("num_train_timesteps", "steps_offset"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 bad(name, "an integer")
-        if self.num_train_timesteps < 1:
-            bad("num_train_timesteps", "an integer >= 1")
+        if not 1 <= self.num_train_timesteps <= MAX_TRAIN_TIMESTEPS:  # the tables hold one value per timestep
+            bad("num_train_timesteps", f"an integer from 1 to {MAX_TRAIN_TIMESTEPS} (CogVideoX: 1000)")
         if self.steps_offset < 0:
             bad("steps_offset", "an integer >= 0")
         for name in ("beta_start", "beta_end", "clip_sample_range", "sample_max_value", "snr_shift_scale"):
@@ -100,7 +104,11 @@ class SchedulerConfig:
         if not 0 <= self.beta_start <= self.beta_end < 1:
             bad("beta_start", f"0 <= beta_start <= beta_end < 1 (beta_end={self.beta_end})")
         if self.trained_betas is not None:
-            betas = tuple(float(b) for b in self.trained_betas)
+            tb = self.trained_betas
+            if not isinstance(tb, (list, tuple)) or not all(
+                    isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1 for b in tb):
+                bad("trained_betas", "a list of numbers in (0, 1), one per training timestep")
+            betas = tuple(float(b) for b in tb)
             if len(betas) != self.num_train_timesteps:
                 bad("trained_betas", f"{self.num_train_timesteps} values (num_train_timesteps), got {len(betas)}")
             object.__setattr__(self, "trained_betas", betas)

@@ -79,8 +79,8 @@ class PromptTokenizer:
         for name, tok in (("eos_token", eos_tok), ("pad_token", pad_tok)):
             if tok not in special:
                 raise TokenizerError(
-                    f"{path}: {name} {tok!r} (from tokenizer_config.json) is not a control piece of the "
-                    f"sentencepiece model; T5 expects '<pad>' (id 0) and '</s>' (id 1)"
+                    f"{path}: {name} {tok!r} (from tokenizer_config.json or special_tokens_map.json) is not a control "
+                    "piece of the sentencepiece model; T5 expects '<pad>' (id 0) and '</s>' (id 1)"
                 )
         split = re.compile("(" + "|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)) + ")")
 

@@ -10,13 +10,15 @@ import operator
 import numpy as np
 import torch
 
-__all__ = ["MAX_FRAMES", "MAX_GUIDANCE", "MAX_SIDE", "MAX_TEXT_LENGTH", "as_int", "as_number", "as_bool",
-           "check_prompts", "check_video_shape", "check_sampling", "check_latents", "check_generator"]
+__all__ = ["MAX_FRAMES", "MAX_GUIDANCE", "MAX_SIDE", "MAX_TEXT_LENGTH", "MAX_PROMPT_CHARS", "as_int", "as_number",
+           "as_bool", "not_on_meta", "check_prompts", "check_video_shape", "check_sampling", "check_latents",
+           "check_generator"]
 
 MAX_GUIDANCE = 100.0
 MAX_TEXT_LENGTH = 512  # T5 takes any length; the bound keeps a typo from costing minutes and gigabytes
 MAX_FRAMES = 4097
 MAX_SIDE = 8192
+MAX_PROMPT_CHARS = 1_000_000
 
 
 def as_int(name: str, value, lo: int, hi: int, hint: str = "") -> int:
@@ -77,12 +79,28 @@ def check_prompts(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds
 
 def _check_text(name: str, value) -> int:
     if isinstance(value, str):
+        _check_length(name, value)
         return 1
     if isinstance(value, (list, tuple)) and value and all(isinstance(p, str) for p in value):
+        for i, p in enumerate(value):
+            _check_length(f"{name} {i}", p)
         return len(value)
     got = type(value).__name__ if not isinstance(value, (list, tuple)) else (
         "an empty list" if not value else f"a list holding {sorted({type(p).__name__ for p in value})}")
     raise TypeError(f"{name} must be a string or a non-empty list of strings (got {got})")
+
+
+def _check_length(name: str, text: str) -> None:
+    # T5 reads the first 226 tokens (about a thousand characters); tokenizing a huge string costs
+    # seconds and gigabytes for nothing.
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} is {len(text)} characters; the text encoder reads only its first "
+                         f"{MAX_TEXT_LENGTH} tokens (a few thousand characters): pass at most {MAX_PROMPT_CHARS}")
+
+
+def not_on_meta(name: str, t: torch.Tensor) -> None:
+    if t.is_meta:
+        raise ValueError(f"{name} are on the meta device (no data); pass a tensor that holds values")
 
 
 def _check_embeds(name: str, t, text_dim: int) -> None:
@@ -90,6 +108,7 @@ def _check_embeds(name: str, t, text_dim: int) -> None:
             or t.shape[0] < 1 or not 1 <= t.shape[1] <= MAX_TEXT_LENGTH:
         shape = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{name} must be a float tensor [batch, tokens <= {MAX_TEXT_LENGTH}, {text_dim}] (got {shape})")
+    not_on_meta(name, t)
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} holds NaN or inf values; the video would be all NaN")
 
@@ -108,10 +127,9 @@ def check_video_shape(num_frames, height, width, temporal: int = 4, spatial_mult
         hint = ""
         if isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0:
             hint = f"; try {min(max(round(v / spatial_multiple), 1) * spatial_multiple, MAX_SIDE)}"
-        s = as_int(name, v, -2**62, 2**62, hint)
-        if s < spatial_multiple or s % spatial_multiple or s > MAX_SIDE:
-            raise ValueError(f"{name} must be a positive multiple of {spatial_multiple} (got {s}){hint}"
-                             + (f"; at most {MAX_SIDE}" if s > MAX_SIDE else ""))
+        s = as_int(name, v, 1, MAX_SIDE, hint)
+        if s < spatial_multiple or s % spatial_multiple:
+            raise ValueError(f"{name} must be a positive multiple of {spatial_multiple} (got {s}){hint}")
         sides.append(s)
     return f, sides[0], sides[1]
 
@@ -131,6 +149,7 @@ def check_latents(latents, shape: tuple[int, ...], what: str) -> None:
         raise ValueError(f"latents must be a floating-point tensor (got {latents.dtype}); draw them with torch.randn")
     if tuple(latents.shape) != shape:
         raise ValueError(f"latents must have shape {shape} for {what} (got {tuple(latents.shape)})")
+    not_on_meta("latents", latents)
     if not bool(torch.isfinite(latents).all()):
         raise ValueError("latents hold NaN or inf values; the video would be all NaN")
 

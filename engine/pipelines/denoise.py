@@ -88,6 +88,8 @@ def _callback_latents(out, latents: torch.Tensor, k: int) -> torch.Tensor:
         got = f"{new.dtype} {tuple(new.shape)}" if isinstance(new, torch.Tensor) else type(new).__name__
         raise ValueError(f"callback_on_step_end returned latents {got} at step {k}; expected a float tensor of "
                          f"shape {tuple(latents.shape)}")
+    if new.is_meta:
+        raise ValueError(f"callback_on_step_end returned latents on the meta device (no data) at step {k}")
     if not bool(torch.isfinite(new).all()):  # the callback already made the host wait
         raise ValueError(f"callback_on_step_end returned latents with NaN or inf values at step {k}")
     return new.to(latents.device, latents.dtype)

@@ -13,6 +13,7 @@ import contextlib
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -345,7 +346,7 @@ class Engine(LoraMethods):
                 par.report_ranks(prof, time.perf_counter() - t_call)
             prof.memory = mem.result
             if trace_file is not None:
-                trace.export_chrome_trace(str(trace_file))
+                _export_trace(trace, trace_file)
         prof.total_seconds = time.perf_counter() - t_call
         return GenerationResult(latents=out, frames=frames, output_type=output_type, timesteps=run_ts,
                                 guidance_scales=list(guidance.scales), seed=plan.seed, task=plan.task, profile=prof,
@@ -408,6 +409,19 @@ class Engine(LoraMethods):
             self._positions[key] = make_positions(self.config, latent_frames, latent_h, latent_w).to(self.device)
         return self._positions[key]
 
+
+
+def _export_trace(trace, path: Path) -> None:
+    """Write the Chrome trace; a failure (torch's exporter itself fails silently) is a warning: a finished
+    generation is never lost to its trace file."""
+    try:
+        trace.export_chrome_trace(str(path))
+        written = path.is_file() and path.stat().st_size > 0
+    except OSError:
+        written = False
+    if not written:
+        warnings.warn(f"could not write the profile trace to {path}; the result is returned without it",
+                      RuntimeWarning, stacklevel=4)
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..io.video import MediaError, read_image, read_video
+from .checks import MAX_FRAMES
 
 __all__ = ["MediaError", "load_image", "load_video", "as_list"]
 
@@ -95,7 +96,7 @@ def load_video(video, num_frames: int | None, height: int, width: int, what: str
     """One conditioning video -> float32 [3, F, height, width] in [-1, 1], its first ``num_frames`` frames
     (all of them when None). Fewer frames than ``num_frames`` is an error."""
     if isinstance(video, _PATH):
-        video = [Image.fromarray(f) for f in read_video(video)]
+        video = [Image.fromarray(f) for f in read_video(video, max_frames=num_frames or MAX_FRAMES)]
     if isinstance(video, (list, tuple)):
         if not video or not all(isinstance(f, Image.Image) for f in video):
             raise MediaError(f"a {what} given as a list must be a non-empty list of PIL images")

@@ -151,7 +151,7 @@ class _writing:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None and issubclass(exc_type, OSError) and not isinstance(exc, FileExistsError) \
-                and exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EPERM, errno.EDQUOT):
+                and exc.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EPERM, errno.EDQUOT, errno.EFBIG):
             raise OSError(exc.errno, f"cannot write the checkpoint to {self.out}: {exc.strerror}; nothing was "
                                      "left behind: free space or choose a writable directory") from exc
         return False
@@ -161,7 +161,18 @@ def _copy_unquantized(src: Path, dst: Path, skip) -> None:
     shutil.copyfile(src / "model_index.json", dst / "model_index.json")
     for p in sorted(src.iterdir()):
         if p.is_dir() and not p.name.startswith(".") and p.name not in skip:
-            shutil.copytree(p, dst / p.name, copy_function=_link_weights_copy_rest)
+            _copy_tree(p, dst / p.name)
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    # Not shutil.copytree: it gathers failures into one shutil.Error and loses their errno, which
+    # `_writing` needs to say "disk full" or "read-only" in one line.
+    dst.mkdir(mode=umask_mode())
+    for p in sorted(src.iterdir()):
+        if p.is_dir():
+            _copy_tree(p, dst / p.name)
+        else:
+            _link_weights_copy_rest(str(p), str(dst / p.name))
 
 
 def _link_weights_copy_rest(src: str, dst: str) -> None:
