@@ -2,5 +2,6 @@
 
 from .pipelines.engine import Engine
 from .pipelines.output import GenerationResult
+from .pipelines.step_cache import StepCache
 
-__all__ = ["Engine", "GenerationResult"]
+__all__ = ["Engine", "GenerationResult", "StepCache"]

@@ -14,6 +14,7 @@ from ..dev.tiny import ensure_tiny_checkpoint
 from ..io.video import VideoWriteError, check_fps, check_output_path
 from ..pipelines.engine import Engine
 from ..pipelines.request import check_sampling, check_video_shape
+from ..pipelines.step_cache import parse_step_cache
 from ..runtime.devices import default_device
 
 __all__ = ["run"]
@@ -48,6 +49,13 @@ def run(args: argparse.Namespace) -> int:
     check_video_shape(frames or 1, height, width)  # every CogVideoX VAE: 4x temporal, 8x spatial, patch 2
     check_sampling(steps, args.guidance)
     recipe = parse_recipe_spec(args.recipe) if args.recipe else None
+    step_cache = None
+    edges = {k: v for k, v in (("warmup_steps", args.step_cache_warmup), ("cooldown_steps", args.step_cache_cooldown))
+             if v is not None}
+    if args.step_cache is not None:
+        step_cache = parse_step_cache(args.step_cache, **edges)
+    elif edges:
+        raise ValueError("--step-cache-warmup / --step-cache-cooldown apply with --step-cache MODE:THRESHOLD only")
     device = args.device or default_device()
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
 
@@ -81,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                                  guidance_scale=args.guidance, use_dynamic_cfg=args.dynamic_cfg, seed=args.seed,
                                  callback_on_step_end=on_step, output_type="np", profile_trace=args.profile_trace,
                                  image=args.image, video=args.video, strength=args.strength,
-                                 control_video=args.control_video)
+                                 control_video=args.control_video, step_cache=step_cache)
     finally:
         bar.close()
     timings.update(result.timings)
@@ -94,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
     f, h, w = result.frames.shape[1:4]
     print(f"wrote {written} ({f} frames, {w}x{h}, {args.fps:g} fps, seed {result.seed})")
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    if step_cache is not None:
+        p = result.profile
+        print(f"step cache: {len(p.steps_reused)} of {len(p.steps)} steps reused "
+              f"({', '.join(map(str, p.steps_reused)) or 'none'}), {p.flops_saved / 1e12:.2f} TFLOP saved")
     if args.profile:
         print(result.profile.table())
     if args.profile_json:

@@ -35,6 +35,7 @@ from ..quantizing import quantize_text_encoder, quantize_transformer
 from ..runtime.compiling import check_compile_mode, compile_module, use_cache_dir
 from ..runtime.devices import resolve_device, resolve_dtype
 from ..runtime.profiling import PeakMemory, Profile, StepClock, stage, tracer, transformer_flops
+from .cached_denoiser import Regions, build_cached_denoiser
 from .conditioning import condition
 from .denoise import denoise
 from .guidance import Guidance, guidance_scales
@@ -42,6 +43,7 @@ from .output import GenerationResult, postprocess
 from .prompts import embed_prompts
 from .quantized_export import save_quantized
 from .request import ModelFacts, Request, plan_request, trace_path
+from .step_cache import StepCache, check_step_cache
 
 __all__ = ["Engine"]
 
@@ -75,6 +77,7 @@ class Engine:
         self.kernels, self._backend = "torch", "torch"
         self._compiled = None  # the compiled transformer forward, when Engine.load(compile=...)
         self._warm: set[tuple] = set()  # shapes the compiled forward has already been compiled for
+        self._regions = Regions(transformer)  # the forward in pieces, for step caching (compiled by compile())
         self._lock = threading.RLock()
         if tokenizer is not None and text_encoder is not None:
             check_vocab(tokenizer, text_encoder)
@@ -189,6 +192,7 @@ class Engine:
         use_cache_dir(cache_dir)
         with self._lock:
             self._compiled = compile_module(self.transformer, mode, self.device)
+            self._regions = Regions(self.transformer, mode, self.device)
             self._warm.clear()
             if vae and self.vae is not None:
                 self.vae.compile_decoder(mode="max-autotune-no-cudagraphs" if mode == "max-autotune" else None)
@@ -231,6 +235,7 @@ class Engine:
         strength: float | None = None,
         control_video=None,
         check_finite: str = "warn",
+        step_cache: StepCache | None = None,
     ) -> GenerationResult:
         """Generate videos with classifier-free guidance (diffusers' CogVideoX pipeline semantics).
 
@@ -249,6 +254,9 @@ class Engine:
         ``callback_on_step_end(engine, i, t, {"latents": x})`` may return a dict with replacement
         "latents". ``profile_trace``: also write a torch.profiler Chrome trace to this path.
         ``check_finite``: "warn" (default), "raise" or "off" when the latents turn NaN/inf.
+        ``step_cache``: a :class:`StepCache` (e.g. ``StepCache(0.05)``, ``StepCache(0.2, mode="teacache")``)
+        lets steps whose transformer input barely changed reuse the last computed step's block residual;
+        the profile says which steps were reused and the FLOPs saved.
         """
         t_call = time.perf_counter()
         prof = Profile(device=str(self.device), dtype=str(self.dtype).replace("torch.", ""))
@@ -261,6 +269,7 @@ class Engine:
                       strength=strength, control_video=control_video)
         if check_finite not in ("warn", "raise", "off"):
             raise ValueError(f"check_finite must be 'warn', 'raise' or 'off' (got {check_finite!r})")
+        check_step_cache(step_cache)
         with stage(prof, "prepare", self.device):
             plan = plan_request(req, self.facts())  # every check first: nothing heavy runs on bad input
             trace_file = trace_path(profile_trace) if profile_trace is not None else None
@@ -279,13 +288,16 @@ class Engine:
                 guidance = Guidance(plan.cfg, tuple(guidance_scales(run_ts, len(run_ts), guidance_scale,
                                                                     bool(use_dynamic_cfg))))
                 positions = self.positions(plan.shape[1], plan.shape[3], plan.shape[4])
-                model = self._model_for(plan, text, cond, guidance, positions, schedule, prof)
+                model = self._model_for(plan, text, cond, guidance, positions, schedule, prof, step_cache)
+                callback = model.watch(callback_on_step_end) if step_cache is not None else callback_on_step_end
                 clock = StepClock(self.device)
                 with stage(prof, "denoise", self.device):
                     out = denoise(model, self.scheduler, schedule, cond, text, guidance, positions, generator=gen,
-                                  callback=callback_on_step_end, callback_owner=self, clock=clock, dtype=self.dtype,
+                                  callback=callback, callback_owner=self, clock=clock, dtype=self.dtype,
                                   check_finite=check_finite)
                 prof.steps = clock.seconds()
+                if step_cache is not None:
+                    model.report(prof)
                 out = out[:, plan.extra:]
                 frames = None
                 if output_type != "latent":
@@ -298,9 +310,11 @@ class Engine:
         return GenerationResult(latents=out, frames=frames, output_type=output_type, timesteps=run_ts,
                                 guidance_scales=list(guidance.scales), seed=plan.seed, task=plan.task, profile=prof)
 
-    def _model_for(self, plan, text, cond, guidance, positions, schedule, prof: Profile):
+    def _model_for(self, plan, text, cond, guidance, positions, schedule, prof: Profile,
+                   step_cache: StepCache | None = None):
         """The transformer call of this plan's shape: eager or compiled (compiled once per shape, timed
-        apart as the "compile" stage); sets the FLOP count and shape of the profile."""
+        apart as the "compile" stage), or with a step cache, a :class:`CachedDenoiser` over the forward's
+        regions (compiled per region); sets the FLOP count and shape of the profile."""
         batch = plan.n * guidance.copies
         nv = positions.grid[0] * positions.grid[1] * positions.grid[2]
         prof.flops_per_step = transformer_flops(self.config, batch, text.shape[1], nv)
@@ -309,17 +323,23 @@ class Engine:
         if self.kernels == "auto" and self.device.type == "cuda":
             attn = attention_for(self.device, self.config.num_attention_heads, text.shape[1] + nv, self.dtype)
             self.transformer.set_kernel_backend(self._backend, attn)
+        model = self.transformer if self._compiled is None else self._compiled
+        warm_up = model
+        if step_cache is not None:
+            model = build_cached_denoiser(self._regions, step_cache, schedule, cond, self.dtype)
+            warm_up = model.warm_up
         if self._compiled is None:
-            return self.transformer
+            return model
         x = cond.latents if cond.concat is None else torch.cat([cond.latents, cond.concat], dim=2)
-        key = (batch, tuple(x.shape[1:]), tuple(text.shape[1:]), cond.ofs is not None)
+        key = (batch, tuple(x.shape[1:]), tuple(text.shape[1:]), cond.ofs is not None,
+               step_cache.mode if step_cache is not None else None)
         if key not in self._warm:
             # First call of a compiled shape: compile here, timed apart from the steps.
             with stage(prof, "compile", self.device):
                 t = schedule.timesteps(self.device)[cond.start].expand(batch)
-                self._compiled(guidance.expand(x), text, t, positions, cond.ofs)
+                warm_up(guidance.expand(x), text, t, positions, cond.ofs)
             self._warm.add(key)
-        return self._compiled
+        return model
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Denoised latents [B, F_lat, C, h, w] -> video [B, 3, F, 8h, 8w] in [-1, 1] (VAE decode,

@@ -60,9 +60,10 @@ def use_cache_dir(path: str | os.PathLike | None) -> Path:
     return d
 
 
-def compile_module(module: torch.nn.Module, mode, device: torch.device):
-    """``module`` compiled with fullgraph=True and static shapes (one graph per video shape; a graph
-    break or a recompile inside a generate is a bug the tests look for)."""
+def compile_module(module, mode, device: torch.device):
+    """``module`` (an nn.Module, or a function such as a region of the forward) compiled with
+    fullgraph=True and static shapes (one graph per video shape; a graph break or a recompile inside a
+    generate is a bug the tests look for)."""
     check_compile_mode(mode)
     if device.type == "cpu":
         import torch._inductor.config as inductor_config
