@@ -99,6 +99,7 @@ def frames_of(engine: Engine, latents: torch.Tensor) -> torch.Tensor:
 
 
 def run(args) -> dict:
+    commit, dirty = git_commit()  # the code that runs: read before anything else can change the tree
     engine = build(args)
     kw = call_args(engine, args)
     rows_spec, indicators = [], {}
@@ -143,7 +144,6 @@ def run(args) -> dict:
                          flops_saved_fraction=p.flops_saved / (p.flops_per_step * len(p.steps)),
                          sqnr_db=sqnr_db(base_latents, r.latents.cpu()), psnr_db=psnr,
                          coefficients=p.step_cache.get("coefficients")))
-    commit, dirty = git_commit()
     dev = engine.device
     cfg = engine.config
     return dict(meta=dict(benchmark="step_cache", preset=args.preset or ("tiny demo" if args.demo else None),
