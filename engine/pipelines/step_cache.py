@@ -63,6 +63,10 @@ class StepCache:
     A ``callback_on_step_end`` that returns replacement latents makes the next step a computed one
     (and restarts TeaCache's sum): a residual cached for other latents is never added to new ones.
     Latents edited in place by a callback (returning None) are not seen: return them instead.
+
+    Cost: first-block keeps two [B, S, D] tensors (block 0's residual and the rest's), teacache one;
+    first-block reads one scalar to the host on each step that may be reused (on CUDA a sync after that
+    step's first block), teacache reads its indicator for all steps once, before the loop.
     """
 
     threshold: float
