@@ -104,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
     if step_cache is not None:
         p = result.profile
+        saved = f"{p.flops_saved / 1e12:.1f} TFLOP" if p.flops_saved >= 1e12 else f"{p.flops_saved / 1e9:.1f} GFLOP"
         print(f"step cache: {len(p.steps_reused)} of {len(p.steps)} steps reused "
-              f"({', '.join(map(str, p.steps_reused)) or 'none'}), {p.flops_saved / 1e12:.2f} TFLOP saved")
+              f"({', '.join(map(str, p.steps_reused)) or 'none'}), {saved} saved")
     if args.profile:
         print(result.profile.table())
     if args.profile_json:

@@ -44,8 +44,8 @@ TEACACHE_COEFFICIENTS: dict[str, tuple[float, ...]] = {
     "CogVideoX1.5-5B-I2V": (1.22842302e02, -1.04088754e02, 2.62981677e01, -3.06009921e-01, 3.71213220e-02),
 }
 
-_HINT = ("; 0 turns reuse off; first-block is usually run at 0.03-0.1, teacache at 0.1-0.3 "
-         "(benchmarks/bench_step_cache.py measures the curve on a checkpoint)")
+_HINT = ("; 0 turns reuse off, TeaCache's published CogVideoX runs use 0.1-0.3, and "
+         "benchmarks/bench_step_cache.py --model DIR measures the speed/quality curve of a checkpoint")
 
 
 @dataclass(frozen=True)
