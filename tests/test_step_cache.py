@@ -86,7 +86,7 @@ def test_reused_steps_skip_the_blocks(engine, mode):
     skipped = n_layers - (1 if mode == "first-block" else 0)
     s = p.shape
     assert p.flops_saved == 4 * skipped * block_flops(engine.config, 2, s["text_tokens"], s["video_tokens"])
-    assert f"4 of 8 steps reused" in p.table() and "2, 3, 4, 5" in p.table()
+    assert "4 of 8 steps reused" in p.table() and "2, 3, 4, 5" in p.table()
     d = json.loads(p.to_json())
     assert d["steps_reused"] == [2, 3, 4, 5] and d["step_cache"]["mode"] == mode
     assert d["step_cache"]["host_reads"] == (4 if mode == "first-block" else 0)
