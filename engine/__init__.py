@@ -18,6 +18,7 @@ _PIPELINES = "cogvx.engine.pipelines"
 _PUBLIC = {
     "Engine": f"{_PIPELINES}.engine",
     "GenerationResult": f"{_PIPELINES}.output",
+    "StepCache": f"{_PIPELINES}.step_cache",
     **dict.fromkeys(["CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline",
                      "CogVideoXFunControlPipeline"], f"{_PIPELINES}.diffusers_pipelines"),
     **dict.fromkeys(["CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX", "CogVideoXDDIMScheduler",

@@ -51,6 +51,7 @@ SHAPES = {
     "learned": [(3, 6, 10)],  # learned positions only exist at the checkpoint's sample size
     "v15": [(4, 6, 10), (2, 14, 8)],
     "v15_ofs": [(4, 6, 10)],
+    "control": [(3, 6, 10), (2, 10, 14)],
 }
 
 
@@ -107,7 +108,7 @@ def test_sincos_matches_diffusers(grid):
     torch.testing.assert_close(sincos_embedding(cfg, (t, h, w)), ref.double(), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", [n for n in PRESETS if n not in ("tiny", "cpu-bench")])
+@pytest.mark.parametrize("name", [n for n in PRESETS if not n.startswith("cpu-") and n != "tiny"])
 def test_presets_have_diffusers_parameter_layout(name):
     """A real preset builds the same parameter names and shapes as diffusers does from the same config
     (both on the meta device: no memory)."""

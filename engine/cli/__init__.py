@@ -98,6 +98,13 @@ def _generate_parser(sub) -> None:
     g.add_argument("--parallel", choices=["cfg", "ulysses", "cfg+ulysses"], default=None,
                    help="one video over several processes: run under `torchrun --nproc-per-node N -m "
                         "cogvx.engine.cli generate ...` (cfg: 2 processes; cfg+ulysses: an even number)")
+    g.add_argument("--step-cache", default=None, metavar="MODE:THRESHOLD",
+                   help="reuse the transformer's work on steps that barely change it: first-block:0.05 or "
+                        "teacache:0.2 (higher: faster, further from the uncached video)")
+    g.add_argument("--step-cache-warmup", type=int, default=None, metavar="N",
+                   help="with --step-cache: the first N steps are always computed (default 2)")
+    g.add_argument("--step-cache-cooldown", type=int, default=None, metavar="N",
+                   help="with --step-cache: the last N steps are always computed (default 2)")
     g.add_argument("--profile", action="store_true", help="print time per stage, compile time, peak memory, "
                                                            "achieved FLOP/s")
     g.add_argument("--profile-json", default=None, help="also write the profile as JSON to this path")

@@ -19,6 +19,7 @@ from ..parallel import init_from_env
 from ..pipelines.engine import Engine
 from ..pipelines.lora import parse_lora_spec
 from ..pipelines.request import check_sampling, check_video_shape
+from ..pipelines.step_cache import parse_step_cache
 from ..runtime.devices import default_device
 
 __all__ = ["run"]
@@ -56,19 +57,28 @@ def run(args: argparse.Namespace) -> int:
     loras = [parse_lora_spec(spec) for spec in args.lora or ()]
     for path, _ in loras:
         find_lora_file(path)  # a missing or pickle LoRA fails before the model loads
+    step_cache = None
+    edges = {k: v for k, v in (("warmup_steps", args.step_cache_warmup), ("cooldown_steps", args.step_cache_cooldown))
+             if v is not None}
+    if args.step_cache is not None:
+        step_cache = parse_step_cache(args.step_cache, **edges)
+    elif edges:
+        raise ValueError("--step-cache-warmup / --step-cache-cooldown apply with --step-cache MODE:THRESHOLD only")
+    if step_cache is not None and args.parallel is not None:
+        raise ValueError("--step-cache does not combine with --parallel yet: use one or the other")
     device = args.device or default_device()
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     if args.parallel is not None and not init_from_env(device):
         raise ValueError(f"--parallel {args.parallel} runs one process per device: launch with `torchrun "
                          f"--nproc-per-node N -m cogvx.engine.cli generate --parallel {args.parallel} ...`")
     try:
-        return _generate(args, out, demo, frames, height, width, steps, recipe, loras, device, dtype)
+        return _generate(args, out, demo, frames, height, width, steps, recipe, loras, device, dtype, step_cache)
     finally:
         if args.parallel is not None and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _generate(args, out, demo, frames, height, width, steps, recipe, loras, device, dtype) -> int:
+def _generate(args, out, demo, frames, height, width, steps, recipe, loras, device, dtype, step_cache) -> int:
     rank = dist.get_rank() if args.parallel is not None else 0
     say = print if rank == 0 else (lambda *a, **k: None)  # rank 0 speaks and writes for the group
 
@@ -107,7 +117,7 @@ def _generate(args, out, demo, frames, height, width, steps, recipe, loras, devi
                                  guidance_scale=args.guidance, use_dynamic_cfg=args.dynamic_cfg, seed=args.seed,
                                  callback_on_step_end=on_step, output_type="np", profile_trace=args.profile_trace,
                                  image=args.image, video=args.video, strength=args.strength,
-                                 control_video=args.control_video)
+                                 control_video=args.control_video, step_cache=step_cache)
     finally:
         bar.close()
     timings.update(result.timings)
@@ -122,6 +132,11 @@ def _generate(args, out, demo, frames, height, width, steps, recipe, loras, devi
     f, h, w = result.frames.shape[1:4]
     print(f"wrote {written} ({f} frames, {w}x{h}, {args.fps:g} fps, seed {result.seed})")
     print("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+    if step_cache is not None:
+        p = result.profile
+        saved = f"{p.flops_saved / 1e12:.1f} TFLOP" if p.flops_saved >= 1e12 else f"{p.flops_saved / 1e9:.1f} GFLOP"
+        print(f"step cache: {len(p.steps_reused)} of {len(p.steps)} steps reused "
+              f"({', '.join(map(str, p.steps_reused)) or 'none'}), {saved} saved")
     if args.profile:
         print(result.profile.table())
     if args.profile_json:

@@ -251,17 +251,22 @@ class CogVideoXTransformer(nn.Module):
     def embed(self, latents: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor, positions: Positions,
               ofs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(joint tokens [B, Nt + Nv, D] with positions added, SiLU(time embedding) [B, time_embed_dim])."""
-        cfg = self.config
         _, f, _, h, w = latents.shape
-        dtype = latents.dtype
+        temb = self.time_embed(timestep, ofs, latents.dtype)
+        x = self.patch_embed(text, latents)
+        return self._add_positions(x, positions, text.shape[1], f, h, w), F.silu(temb)
+
+    def time_embed(self, timestep: torch.Tensor, ofs: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The time (+ ofs) embedding [B, time_embed_dim] before its SiLU, in ``dtype``: what every block's
+        modulation is computed from (and TeaCache's step-change indicator)."""
+        cfg = self.config
         temb = self.time_embedding(timestep_embedding(timestep, cfg.inner_dim, cfg.flip_sin_to_cos, cfg.freq_shift).to(dtype))
         if self.ofs_embedding is not None:
             if ofs is None:
                 raise ValueError("this model has an ofs embedding (CogVideoX1.5 I2V): pass ofs (the pipeline uses 2.0)")
             temb = temb + self.ofs_embedding(
                 timestep_embedding(ofs, cfg.ofs_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift).to(dtype))
-        x = self.patch_embed(text, latents)
-        return self._add_positions(x, positions, text.shape[1], f, h, w), F.silu(temb)
+        return temb
 
     def blocks(self, x: torch.Tensor, silu_temb: torch.Tensor, positions: Positions, n_text: int,
                start: int = 0, stop: int | None = None, exchange=None) -> torch.Tensor:

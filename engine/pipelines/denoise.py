@@ -5,6 +5,8 @@ weights and the scheduler's coefficients are Python numbers computed before it s
 come from CUDA events read once at the end. What differs between tasks enters through
 :class:`~cogvx.engine.pipelines.conditioning.Conditioned` (initial latents, concatenated channels, ofs,
 first step); classifier-free guidance through :class:`~cogvx.engine.pipelines.guidance.Guidance`.
+With a step cache the model is a :class:`~cogvx.engine.pipelines.cached_denoiser.CachedDenoiser`, which
+decides per call; in first-block mode it reads one scalar per step that may be reused (its only sync).
 """
 
 from __future__ import annotations

@@ -13,13 +13,12 @@ import contextlib
 import os
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from cogvx.kernels import attention_for, resolve_backend
+from cogvx.kernels import resolve_backend
 from cogvx.quantize import resolve_recipes
 
 from ..dev.random_model import random_components
@@ -36,17 +35,20 @@ from ..parallel import check_mode, make_mesh, parallel_device
 from ..quantizing import quantize_text_encoder, quantize_transformer
 from ..runtime.compiling import check_compile_mode, compile_module, use_cache_dir
 from ..runtime.devices import resolve_device, resolve_dtype
-from ..runtime.profiling import PeakMemory, Profile, StepClock, stage, tracer, transformer_flops
+from ..runtime.profiling import PeakMemory, Profile, StepClock, export_trace, stage, tracer
+from .cached_denoiser import Regions
 from .conditioning import condition
 from .denoise import denoise
 from .guidance import Guidance, guidance_scales
 from .lora import LoraAdapters
 from .lora_methods import LoraMethods
+from .model_call import model_for
 from .output import GenerationResult, postprocess
 from .parallel import Parallel
 from .prompts import embed_prompts
 from .quantized_export import save_quantized
 from .request import ModelFacts, Request, plan_request, trace_path
+from .step_cache import StepCache, check_step_cache
 
 __all__ = ["Engine"]
 
@@ -80,6 +82,7 @@ class Engine(LoraMethods):
         self.kernels, self._backend = "torch", "torch"
         self._compiled = None  # the compiled transformer forward, when Engine.load(compile=...)
         self._warm: set[tuple] = set()  # shapes the compiled forward has already been compiled for
+        self._regions = Regions(transformer)  # the forward in pieces, for step caching (compiled by compile())
         self._lock = threading.RLock()
         self.lora = LoraAdapters()  # LoRA adapters: load_lora, set_adapters, fuse_lora, unfuse_lora
         self.parallel: Parallel | None = None  # set by Engine.load(parallel=...)
@@ -227,6 +230,7 @@ class Engine(LoraMethods):
         with self._lock:
             net = self.transformer if self.parallel is None else self.parallel.net
             self._compiled = compile_module(net, mode, self.device, backend)
+            self._regions = Regions(self.transformer, mode, self.device, backend)
             self._compile_mode, self._compile_backend = mode, backend
             self._warm.clear()
             if vae and self.vae is not None:
@@ -270,6 +274,7 @@ class Engine(LoraMethods):
         strength: float | None = None,
         control_video=None,
         check_finite: str = "warn",
+        step_cache: StepCache | None = None,
     ) -> GenerationResult:
         """Generate videos with classifier-free guidance (diffusers' CogVideoX pipeline semantics).
 
@@ -288,6 +293,9 @@ class Engine(LoraMethods):
         ``callback_on_step_end(engine, i, t, {"latents": x})`` may return a dict with replacement
         "latents". ``profile_trace``: also write a torch.profiler Chrome trace to this path.
         ``check_finite``: "warn" (default), "raise" or "off" when the latents turn NaN/inf.
+        ``step_cache``: a :class:`StepCache` (e.g. ``StepCache(0.05)``, ``StepCache(0.2, mode="teacache")``)
+        lets steps whose transformer input barely changed reuse the last computed step's block residual;
+        the profile says which steps were reused and the FLOPs saved.
         """
         t_call = time.perf_counter()
         prof = Profile(device=str(self.device), dtype=str(self.dtype).replace("torch.", ""))
@@ -303,6 +311,8 @@ class Engine(LoraMethods):
         def checked():  # every check first: nothing heavy runs on bad input
             if check_finite not in ("warn", "raise", "off"):
                 raise ValueError(f"check_finite must be 'warn', 'raise' or 'off' (got {check_finite!r})")
+            if check_step_cache(step_cache) is not None and par is not None:
+                raise ValueError("step_cache does not combine with Engine.load(parallel=...) yet: use one or the other")
             return plan_request(req, self.facts()), trace_path(profile_trace) if profile_trace is not None else None
 
         with stage(prof, "prepare", self.device):
@@ -327,15 +337,18 @@ class Engine(LoraMethods):
                     text, guidance = par.local(text, guidance)
                     par.comm.reset()
                 positions = self.positions(plan.shape[1], plan.shape[3], plan.shape[4])
-                model = self._model_for(plan, text, cond, guidance, positions, schedule, prof)
+                model = model_for(self, plan, text, cond, guidance, positions, schedule, prof, step_cache)
+                callback = model.watch(callback_on_step_end) if step_cache is not None else callback_on_step_end
                 clock = StepClock(self.device)
                 with stage(prof, "denoise", self.device):
                     out = denoise(model, self.scheduler, schedule, cond, text, guidance, positions, generator=gen,
-                                  callback=callback_on_step_end, callback_owner=self, clock=clock, dtype=self.dtype,
+                                  callback=callback, callback_owner=self, clock=clock, dtype=self.dtype,
                                   check_finite=check_finite)
                 prof.steps = clock.seconds()
                 if par is not None:
                     par.report_loop(prof, self._compiled is not None, len(run_ts))
+                if step_cache is not None:
+                    model.report(prof)
                 out = out[:, plan.extra:]
                 frames = None
                 if output_type != "latent":
@@ -346,35 +359,11 @@ class Engine(LoraMethods):
                 par.report_ranks(prof, time.perf_counter() - t_call)
             prof.memory = mem.result
             if trace_file is not None:
-                _export_trace(trace, trace_file)
+                export_trace(trace, trace_file)
         prof.total_seconds = time.perf_counter() - t_call
         return GenerationResult(latents=out, frames=frames, output_type=output_type, timesteps=run_ts,
                                 guidance_scales=list(guidance.scales), seed=plan.seed, task=plan.task, profile=prof,
                                 rank=0 if par is None else par.rank)
-
-    def _model_for(self, plan, text, cond, guidance, positions, schedule, prof: Profile):
-        """The transformer call of this plan's shape: eager or compiled (compiled once per shape, timed
-        apart as the "compile" stage); sets the FLOP count and shape of the profile."""
-        batch = plan.n * guidance.copies  # this rank's model batch
-        nv = positions.grid[0] * positions.grid[1] * positions.grid[2]
-        whole = plan.n * (2 if guidance.enabled else 1)  # the whole job's, on every rank
-        prof.flops_per_step = transformer_flops(self.config, whole, text.shape[1], nv)
-        prof.shape = dict(batch=whole, latent_frames=plan.shape[1], latent_height=plan.shape[3],
-                          latent_width=plan.shape[4], text_tokens=text.shape[1], video_tokens=nv)
-        if self.kernels == "auto" and self.device.type == "cuda":
-            attn = attention_for(self.device, self.config.num_attention_heads, text.shape[1] + nv, self.dtype)
-            self.transformer.set_kernel_backend(self._backend, attn)
-        if self._compiled is None:
-            return self.transformer if self.parallel is None else self.parallel.net
-        x = cond.latents if cond.concat is None else torch.cat([cond.latents, cond.concat], dim=2)
-        key = (batch, tuple(x.shape[1:]), tuple(text.shape[1:]), cond.ofs is not None)
-        if key not in self._warm:
-            # First call of a compiled shape: compile here, timed apart from the steps.
-            with stage(prof, "compile", self.device):
-                t = schedule.timesteps(self.device)[cond.start].expand(batch)
-                self._compiled(guidance.expand(x), text, t, positions, cond.ofs)
-            self._warm.add(key)
-        return self._compiled
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Denoised latents [B, F_lat, C, h, w] -> video [B, 3, F, 8h, 8w] in [-1, 1] (VAE decode,
@@ -409,19 +398,6 @@ class Engine(LoraMethods):
             self._positions[key] = make_positions(self.config, latent_frames, latent_h, latent_w).to(self.device)
         return self._positions[key]
 
-
-
-def _export_trace(trace, path: Path) -> None:
-    """Write the Chrome trace; a failure (torch's exporter itself fails silently) is a warning: a finished
-    generation is never lost to its trace file."""
-    try:
-        trace.export_chrome_trace(str(path))
-        written = path.is_file() and path.stat().st_size > 0
-    except OSError:
-        written = False
-    if not written:
-        warnings.warn(f"could not write the profile trace to {path}; the result is returned without it",
-                      RuntimeWarning, stacklevel=4)
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:

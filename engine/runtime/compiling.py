@@ -60,10 +60,11 @@ def use_cache_dir(path: str | os.PathLike | None) -> Path:
     return d
 
 
-def compile_module(module: torch.nn.Module, mode, device: torch.device, backend: str = "inductor"):
-    """``module`` compiled with fullgraph=True and static shapes (one graph per video shape; a graph
-    break or a recompile inside a generate is a bug the tests look for). ``backend``: inductor, or a
-    debugging backend of torch.compile ("eager", "aot_eager": the same graphs, no code generation)."""
+def compile_module(module, mode, device: torch.device, backend: str = "inductor"):
+    """``module`` (an nn.Module, or a function such as a region of the forward) compiled with
+    fullgraph=True and static shapes (one graph per video shape; a graph break or a recompile inside a
+    generate is a bug the tests look for). ``backend``: inductor, or a debugging backend of
+    torch.compile ("eager", "aot_eager": the same graphs, no code generation)."""
     check_compile_mode(mode)
     if backend != "inductor":
         return torch.compile(module, fullgraph=True, dynamic=False, backend=backend)

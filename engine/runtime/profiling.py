@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,7 +15,8 @@ import torch
 
 from ..models.config import TransformerConfig
 
-__all__ = ["Profile", "transformer_flops", "PeakMemory", "StepClock", "peak_rss", "stage", "tracer"]
+__all__ = ["Profile", "transformer_flops", "block_flops", "PeakMemory", "StepClock", "peak_rss", "stage", "tracer",
+           "export_trace"]
 
 
 def transformer_flops(cfg: TransformerConfig, batch: int, n_text: int, n_video: int) -> int:
@@ -24,14 +26,10 @@ def transformer_flops(cfg: TransformerConfig, batch: int, n_text: int, n_video: 
     attention's two matmuls; elementwise work (norms, RoPE, GELU) is left out, as FLOP/s figures
     conventionally do.
     """
-    d, s = cfg.inner_dim, n_text + n_video
+    d = cfg.inner_dim
     p, pt = cfg.patch_size, cfg.patch_size_t or 1
     patch_in = cfg.in_channels * p * p * pt
-    per_block = 2 * s * d * (3 * d) + 2 * s * d * d  # q, k, v, out
-    per_block += 2 * 2 * s * s * d  # Q K^T and P V over all heads
-    per_block += 2 * s * d * (4 * d) * 2  # feed-forward up and down
-    per_block += 2 * 2 * (cfg.time_embed_dim * 6 * d)  # two modulation linears (per sample, tiny)
-    total = cfg.num_layers * per_block
+    total = cfg.num_layers * block_flops(cfg, 1, n_text, n_video)
     total += 2 * n_video * patch_in * d + 2 * n_text * cfg.text_embed_dim * d  # embeddings
     total += 2 * n_video * d * (p * p * pt * cfg.out_channels_)  # proj_out
     total += 2 * cfg.time_embed_dim * 2 * d  # output-norm modulation
@@ -39,6 +37,17 @@ def transformer_flops(cfg: TransformerConfig, batch: int, n_text: int, n_video: 
     if cfg.ofs_embed_dim:
         total += 2 * 2 * cfg.ofs_embed_dim**2
     return batch * total
+
+
+def block_flops(cfg: TransformerConfig, batch: int, n_text: int, n_video: int) -> int:
+    """FLOPs (2 per MAC) of one transformer block on [batch, n_text + n_video] tokens: what a step cache
+    saves for each block it skips."""
+    d, s = cfg.inner_dim, n_text + n_video
+    per_block = 2 * s * d * (3 * d) + 2 * s * d * d  # q, k, v, out
+    per_block += 2 * 2 * s * s * d  # Q K^T and P V over all heads
+    per_block += 2 * s * d * (4 * d) * 2  # feed-forward up and down
+    per_block += 2 * 2 * (cfg.time_embed_dim * 6 * d)  # two modulation linears (per sample, tiny)
+    return batch * per_block
 
 
 class PeakMemory:
@@ -92,7 +101,9 @@ class Profile:
     stages: prepare, tokenize, text_encode, encode (VAE encoding of image/video conditioning), compile
     (first call of a compiled shape), denoise (the loop), vae_decode, save (added by
     ``GenerationResult.save``, which also adds its time to ``total_seconds``). steps: seconds per
-    denoising step.
+    denoising step. With a step cache: ``step_cache`` (its settings, and per step the indicator it
+    compared with the threshold), ``steps_computed`` / ``steps_reused`` (indices of the steps run) and
+    ``flops_saved`` (the skipped blocks' FLOPs, by the count of :func:`block_flops`).
     """
 
     stages: dict[str, float] = field(default_factory=dict)
@@ -106,6 +117,10 @@ class Profile:
     # Under Engine.load(parallel=...): mode, world, rank, degrees, this rank's collective seconds in the
     # loop (and how they were timed), and every rank's stage times ("ranks").
     parallel: dict = field(default_factory=dict)
+    step_cache: dict = field(default_factory=dict)
+    steps_computed: list[int] = field(default_factory=list)
+    steps_reused: list[int] = field(default_factory=list)
+    flops_saved: int = 0
 
     @property
     def step_median(self) -> float:
@@ -113,7 +128,10 @@ class Profile:
 
     @property
     def tflops(self) -> float:
-        """Achieved TFLOP/s of the denoising steps (median step)."""
+        """Achieved TFLOP/s of the denoising steps (median step; with reused steps, the FLOPs actually
+        run over the time of all steps)."""
+        if self.flops_saved and self.steps:
+            return (self.flops_per_step * len(self.steps) - self.flops_saved) / sum(self.steps) / 1e12
         return self.flops_per_step / self.step_median / 1e12 if self.step_median else 0.0
 
     def to_dict(self) -> dict:
@@ -133,6 +151,13 @@ class Profile:
         if self.steps:
             rows.append(("step (median)", f"{self.step_median:9.3f} s  x {len(self.steps)}"))
             rows.append(("achieved", f"{self.tflops * 1e3:9.1f} GFLOP/s ({self.flops_per_step / 1e9:.1f} GFLOP/step)"))
+        if self.step_cache:
+            n = len(self.steps_computed) + len(self.steps_reused)
+            full = self.flops_per_step * n
+            rows.append(("step cache", f"{self.step_cache['mode']} {self.step_cache['threshold']:g}: "
+                                       f"{len(self.steps_reused)} of {n} steps reused, {self.flops_saved / 1e9:.1f} "
+                                       f"GFLOP saved ({100 * self.flops_saved / full if full else 0:.0f} %)"))
+            rows.append(("reused steps", ", ".join(map(str, self.steps_reused)) or "none"))
         rows.append(("total", f"{self.total_seconds:9.3f} s"))
         for k, v in self.memory.items():
             rows.append((k.replace("_bytes", ""), f"{v / 2**30:9.3f} GiB"))
@@ -199,3 +224,16 @@ def tracer(device: torch.device):
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     return profile(activities=acts, record_shapes=False)
+
+
+def export_trace(trace, path: Path) -> None:
+    """Write the Chrome trace; a failure (torch's exporter itself fails silently) is a warning: a finished
+    generation is never lost to its trace file."""
+    try:
+        trace.export_chrome_trace(str(path))
+        written = path.is_file() and path.stat().st_size > 0
+    except OSError:
+        written = False
+    if not written:
+        warnings.warn(f"could not write the profile trace to {path}; the result is returned without it",
+                      RuntimeWarning, stacklevel=4)
