@@ -364,3 +364,24 @@ def test_a_trace_that_cannot_be_written_keeps_the_result(world, tmp_path):
         r = eng.generate(prompt="a cat", num_frames=1, height=16, width=16, num_inference_steps=1, seed=0,
                          output_type="latent", profile_trace=d / "trace.json", callback_on_step_end=remove_dir)
     assert bool(torch.isfinite(r.latents).all())
+
+
+def test_a_cache_the_engine_chose_earlier_is_not_taken_for_the_users(tmp_path, monkeypatch):
+    """Once a compile has pointed TORCHINDUCTOR_CACHE_DIR at the cogvx cache, that value is the engine's,
+    not the user's: a later $COGVX_COMPILE_CACHE still decides (and an unusable one still fails)."""
+    from cogvx.engine.runtime import compiling
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setattr(compiling, "_set_by_us", {})
+    assert compiling.use_cache_dir(tmp_path / "first") == tmp_path / "first"
+    monkeypatch.setenv("COGVX_COMPILE_CACHE", str(tmp_path / "env"))
+    assert compiling.use_cache_dir(None) == tmp_path / "env"
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("COGVX_COMPILE_CACHE", str(tmp_path / "afile"))
+    with pytest.raises(ValueError, match="afile"):
+        compiling.use_cache_dir(None)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "users"))  # the user's own setting wins
+    assert compiling.use_cache_dir(None) == tmp_path / "users"
+    assert compiling.use_cache_dir(tmp_path / "explicit") == tmp_path / "explicit"
+    assert compiling.use_cache_dir(None) == tmp_path / "users"  # and is remembered after an explicit path

@@ -30,10 +30,16 @@ def default_cache_dir() -> Path:
     return cache_root() / "inductor"
 
 
+# What use_cache_dir last put in the environment: a later call may move it (that is not the user's choice).
+_set_by_us: dict[str, str] = {}
+
+
 def _user_set_inductor_cache() -> str | None:
     """TORCHINDUCTOR_CACHE_DIR as the user set it, or None when unset or set by torch itself: importing
     torch._inductor sets it to torch's default (/tmp/torchinductor_<user>), which is not the user's choice."""
     value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if value is not None and value == _set_by_us.get("TORCHINDUCTOR_CACHE_DIR"):
+        return _set_by_us.get("user")  # what the user had set before we moved it, if anything
     if value is None:
         return None
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
@@ -45,7 +51,7 @@ def use_cache_dir(path: str | os.PathLike | None) -> Path:
     """Point inductor's (and Triton's) on-disk caches at ``path`` (default :func:`default_cache_dir`) so
     a second process re-uses the first one's compiled kernels. A TORCHINDUCTOR_CACHE_DIR the user set
     wins over the default (not over an explicit ``path``). Checked writable before anything is loaded."""
-    user = _user_set_inductor_cache()
+    user = _set_by_us["user"] = _user_set_inductor_cache()
     d = Path(path).expanduser() if path is not None else Path(user) if user else default_cache_dir()
     try:
         d.mkdir(parents=True, exist_ok=True)
@@ -55,8 +61,9 @@ def use_cache_dir(path: str | os.PathLike | None) -> Path:
     if not os.access(d, os.W_OK | os.X_OK):
         raise ValueError(f"compile cache {d} is not writable; pass compile_cache_dir= (--compile-cache-dir) or "
                          "set COGVX_COMPILE_CACHE to a writable directory")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(d)
-    os.environ.setdefault("TRITON_CACHE_DIR", str(d / "triton"))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _set_by_us["TORCHINDUCTOR_CACHE_DIR"] = str(d)
+    if os.environ.get("TRITON_CACHE_DIR") in (None, _set_by_us.get("TRITON_CACHE_DIR")):
+        os.environ["TRITON_CACHE_DIR"] = _set_by_us["TRITON_CACHE_DIR"] = str(d / "triton")
     return d
 
 
