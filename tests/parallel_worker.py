@@ -85,7 +85,11 @@ def _run_case(case: dict, rank: int, out: Path) -> None:
         if case.get("kind") == "raise_together":  # a check that failed on one rank only
             raise_together(ValueError("no such file on this node") if rank == 1 else None, "the test", torch.device("cpu"))
         load = dict(case["load"], **over.get("load", {}))
+        backend = load.pop("compile_backend", None)  # compile after loading, with this torch.compile backend
+        mode = load.pop("compile", False) if backend is not None else None
         engine = Engine.load(over.get("ckpt", case["ckpt"]), **load)
+        if backend is not None:
+            engine.compile(mode, load.get("compile_cache_dir"), backend=backend)
         if case.get("tiling"):
             th, tw = case["tiling"]
             engine.vae.enable_tiling(tile_sample_min_height=th, tile_sample_min_width=tw)
