@@ -59,6 +59,19 @@ def write_results(name: str, payload: dict) -> Path:
     return path
 
 
+def write_report(name: str, result: dict, markdown, chart, out: Path | None = None) -> Path:
+    """A benchmark's JSON, markdown (``markdown(result)``) and chart (``chart(result, png)``) side by side,
+    named from result["meta"]'s device and commit; prints the markdown and the paths. Returns the stem."""
+    m = result["meta"]
+    stem = results_path(name, m["device_name"], m["commit"], suffix="", out=out)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(f"{stem}.md").write_text(markdown(result))
+    chart(result, Path(f"{stem}.png"))
+    print(markdown(result))
+    print(f"wrote {stem}.json, .md, .png")
+    return stem
+
+
 def current_rss() -> int:
     """Resident set size of this process now, in bytes (Linux)."""
     with open("/proc/self/statm") as f:

@@ -27,7 +27,6 @@ Writes benchmarks/results/step-cache-<preset or model>-<device>-<date>-<commit>.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _util import RESULTS, git_commit, results_path  # benchmarks/ is sys.path[0]
+from _util import RESULTS, git_commit, write_report  # benchmarks/ is sys.path[0]
 from sweep import sqnr_db
 from cogvx.engine import Engine, StepCache
 from cogvx.engine.dev.tiny import ensure_tiny_checkpoint
@@ -227,15 +226,9 @@ def main(argv=None) -> int:
         p.error("give exactly one of --preset, --model or --demo")
     if args.demo:  # the demo model's own size (as `cogvx generate` without --model)
         args.frames, args.height, args.width = args.frames or 9, args.height or 96, args.width or 128
-    result = run(args)
-    m = result["meta"]
+    result = _finite(run(args))
     name = f"step-cache-{args.preset or ('tiny-demo' if args.demo else Path(args.model).name)}"
-    stem = results_path(name, m["device_name"], m["commit"], suffix="", out=Path(args.out))
-    Path(f"{stem}.json").write_text(json.dumps(_finite(result), indent=2) + "\n")
-    Path(f"{stem}.md").write_text(markdown(result))
-    chart(result, Path(f"{stem}.png"))
-    print(markdown(result))
-    print(f"wrote {stem}.json, .md, .png")
+    write_report(name, result, markdown, chart, out=Path(args.out))
     return 0
 
 

@@ -20,7 +20,6 @@ Writes benchmarks/results/sweep-<preset>-<device>-<date>-<commit>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from _util import RESULTS, git_commit, peak_rss, results_path, sqnr_db  # benchmarks/ is sys.path[0]
+from _util import RESULTS, git_commit, peak_rss, sqnr_db, write_report  # benchmarks/ is sys.path[0]
 from cogvx.engine.models.positions import latent_frames, make_positions
 from cogvx.engine.models.presets import PRESETS
 from cogvx.engine.models.tokenizer import MAX_LENGTH
@@ -212,13 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS), help="directory for the json/md/png files")
     args = p.parse_args(argv)
     result = run(args)
-    m = result["meta"]
-    stem = results_path(f"sweep-{args.preset}", m["device_name"], m["commit"], suffix="", out=Path(args.out))
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(f"{stem}.md").write_text(markdown(result))
-    chart(result, Path(f"{stem}.png"))
-    print(markdown(result))
-    print(f"wrote {stem}.json, .md, .png")
+    write_report(f"sweep-{args.preset}", result, markdown, chart, out=Path(args.out))
     return 0
 
 

@@ -308,7 +308,8 @@ def test_conv_cache_holds_only_temporal_convs(vaes):
 # ---------------------------------------------------------------- speed options keep the numbers
 
 
-@pytest.mark.parametrize("option", ["channels_last", "compiled"])
+# The compiled case is inductor's C++ compile of two decoder graphs: about a minute on the 2-core machine.
+@pytest.mark.parametrize("option", ["channels_last", pytest.param("compiled", marks=pytest.mark.slow)])
 def test_decode_speed_options_match_diffusers(vaes, tmp_path, option):
     """channels_last_3d and the compiled frame-batch decoder compute the same decode (fresh model: the
     options change its state). The 3-block VAE keeps inductor's compile of the two frame-batch graphs

@@ -34,7 +34,7 @@ from ..models.text_encoder import text_encoder_dtype
 from ..models.transformer import CogVideoXTransformer, build_transformer
 from ..models.vae import CogVideoXVAE
 from ..quantizing import apply_runtime_settings, quantize_text_encoder, quantize_transformer, resolve_quantization
-from .quantized import _check_headers, _check_layer_count, _listed_files, _load_quantized, read_quantization
+from .quantized import _load_quantized, checked_headers, read_quantization
 from .text import load_text_encoder, load_tokenizer, t5_config
 
 
@@ -65,11 +65,7 @@ def load_transformer(transformer_dir: str | Path, device: str | torch.device = "
     d = Path(transformer_dir)
     cfg = read_config(TransformerConfig, d / "config.json")
     info = info if info is not None else read_quantization(d)
-    files = _listed_files(d, info) if info else weight_files(d)
-    headers = read_headers(files)
-    if not info:
-        check_index(d, headers)
-    _check_layer_count(headers, "transformer_blocks", cfg.num_layers, d / "config.json", "num_layers")
+    files, headers = checked_headers(d, info, "transformer_blocks", cfg.num_layers)
     model = build_transformer(cfg)
     if info is not None:
         # torchao weights stored with q/k/v apart are fused at load when asked, or when they were exported
@@ -157,8 +153,8 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *
     sched = load_scheduler(model_dir / "scheduler", class_name=scheduler)
     tokenizer = load_tokenizer(model_dir / "tokenizer", vocab_limit=te_cfg.vocab_size)
     # Every component's headers against its config before any weight is read (the loaders check again).
-    _check_headers(model_dir / "transformer", saved.get("transformer"), "transformer_blocks", t_cfg.num_layers)
-    _check_headers(model_dir / "text_encoder", saved.get("text_encoder"), "encoder.block", te_cfg.num_layers)
+    checked_headers(model_dir / "transformer", saved.get("transformer"), "transformer_blocks", t_cfg.num_layers)
+    checked_headers(model_dir / "text_encoder", saved.get("text_encoder"), "encoder.block", te_cfg.num_layers)
     check_index(model_dir / "vae", read_headers(weight_files(model_dir / "vae")))
     te_dtype = text_encoder_dtype(dtype, device)
     text_encoder = load_text_encoder(model_dir / "text_encoder", device, te_dtype, info=saved.get("text_encoder"))

@@ -101,11 +101,16 @@ def _load_quantized(model: torch.nn.Module, d: Path, info: dict[str, Any], heade
         raise CheckpointError(str(e)) from e
 
 
-def _check_headers(d: Path, info: dict[str, Any] | None, prefix: str, layers: int) -> None:
-    headers = read_headers(_listed_files(d, info) if info else weight_files(d))
+def checked_headers(d: Path, info: dict[str, Any] | None, prefix: str,
+                    layers: int) -> tuple[list[Path], dict[str, TensorInfo]]:
+    """A component folder's weight files and their headers (plain: the index checked; quantized: the files
+    quantization.json lists), the config's layer count checked against the stored blocks."""
+    files = _listed_files(d, info) if info else weight_files(d)
+    headers = read_headers(files)
     if not info:
         check_index(d, headers)
     _check_layer_count(headers, prefix, layers, d / "config.json", "num_layers")
+    return files, headers
 
 
 def _check_layer_count(headers: dict[str, TensorInfo], prefix: str, n: int, config_path: Path, key: str) -> None:

@@ -11,18 +11,10 @@ from transformers import T5Config
 
 
 from ..io.checkpoint import CheckpointError, read_json
-from ..io.safetensors import (
-    check_filled,
-    check_index,
-    check_shapes,
-    load_into,
-    read_headers,
-    read_tensors,
-    weight_files,
-)
+from ..io.safetensors import check_filled, check_shapes, load_into, read_tensors
 from ..models.text_encoder import build_text_encoder, tie_embedding
 from ..models.tokenizer import MAX_EXTRA_IDS, PromptTokenizer, TokenizerError
-from .quantized import _check_layer_count, _load_quantized, _listed_files, read_quantization
+from .quantized import _load_quantized, checked_headers, read_quantization
 
 
 # Sizes no T5 encoder comes near; a hostile config.json must not make the meta build run for minutes.
@@ -70,11 +62,7 @@ def load_text_encoder(text_encoder_dir: str | Path, device: str | torch.device =
     d = Path(text_encoder_dir)
     config = t5_config(d)
     info = info if info is not None else read_quantization(d)
-    files = _listed_files(d, info) if info else weight_files(d)
-    headers = read_headers(files)
-    if not info:
-        check_index(d, headers)
-    _check_layer_count(headers, "encoder.block", config.num_layers, d / "config.json", "num_layers")
+    files, headers = checked_headers(d, info, "encoder.block", config.num_layers)
     model = build_text_encoder(config)
     if info is not None:
         _load_quantized(model, d, info, headers, device, dtype)
