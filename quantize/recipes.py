@@ -11,7 +11,7 @@ unquantized fp32 model. The floors are what the tests assert (a few dB below the
 measured values in tests/quantize_accuracy.json).
 
     recipe               backend  SQNR dB (floor)   PSNR dB (floor)   runs on this CPU
-    int8dq-cpu           native   49.4 (46)         52.7 (48)         yes: the fastest here
+    int8dq-cpu           native   49.4 (46)         52.7 (48)         yes
     int8dq-cpu-bf16attn  native   49.2 (45)         51.2 (47)         yes
     int8wo        torchao  53.6 (50)         67.0 (63)         yes
     int8dq        torchao  49.1 (46)         51.9 (48)         yes
@@ -30,15 +30,14 @@ LLM.int8 matmul quantizes activations row-wise) lose more end to end than their 
 suggests: the error compounds over the denoising steps.
 
 Speed on the CPU (AMD EPYC, 2 cores, AVX-512 with VNNI and BF16, no AMX; benchmarks/sweep.py, rows
-alternated in one process, cpu-bench step, process CPU time as a multiple of cogvx fp32 compiled):
-int8dq 0.32, int8dq-cpu 0.29, int8dq-cpu-bf16attn 0.29. int8 dynamic quantization is *faster* than fp32
-on such a CPU (VNNI int8 GEMMs run at 4-5x the fp32 rate), not slower. int8dq-cpu beats torchao's
-int8dq (same numerics) because its GEMM is oneDNN's u8 x s8 kernel on a weight prepacked once,
-writing bf16, where torchao's compiled linear is ``_int_mm`` (oneDNN's s8 x s8 GEMM API: weight
-reordered every call, int32 written and read back). What is left in its step: SDPA (fp32; its CPU
-flash kernel runs no faster in bf16 without AMX, hence no gain from int8dq-cpu-bf16attn), the GEMMs,
-and inductor's fused adaLN / GELU + quantization loops. Weight-only recipes dequantize to the
-activation dtype for the GEMM: no speedup over fp32 here.
+alternated in one process, compiled, commit 9af09a3): one cpu-bench step in 0.28x (int8dq,
+int8dq-cpu-bf16attn) to 0.29x (int8dq-cpu) the time of diffusers fp32, within each other's spread.
+int8 dynamic quantization is *faster* than fp32 on such a CPU (VNNI int8 GEMMs run at 4-5x the fp32
+rate), not slower. The int8 GEMMs are at about the VNNI peak in both int8dq (torchao's ``_int_mm``)
+and int8dq-cpu (oneDNN's u8 x s8 kernel on prepacked weights): what is left of the step is PyTorch's
+CPU flash attention (44 % of the int8 step at cpu-bench, 76 % at cpu-long; no faster in bf16 without
+AMX, hence no gain from int8dq-cpu-bf16attn) and inductor's fused adaLN / GELU + quantization loops.
+Weight-only recipes dequantize to the activation dtype for the GEMM: no speedup over fp32 here.
 """
 
 from __future__ import annotations
@@ -104,10 +103,10 @@ def _fp8_filters() -> tuple[tuple[str, ModuleFilter], ...]:
 
 
 _SM89 = (8, 9)
-CPU_FAST_NOTE = ("fastest here on AVX-512 VNNI CPUs: oneDNN u8 x s8 GEMM on prepacked weights, quantization fused "
-                 "into the adaLN / GELU under compile; cpu-bench step ~0.29x fp32 compiled (CPU time), ~0.9x int8dq")
+CPU_FAST_NOTE = ("runs; an int8 step on AVX-512 VNNI CPUs: oneDNN u8 x s8 GEMM on prepacked weights, quantization "
+                 "fused into the adaLN / GELU under compile; cpu-bench step ~0.29x fp32 compiled, as fast as int8dq")
 CPU_BF16_ATTN_NOTE = "runs; no faster than int8dq-cpu: SDPA's CPU flash kernel is no faster in bf16 than fp32 without AMX"
-_INT8DQ_NOTE = "runs; VNNI makes it faster than fp32 here (cpu-bench step ~0.32x fp32 compiled, CPU time); int8dq-cpu is faster"
+_INT8DQ_NOTE = "runs; VNNI makes it faster than fp32 here (cpu-bench step ~0.28x fp32 compiled)"
 _WO_NOTE = "runs; weight-only: the GEMM runs in the activation dtype, no faster than fp32 on a CPU"
 _RECIPES = [
     Recipe("int8wo", "torchao", "int8 weight-only, per-channel scales",

@@ -1,11 +1,13 @@
 """cogvx's own int8 backend: dynamic per-token int8 activations x per-channel int8 weights, with the
 GEMM run by oneDNN's u8 x s8 kernel (AVX-512 VNNI) on the CPU.
 
-Why not torchao's ``Int8DynamicActivationInt8WeightConfig``: under torch.compile torchao's linear
-becomes ``_int_mm`` (oneDNN's s8 x s8 -> s32 GEMM API, weights reordered on every call, an int32
-result written and read back); inductor's freezing pass does not rewrite it for symmetric int8
-activations, and the oneDNN s8-source qlinear it would otherwise use falls to a reference kernel
-(measured 46 s for a 256x1920x1920 product). Here the activation is shifted into u8 (q + 128, zero
+Beside torchao's ``Int8DynamicActivationInt8WeightConfig`` (recipe int8dq, the same numerics), which
+under torch.compile becomes ``_int_mm`` (oneDNN's s8 x s8 -> s32 GEMM API, an int32 result written
+and read back; the oneDNN s8-source qlinear falls to a reference kernel, measured 46 s for a
+256x1920x1920 product). Measured at the cpu-bench step (benchmarks/sweep.py, commit 9af09a3) both
+GEMM paths take the same time (291 ms here, 296 ms in ``_int_mm``, about the VNNI peak), so this
+backend is the one cogvx owns (no torchao version drift, bf16 GEMM output, a plain stored form), not
+a faster one. Here the activation is shifted into u8 (q + 128, zero
 point 128: the same numbers as symmetric int8), the weight is prepacked once into oneDNN's blocked
 layout, and the GEMM writes bf16 (or fp32) with the weight scales applied in its epilogue. The
 per-token quantization (amax, divide, round, shift) and the per-token rescale + bias are plain
