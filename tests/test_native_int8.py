@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from cogvx.engine.models.attention import chunked_attention, query_block
 from cogvx.engine.models.presets import PRESETS
 from cogvx.engine.models.positions import make_positions
 from cogvx.engine.models.transformer import build_transformer
@@ -17,6 +18,7 @@ from cogvx.engine.runtime.compiling import compile_module, dynamo_counts
 from cogvx.quantize import RECIPES, availability, quantize_
 from cogvx.quantize.backends import native
 from cogvx.quantize.backends.native import Int8DynamicLinear, int8_linear_reference
+from cogvx.quantize.metrics import sqnr
 
 RECIPES_HERE = ["int8dq-cpu", "int8dq-cpu-bf16attn"]
 
@@ -131,3 +133,55 @@ def test_compiled_transformer_has_no_graph_break_and_matches_eager(name):
     assert after["graph_breaks"] == before["graph_breaks"], "graph break in the compiled int8dq-cpu transformer"
     rel = ((compiled - eager).norm() / eager.norm()).item()
     assert rel < 2e-2, f"compiled differs from eager by {rel:.3g} (relative L2)"
+
+
+# ------------------------------------------------------------------ int8dq-cpu-bf16attn's attention
+def _attention_float64(q, k, v):
+    s = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return torch.softmax(s, dim=-1) @ v.double()
+
+
+@pytest.mark.parametrize("seq", [7, 130, 1000], ids=["7", "130", "1000"])
+def test_chunked_attention_matches_float64(seq):
+    """Blocks of query rows (the last one short) give the whole attention: exact in fp32, and at the
+    bf16 rounding of scores and probabilities in bf16."""
+    g = torch.Generator().manual_seed(seq)
+    q, k, v = (torch.randn(2, 3, seq, 64, generator=g) for _ in range(3))
+    ref = _attention_float64(q, k, v)
+    out = chunked_attention(q, k, v)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6
+    low = chunked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert low.dtype == torch.bfloat16
+    assert sqnr(ref.float(), low.float()) > 40.0
+
+
+def test_query_blocks_stay_few_and_aligned():
+    for seq in (1, 128, 1216, 9676, 17776, 44880):
+        rows = query_block(seq)
+        assert rows >= 128 and rows % 64 == 0 and -(-seq // rows) <= 64, (seq, rows)
+
+
+def test_compiled_bf16_attention_recipe_runs_blocked_gemms_not_sdpa():
+    """Compiled on the CPU, int8dq-cpu-bf16attn attends with chunked_attention (no SDPA call); eager
+    keeps SDPA; the two agree at the bf16 attention's precision."""
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"].transformer
+    model = build_transformer(cfg, device="cpu")
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    quantize_transformer(model, "int8dq-cpu-bf16attn")
+    g = torch.Generator().manual_seed(1)
+    args = (torch.randn(2, 3, 4, 6, 10, generator=g), torch.randn(2, 64, 32, generator=g), torch.tensor([900, 300]),
+            make_positions(cfg, 3, 6, 10))
+
+    def sdpa_calls(fn):
+        with torch.inference_mode(), torch.profiler.profile() as prof:
+            out = fn(*args)
+        return out, sum(e.count for e in prof.key_averages() if "scaled_dot_product" in e.key)
+
+    torch._dynamo.reset()
+    eager, n_eager = sdpa_calls(model)
+    compiled, n_compiled = sdpa_calls(compile_module(model, True, torch.device("cpu"), backend="aot_eager"))
+    assert n_eager >= cfg.num_layers and n_compiled == 0
+    assert ((compiled - eager).norm() / eager.norm()).item() < 2e-2

@@ -12,7 +12,35 @@ from cogvx.kernels import attention, qk_norm_rope, rope_attention
 from .config import TransformerConfig
 from .fp8_linear import fp8_linear
 
-__all__ = ["Attention"]
+__all__ = ["Attention", "chunked_attention", "query_block"]
+
+# Query rows per block of chunked_attention, and the most blocks one call unrolls into a compiled graph.
+_BLOCK_ROWS, _MAX_BLOCKS = 128, 64
+
+
+def query_block(seq_len: int) -> int:
+    """Query rows per block for a sequence of ``seq_len``: 128, or more (a multiple of 64) so that no
+    more than 64 blocks are unrolled into the compiled graph."""
+    rows = max(_BLOCK_ROWS, -(-seq_len // _MAX_BLOCKS))
+    return -(-rows // 64) * 64
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh)) v, one block of query rows at a time: q, k, v [B, H, S, Dh] -> [B, H, S, Dh]
+    in q's dtype. The scores of a block are a [B, H, rows, S] matmul in q's dtype, the softmax runs in
+    fp32 (under torch.compile one fused loop per block, read and written once) and its probabilities
+    return to q's dtype for the second matmul. Compiled on the CPU in bf16 this runs the two matmuls as
+    oneDNN bf16 GEMMs (AVX-512 BF16) with each block's scores in cache: measured 1.75x (S=1216) to 2.1x
+    (S=9676) faster than SDPA's CPU flash kernel, which is no faster in bf16 than in fp32 without AMX.
+    Numerics: the scores are rounded to bf16 before the softmax (relative 2^-9): 45 dB SQNR against
+    float64 attention on unit-variance inputs, which is what the int8dq-cpu-bf16attn floors measure."""
+    s, rows = q.shape[2], query_block(q.shape[2])
+    kt, scale = k.transpose(-1, -2), q.shape[-1] ** -0.5
+    out = []
+    for i in range(0, s, rows):
+        scores = (q[:, :, i:i + rows] * scale) @ kt
+        out.append(torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v)
+    return torch.cat(out, dim=2)
 
 
 class Attention(nn.Module):
@@ -32,7 +60,9 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(d, d, bias=True), nn.Dropout(cfg.dropout)])
         self.backend = "torch"  # QK-norm + RoPE kernel: "torch" (reference) or "triton"
         self.attention = "sdpa"  # "sdpa" after the QK kernel, or "flash": Triton attention that rotates its tiles
-        self.sdpa_dtype: torch.dtype | None = None  # run SDPA in this dtype (a recipe's attention_dtype), else x's
+        # Attention in this dtype (a recipe's attention_dtype), else x's: SDPA, or chunked_attention when
+        # compiled on the CPU.
+        self.sdpa_dtype: torch.dtype | None = None
 
     @torch.no_grad()
     def fuse_qkv(self, cat=torch.cat) -> None:
@@ -84,4 +114,7 @@ class Attention(nn.Module):
         v, q_dtype = v.transpose(1, 2), q.dtype
         if self.sdpa_dtype is not None and self.sdpa_dtype != q_dtype:  # casts fuse into the ops around
             q, k, v = q.to(self.sdpa_dtype), k.to(self.sdpa_dtype), v.to(self.sdpa_dtype)
+            if q.device.type == "cpu" and torch.compiler.is_compiling():
+                # Compiled on the CPU, reduced-precision attention runs as blocked GEMMs (see chunked_attention).
+                return chunked_attention(q, k, v.contiguous()).to(q_dtype)
         return attention(q, k, v, backend="torch").to(q_dtype)  # SDPA, [B, H, S, Dh]
