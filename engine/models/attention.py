@@ -35,11 +35,11 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     Numerics: the scores are rounded to bf16 before the softmax (relative 2^-9): 45 dB SQNR against
     float64 attention on unit-variance inputs, which is what the int8dq-cpu-bf16attn floors measure."""
     s, rows = q.shape[2], query_block(q.shape[2])
-    kt, scale = k.transpose(-1, -2), q.shape[-1] ** -0.5
+    q, kt, v, scale = q.contiguous(), k.transpose(-1, -2).contiguous(), v.contiguous(), q.shape[-1] ** -0.5
     out = []
     for i in range(0, s, rows):
-        scores = (q[:, :, i:i + rows] * scale) @ kt
-        out.append(torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v)
+        scores = q[:, :, i:i + rows] @ kt
+        out.append(torch.softmax(scores.float() * scale, dim=-1).to(q.dtype) @ v)
     return torch.cat(out, dim=2)
 
 
@@ -116,5 +116,5 @@ class Attention(nn.Module):
             q, k, v = q.to(self.sdpa_dtype), k.to(self.sdpa_dtype), v.to(self.sdpa_dtype)
             if q.device.type == "cpu" and torch.compiler.is_compiling():
                 # Compiled on the CPU, reduced-precision attention runs as blocked GEMMs (see chunked_attention).
-                return chunked_attention(q, k, v.contiguous()).to(q_dtype)
+                return chunked_attention(q, k, v).to(q_dtype)
         return attention(q, k, v, backend="torch").to(q_dtype)  # SDPA, [B, H, S, Dh]
