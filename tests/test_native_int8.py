@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from cogvx.engine.models.attention import chunked_attention, query_block
+from cogvx.engine.models.attention import chunked_attention, query_block, use_chunked_attention
 from cogvx.engine.models.presets import PRESETS
 from cogvx.engine.models.positions import make_positions
 from cogvx.engine.models.transformer import build_transformer
@@ -185,3 +185,11 @@ def test_compiled_bf16_attention_recipe_runs_blocked_gemms_not_sdpa():
     compiled, n_compiled = sdpa_calls(compile_module(model, True, torch.device("cpu"), backend="aot_eager"))
     assert n_eager >= cfg.num_layers and n_compiled == 0
     assert ((compiled - eager).norm() / eager.norm()).item() < 2e-2
+
+
+def test_chunked_attention_only_where_its_blocks_stay_small():
+    """The measured rule: cpu-bench's attention (2 x 30 heads, 1216 tokens, bf16) is chunked, cpu-long's
+    (9676 tokens) and anything on another device keep SDPA."""
+    short, long_ = torch.empty(2, 30, 1216, 64, dtype=torch.bfloat16), torch.empty(2, 30, 9676, 64, dtype=torch.bfloat16)
+    assert use_chunked_attention(short) and not use_chunked_attention(long_)
+    assert not use_chunked_attention(short.to("meta"))

@@ -12,10 +12,22 @@ from cogvx.kernels import attention, qk_norm_rope, rope_attention
 from .config import TransformerConfig
 from .fp8_linear import fp8_linear
 
-__all__ = ["Attention", "chunked_attention", "query_block"]
+__all__ = ["Attention", "chunked_attention", "query_block", "use_chunked_attention", "CHUNK_BYTES"]
 
 # Query rows per block of chunked_attention, and the most blocks one call unrolls into a compiled graph.
 _BLOCK_ROWS, _MAX_BLOCKS = 128, 64
+# The largest block of scores (bytes) for which chunked_attention beats SDPA: measured on the 2-core
+# AVX-512 CPU (benchmarks/sweep.py, commit 5f3b111), blocks of 2 x 30 heads x 128 rows x 1216 keys in
+# bf16 (19 MB) made the int8dq-cpu step 0.91x its time with SDPA; of 2 x 30 x 192 x 9676 (223 MB), 1.5x:
+# inductor's softmax then streams each block from memory.
+CHUNK_BYTES = 32 << 20
+
+
+def use_chunked_attention(q: torch.Tensor) -> bool:
+    """Whether a compiled CPU attention on q [B, H, S, Dh] (reduced precision) runs chunked_attention:
+    when one block of its scores stays within CHUNK_BYTES (it then stays in cache), else SDPA."""
+    b, h, s, _ = q.shape
+    return q.device.type == "cpu" and b * h * query_block(s) * s * q.element_size() <= CHUNK_BYTES
 
 
 def query_block(seq_len: int) -> int:
@@ -30,8 +42,9 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     in q's dtype. The scores of a block are a [B, H, rows, S] matmul in q's dtype, the softmax runs in
     fp32 (under torch.compile one fused loop per block, read and written once) and its probabilities
     return to q's dtype for the second matmul. Compiled on the CPU in bf16 this runs the two matmuls as
-    oneDNN bf16 GEMMs (AVX-512 BF16) with each block's scores in cache: measured 1.75x (S=1216) to 2.1x
+    oneDNN bf16 GEMMs (AVX-512 BF16); compiled alone it measured 1.75x (S=1216, 2 x 30 heads) to 2.1x
     (S=9676) faster than SDPA's CPU flash kernel, which is no faster in bf16 than in fp32 without AMX.
+    Inside the compiled transformer only short sequences keep that gain (see CHUNK_BYTES).
     Numerics: the scores are rounded to bf16 before the softmax (relative 2^-9): 45 dB SQNR against
     float64 attention on unit-variance inputs, which is what the int8dq-cpu-bf16attn floors measure."""
     s, rows = q.shape[2], query_block(q.shape[2])
@@ -114,7 +127,7 @@ class Attention(nn.Module):
         v, q_dtype = v.transpose(1, 2), q.dtype
         if self.sdpa_dtype is not None and self.sdpa_dtype != q_dtype:  # casts fuse into the ops around
             q, k, v = q.to(self.sdpa_dtype), k.to(self.sdpa_dtype), v.to(self.sdpa_dtype)
-            if q.device.type == "cpu" and torch.compiler.is_compiling():
-                # Compiled on the CPU, reduced-precision attention runs as blocked GEMMs (see chunked_attention).
+            if torch.compiler.is_compiling() and use_chunked_attention(q):
+                # Compiled on the CPU, short reduced-precision attention runs as blocked GEMMs (chunked_attention).
                 return chunked_attention(q, k, v).to(q_dtype)
         return attention(q, k, v, backend="torch").to(q_dtype)  # SDPA, [B, H, S, Dh]
