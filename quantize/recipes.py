@@ -12,7 +12,7 @@ measured values in tests/quantize_accuracy.json).
 
     recipe               backend  SQNR dB (floor)   PSNR dB (floor)   runs on this CPU
     int8dq-cpu           native   49.4 (46)         52.7 (48)         yes
-    int8dq-cpu-bf16attn  native   49.2 (45)         51.2 (47)         yes
+    int8dq-cpu-bf16attn  native   49.2 (45)         51.2 (47)         yes: the fastest here (short sequences)
     int8wo        torchao  53.6 (50)         67.0 (63)         yes
     int8dq        torchao  49.1 (46)         51.9 (48)         yes
     fp8wo         torchao  41.5 (38)         53.2 (50)         yes
@@ -30,13 +30,15 @@ LLM.int8 matmul quantizes activations row-wise) lose more end to end than their 
 suggests: the error compounds over the denoising steps.
 
 Speed on the CPU (AMD EPYC, 2 cores, AVX-512 with VNNI and BF16, no AMX; benchmarks/sweep.py, rows
-alternated in one process, compiled, commit 9af09a3): one cpu-bench step in 0.28x (int8dq,
-int8dq-cpu-bf16attn) to 0.29x (int8dq-cpu) the time of diffusers fp32, within each other's spread.
-int8 dynamic quantization is *faster* than fp32 on such a CPU (VNNI int8 GEMMs run at 4-5x the fp32
-rate), not slower. The int8 GEMMs are at about the VNNI peak in both int8dq (torchao's ``_int_mm``)
-and int8dq-cpu (oneDNN's u8 x s8 kernel on prepacked weights): what is left of the step is PyTorch's
-CPU flash attention (44 % of the int8 step at cpu-bench, 76 % at cpu-long; no faster in bf16 without
-AMX, hence no gain from int8dq-cpu-bf16attn) and inductor's fused adaLN / GELU + quantization loops.
+alternated in one process, compiled). int8 dynamic quantization is *faster* than fp32 on such a CPU
+(VNNI int8 GEMMs run at 4-5x the fp32 rate), not slower: a cpu-bench step takes 0.28x (int8dq),
+0.26-0.29x (int8dq-cpu) and 0.23x (int8dq-cpu-bf16attn) the time of diffusers fp32 (commits 9af09a3,
+5f3b111). The int8 GEMMs run at about the VNNI peak in both int8dq (torchao's ``_int_mm``) and
+int8dq-cpu (oneDNN's u8 x s8 kernel on prepacked weights); what is left is attention (PyTorch's CPU
+flash kernel: 44 % of the int8 step at cpu-bench, 76 % at cpu-long) and inductor's fused adaLN /
+GELU + quantization loops. int8dq-cpu-bf16attn is the fastest here at short sequences: compiled, its
+attention runs as query-blocked bf16 GEMMs (``chunked_attention``), 0.91x int8dq-cpu's step at
+cpu-bench; at long ones (cpu-long) it keeps SDPA, which gains nothing from bf16 without AMX.
 Weight-only recipes dequantize to the activation dtype for the GEMM: no speedup over fp32 here.
 """
 
@@ -105,7 +107,8 @@ def _fp8_filters() -> tuple[tuple[str, ModuleFilter], ...]:
 _SM89 = (8, 9)
 CPU_FAST_NOTE = ("runs; an int8 step on AVX-512 VNNI CPUs: oneDNN u8 x s8 GEMM on prepacked weights, quantization "
                  "fused into the adaLN / GELU under compile; cpu-bench step ~0.29x fp32 compiled, as fast as int8dq")
-CPU_BF16_ATTN_NOTE = "runs; no faster than int8dq-cpu: SDPA's CPU flash kernel is no faster in bf16 than fp32 without AMX"
+CPU_BF16_ATTN_NOTE = ("runs; the fastest here at short sequences: compiled, attention as blocked bf16 GEMMs (cpu-bench "
+                      "step 0.91x int8dq-cpu); long sequences keep SDPA, no faster in bf16 without AMX")
 _INT8DQ_NOTE = "runs; VNNI makes it faster than fp32 here (cpu-bench step ~0.28x fp32 compiled)"
 _WO_NOTE = "runs; weight-only: the GEMM runs in the activation dtype, no faster than fp32 on a CPU"
 _RECIPES = [
@@ -135,7 +138,7 @@ _RECIPES = [
     Recipe("int8dq-cpu", "native",
            "int8 dynamic per-token activations + int8 per-channel weights, oneDNN u8 x s8 VNNI GEMM writing bf16",
            (("gemm_out", "bfloat16"),), cpu_note=CPU_FAST_NOTE),
-    Recipe("int8dq-cpu-bf16attn", "native", "int8dq-cpu with attention (SDPA) in bf16",
+    Recipe("int8dq-cpu-bf16attn", "native", "int8dq-cpu with attention in bf16",
            (("gemm_out", "bfloat16"), ("attention_dtype", "bfloat16")), cpu_note=CPU_BF16_ATTN_NOTE),
     Recipe("bnb-nf4", "bnb", "bitsandbytes 4-bit NormalFloat, blocks of 64, double-quantized scales",
            (("kind", "nf4"), ("blocksize", 64), ("compress_statistics", True))),
