@@ -41,6 +41,10 @@ class Conditioned:
     ofs: torch.Tensor | None
     start: int
 
+    def model_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """The transformer's input for ``latents`` [N, F, C, h, w]: with ``concat`` joined along channels."""
+        return latents if self.concat is None else torch.cat([latents, self.concat], dim=2)
+
 
 def first_step(schedule: Schedule, task: str, strength: float) -> int:
     """The schedule index the loop starts at: 0, or for video-to-video diffusers' ``get_timesteps``

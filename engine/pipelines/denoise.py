@@ -56,7 +56,7 @@ def denoise(model: Denoiser, scheduler, schedule: Schedule, cond: Conditioned, t
     if clock is not None:
         clock.start()
     for k, i in enumerate(steps):
-        x = latents if cond.concat is None else torch.cat([latents, cond.concat], dim=2)
+        x = cond.model_input(latents)
         pred = model(guidance.expand(x), text, timesteps[i].expand(batch), positions, cond.ofs).float()
         pred = guidance.combine(pred, k)
         latents, state = scheduler.step(i, pred, latents, state, generator=generator, schedule=schedule)

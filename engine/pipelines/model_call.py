@@ -3,8 +3,6 @@ apart as the "compile" stage), or a step cache's :class:`CachedDenoiser` over th
 
 from __future__ import annotations
 
-import torch
-
 from cogvx.kernels import attention_for
 
 from ..runtime.profiling import Profile, stage, transformer_flops
@@ -36,7 +34,7 @@ def model_for(engine, plan, text, cond, guidance, positions, schedule, prof: Pro
         warm_up = model.warm_up
     if engine._compiled is None:
         return model
-    x = cond.latents if cond.concat is None else torch.cat([cond.latents, cond.concat], dim=2)
+    x = cond.model_input(cond.latents)
     key = (batch, tuple(x.shape[1:]), tuple(text.shape[1:]), cond.ofs is not None,
            step_cache.mode if step_cache is not None else None)
     if key not in engine._warm:

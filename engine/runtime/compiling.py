@@ -30,7 +30,8 @@ def default_cache_dir() -> Path:
     return cache_root() / "inductor"
 
 
-# What use_cache_dir last put in the environment: a later call may move it (that is not the user's choice).
+# use_cache_dir's memory: the TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR values it last set (a later call may
+# move them: that is not the user's choice), and under "user" the user's own setting it found, if any.
 _set_by_us: dict[str, str] = {}
 
 
