@@ -30,11 +30,19 @@ _ATTENTION_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 def apply_runtime_settings(transformer, settings: dict[str, Any]) -> None:
     """Apply a recipe's non-weight settings to a (quantized) transformer: ``attention_dtype`` runs SDPA in
-    that dtype; ``fp8_activations`` feeds the adaLN kernel's per-row fp8 output straight into the fp8
+    that dtype; ``attention_kernel="int8-cpu"`` attends on the CPU with the int8 kernel (a warning and SDPA
+    where it cannot run); ``fp8_activations`` feeds the adaLN kernel's per-row fp8 output straight into the fp8
     q/k/v and feed-forward-up GEMMs. Called after quantizing and after loading a quantized checkpoint,
     so both run alike."""
     if settings.get("fp8_activations"):
         transformer.set_fp8_activations(True)
+    kernel = settings.get("attention_kernel")
+    if kernel not in (None, "int8-cpu"):
+        raise ValueError(f"attention_kernel {kernel!r} is not 'int8-cpu'")
+    why = kernel and transformer.set_int8_cpu_attention(True)
+    if why:
+        warnings.warn(f"the recipe's int8 CPU attention does not run here: {why}; attention runs as SDPA "
+                      "instead (the int8 linears still apply)", RuntimeWarning, stacklevel=2)
     name = settings.get("attention_dtype")
     if name is None:
         return

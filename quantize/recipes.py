@@ -109,6 +109,8 @@ CPU_FAST_NOTE = ("runs; an int8 step on AVX-512 VNNI CPUs: oneDNN u8 x s8 GEMM o
                  "fused into the adaLN / GELU under compile; cpu-bench step ~0.29x fp32 compiled, as fast as int8dq")
 CPU_BF16_ATTN_NOTE = ("runs; the fastest here at short sequences: compiled, attention as blocked bf16 GEMMs (cpu-bench "
                       "step 0.91x int8dq-cpu); long sequences keep SDPA, no faster in bf16 without AMX")
+CPU_INT8_ATTN_NOTE = ("runs on AVX-512 VNNI + BF16 CPUs (this one): attention as int8 q k^T and bf16 p v in one C "
+                      "kernel, 2.3x (S=1216) to 3.3x (S=9676) faster than SDPA's flash kernel here")
 _INT8DQ_NOTE = "runs; VNNI makes it faster than fp32 here (cpu-bench step ~0.28x fp32 compiled)"
 _WO_NOTE = "runs; weight-only: the GEMM runs in the activation dtype, no faster than fp32 on a CPU"
 _RECIPES = [
@@ -140,6 +142,9 @@ _RECIPES = [
            (("gemm_out", "bfloat16"),), cpu_note=CPU_FAST_NOTE),
     Recipe("int8dq-cpu-bf16attn", "native", "int8dq-cpu with attention in bf16",
            (("gemm_out", "bfloat16"), ("attention_dtype", "bfloat16")), cpu_note=CPU_BF16_ATTN_NOTE),
+    Recipe("int8dq-cpu-int8attn", "native", "int8dq-cpu with int8 q k^T and bf16 p v attention (SageAttention-style "
+           "C kernel for AVX-512 VNNI + BF16 CPUs; SDPA elsewhere)",
+           (("gemm_out", "bfloat16"), ("attention_kernel", "int8-cpu")), cpu_note=CPU_INT8_ATTN_NOTE),
     Recipe("bnb-nf4", "bnb", "bitsandbytes 4-bit NormalFloat, blocks of 64, double-quantized scales",
            (("kind", "nf4"), ("blocksize", 64), ("compress_statistics", True))),
 ]

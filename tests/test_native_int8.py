@@ -20,7 +20,7 @@ from cogvx.quantize.backends import native
 from cogvx.quantize.backends.native import Int8DynamicLinear, int8_linear_reference
 from cogvx.quantize.metrics import sqnr
 
-RECIPES_HERE = ["int8dq-cpu", "int8dq-cpu-bf16attn"]
+RECIPES_HERE = ["int8dq-cpu", "int8dq-cpu-bf16attn", "int8dq-cpu-int8attn"]
 
 
 def _float64_reference(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from test_quantize_accuracy import sqnr, transformer_out
 
 ALL = {"int8wo", "int8dq", "fp8wo", "fp8dq", "fp8dq-row", "quanto-int8", "quanto-fp8", "quanto-w8a8", "bnb-int8",
-       "bnb-nf4", "int8dq-cpu", "int8dq-cpu-bf16attn"}
+       "bnb-nf4", "int8dq-cpu", "int8dq-cpu-bf16attn", "int8dq-cpu-int8attn"}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -59,7 +59,7 @@ def test_registry_holds_the_recipes_as_frozen_data():
     assert r.backend == "torchao" and r.options["granularity"] == "PerRow"
     assert {RECIPES[n].backend for n in ("quanto-int8", "quanto-fp8", "quanto-w8a8")} == {"quanto"}
     assert {RECIPES[n].backend for n in ("bnb-int8", "bnb-nf4")} == {"bnb"}
-    assert {RECIPES[n].backend for n in ("int8dq-cpu", "int8dq-cpu-bf16attn")} == {"native"}
+    assert {RECIPES[n].backend for n in ("int8dq-cpu", "int8dq-cpu-bf16attn", "int8dq-cpu-int8attn")} == {"native"}
     for rec in RECIPES.values():
         json.dumps(rec.to_dict())  # serializable as saved next to a checkpoint
 

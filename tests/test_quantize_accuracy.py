@@ -39,6 +39,7 @@ FLOORS = {
     "bnb-nf4": (20.0, 33.0),
     "int8dq-cpu": (46.0, 48.0),  # same numerics as int8dq (symmetric per-token / per-channel int8) + bf16 GEMM output
     "int8dq-cpu-bf16attn": (45.0, 47.0),  # and attention in bf16
+    "int8dq-cpu-int8attn": (46.0, 48.0),  # and int8 q k^T / bf16 p v attention (head dim 16 here)
 }
 # bf16 on a GPU: bf16 itself costs accuracy (8 mantissa bits), so floors are the CPU ones capped
 # by the bf16 model's own SQNR; unmeasured until a GPU run (see test_gpu_bf16_accuracy).

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cogvx.kernels import attention, qk_norm_rope, rope_attention
+from cogvx.kernels import attention, int8_attention, qk_norm_rope, rope_attention
 
 from .config import TransformerConfig
 from .fp8_linear import fp8_linear
@@ -59,7 +59,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
 class Attention(nn.Module):
     """Self-attention over the joint sequence: q/k/v (optionally fused), per-head QK LayerNorm,
-    RoPE on video rows, SDPA, output projection (diffusers ``CogVideoXAttnProcessor2_0``)."""
+    RoPE on video rows, SDPA (or the int8 CPU attention), output projection (diffusers ``CogVideoXAttnProcessor2_0``)."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -77,6 +77,8 @@ class Attention(nn.Module):
         # Attention in this dtype (a recipe's attention_dtype), else x's: SDPA, or chunked_attention when
         # compiled on the CPU.
         self.sdpa_dtype: torch.dtype | None = None
+        # int8 q k^T + bf16 p v on the CPU (cogvx.kernels.int8_attention; a recipe's attention_kernel).
+        self.int8_cpu = False
 
     @torch.no_grad()
     def fuse_qkv(self, cat=torch.cat) -> None:
@@ -126,6 +128,8 @@ class Attention(nn.Module):
             return rope_attention(q, k, v.transpose(1, 2), cos, sin, n_text, backend="triton")
         q, k = qk_norm_rope(q, k, *norms, cos, sin, n_text, self.norm_q.eps, backend=self.backend)
         v, q_dtype = v.transpose(1, 2), q.dtype
+        if self.int8_cpu and q.device.type == "cpu":
+            return int8_attention(q, k, v).to(q_dtype)
         if self.sdpa_dtype is not None and self.sdpa_dtype != q_dtype:  # casts fuse into the ops around
             q, k, v = q.to(self.sdpa_dtype), k.to(self.sdpa_dtype), v.to(self.sdpa_dtype)
             if torch.compiler.is_compiling() and use_chunked_attention(q):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cogvx.kernels import adaptive_layernorm, adaptive_layernorm_fp8
+from cogvx.kernels import adaptive_layernorm, adaptive_layernorm_fp8, int8_attention_unavailable
 
 from .attention import Attention
 from .config import TransformerConfig
@@ -220,6 +220,15 @@ class CogVideoXTransformer(nn.Module):
         RoPE, the output cast back before the output projection."""
         for blk in self.transformer_blocks:
             blk.attn1.sdpa_dtype = dtype
+
+    def set_int8_cpu_attention(self, on: bool = True) -> str:
+        """Attend on the CPU with ``cogvx.kernels.int8_attention`` (int8 q k^T, bf16 p v; AVX-512 VNNI and
+        BF16, head dimension 64); other devices keep SDPA. Returns why it cannot run on this machine
+        ("" when it can); attention then stays as it was."""
+        why = int8_attention_unavailable(self.config.attention_head_dim) if on else ""
+        for blk in self.transformer_blocks:
+            blk.attn1.int8_cpu = on and not why
+        return why
 
     def set_fp8_activations(self, on: bool = True) -> None:
         """Feed the adaptive LayerNorm's per-row fp8 output straight into the q/k/v and feed-forward-up
