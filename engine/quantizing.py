@@ -30,12 +30,15 @@ _ATTENTION_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 def apply_runtime_settings(transformer, settings: dict[str, Any]) -> None:
     """Apply a recipe's non-weight settings to a (quantized) transformer: ``attention_dtype`` runs SDPA in
-    that dtype; ``attention_kernel="int8-cpu"`` attends on the CPU with the int8 kernel (a warning and SDPA
+    that dtype; ``fused_gelu_quant`` runs the feed-forward's GELU and int8 quantization as one kernel;
+    ``attention_kernel="int8-cpu"`` attends on the CPU with the int8 kernel (a warning and SDPA
     where it cannot run); ``fp8_activations`` feeds the adaLN kernel's per-row fp8 output straight into the fp8
     q/k/v and feed-forward-up GEMMs. Called after quantizing and after loading a quantized checkpoint,
     so both run alike."""
     if settings.get("fp8_activations"):
         transformer.set_fp8_activations(True)
+    if settings.get("fused_gelu_quant"):
+        transformer.set_fused_gelu_quant(True)
     kernel = settings.get("attention_kernel")
     if kernel not in (None, "int8-cpu"):
         raise ValueError(f"attention_kernel {kernel!r} is not 'int8-cpu'")

@@ -1,7 +1,7 @@
 """cogvx.kernels: the fused kernels of the transformer, each beside its plain-PyTorch reference.
 
 The model code imports only the names below; which file holds which op is this package's business:
-adaln.py, adaln_fp8.py, qk_norm_rope.py, rope_flash_attention.py (one op each), cpu_attention.py
+adaln.py, adaln_fp8.py, qk_norm_rope.py, rope_flash_attention.py (one op each), cpu_kernels.py
 (int8 attention for AVX-512 VNNI CPUs, a C kernel built on first use), rope.py (the shared
 RoPE reference and table checks), policy.py (which implementation runs), aot.py (compile every
 kernel for sm_80/89/90 and check registers, spills and shared memory, no GPU needed).
@@ -9,8 +9,8 @@ kernel for sm_80/89/90 and check registers, spills and shared memory, no GPU nee
 
 from .adaln import adaptive_layernorm
 from .adaln_fp8 import adaptive_layernorm_fp8, fp8_rowwise_linear
-from .cpu_attention import int8_attention
-from .cpu_attention import unavailable as int8_attention_unavailable
+from .cpu_kernels import gelu_quant_rows, int8_attention
+from .cpu_kernels import unavailable as cpu_kernels_unavailable
 from .policy import attention_for, resolve_backend
 from .qk_norm_rope import qk_norm_rope
 from .rope_flash_attention import attention, rope_attention
@@ -20,9 +20,10 @@ __all__ = [
     "adaptive_layernorm_fp8",
     "attention",
     "attention_for",
+    "cpu_kernels_unavailable",
     "fp8_rowwise_linear",
+    "gelu_quant_rows",
     "int8_attention",
-    "int8_attention_unavailable",
     "qk_norm_rope",
     "resolve_backend",
     "rope_attention",

@@ -139,12 +139,14 @@ _RECIPES = [
            (("kind", "int8"), ("threshold", 6.0))),
     Recipe("int8dq-cpu", "native",
            "int8 dynamic per-token activations + int8 per-channel weights, oneDNN u8 x s8 VNNI GEMM writing bf16",
-           (("gemm_out", "bfloat16"),), cpu_note=CPU_FAST_NOTE),
+           (("gemm_out", "bfloat16"), ("fused_gelu_quant", True)), cpu_note=CPU_FAST_NOTE),
     Recipe("int8dq-cpu-bf16attn", "native", "int8dq-cpu with attention in bf16",
-           (("gemm_out", "bfloat16"), ("attention_dtype", "bfloat16")), cpu_note=CPU_BF16_ATTN_NOTE),
+           (("gemm_out", "bfloat16"), ("fused_gelu_quant", True), ("attention_dtype", "bfloat16")),
+           cpu_note=CPU_BF16_ATTN_NOTE),
     Recipe("int8dq-cpu-int8attn", "native", "int8dq-cpu with int8 q k^T and bf16 p v attention (SageAttention-style "
            "C kernel for AVX-512 VNNI + BF16 CPUs; SDPA elsewhere)",
-           (("gemm_out", "bfloat16"), ("attention_kernel", "int8-cpu")), cpu_note=CPU_INT8_ATTN_NOTE),
+           (("gemm_out", "bfloat16"), ("fused_gelu_quant", True), ("attention_kernel", "int8-cpu")),
+           cpu_note=CPU_INT8_ATTN_NOTE),
     Recipe("bnb-nf4", "bnb", "bitsandbytes 4-bit NormalFloat, blocks of 64, double-quantized scales",
            (("kind", "nf4"), ("blocksize", 64), ("compress_statistics", True))),
 ]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cogvx.kernels import adaptive_layernorm, adaptive_layernorm_fp8, int8_attention_unavailable
+from cogvx.kernels import adaptive_layernorm, adaptive_layernorm_fp8, cpu_kernels_unavailable, gelu_quant_rows
 
 from .attention import Attention
 from .config import TransformerConfig
@@ -115,10 +115,18 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, dropout: float):
         super().__init__()
         self.net = nn.ModuleList([GELUProj(dim, 4 * dim), nn.Dropout(dropout), nn.Linear(4 * dim, dim), nn.Dropout(dropout)])
+        # Both linears int8 (gemm / gemm_quantized / finish, as int8dq-cpu's): the up GEMM's output goes
+        # through cogvx.kernels.gelu_quant_rows straight into the down GEMM (set_fused_gelu_quant).
+        self.fused_gelu_quant = False
 
     def forward(self, x: torch.Tensor, x_scale: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """x [.., D]; with ``x_scale`` [.., 1], x is float8 quantized per row and feeds the up projection as is."""
+        if self.fused_gelu_quant and x_scale is None:
+            up, down, lead = self.net[0].proj, self.net[2], x.shape[:-1]
+            acc, s = up.gemm(x.reshape(-1, up.in_features))
+            q, qs = gelu_quant_rows(acc, s, up.bias)
+            return down.finish(down.gemm_quantized(q), qs, x.dtype).reshape(*lead, down.out_features)
         if x_scale is not None:
             x = F.gelu(fp8_linear(self.net[0].proj, x, x_scale, out_dtype), approximate="tanh")
         for m in self.net[1:] if x_scale is not None else self.net:
@@ -221,11 +229,25 @@ class CogVideoXTransformer(nn.Module):
         for blk in self.transformer_blocks:
             blk.attn1.sdpa_dtype = dtype
 
+    def set_fused_gelu_quant(self, on: bool = True) -> int:
+        """Fuse the feed-forward's GELU with the quantization of the down projection's input
+        (``cogvx.kernels.gelu_quant_rows``) in the blocks whose two feed-forward linears are int8 with
+        ``gemm``, ``gemm_quantized`` and ``finish`` (int8dq-cpu's; a module filter may leave some in full
+        precision), on a CPU that runs the kernel (elsewhere the unfused ops are the same numbers).
+        Returns how many blocks fuse."""
+        n, on = 0, on and not cpu_kernels_unavailable()
+        for blk in self.transformer_blocks:
+            up, down = blk.ff.net[0].proj, blk.ff.net[2]
+            blk.ff.fused_gelu_quant = on and all(hasattr(m, a) for m, a in
+                                                 ((up, "gemm"), (down, "gemm_quantized"), (down, "finish")))
+            n += blk.ff.fused_gelu_quant
+        return n
+
     def set_int8_cpu_attention(self, on: bool = True) -> str:
         """Attend on the CPU with ``cogvx.kernels.int8_attention`` (int8 q k^T, bf16 p v; AVX-512 VNNI and
         BF16, head dimension 64); other devices keep SDPA. Returns why it cannot run on this machine
         ("" when it can); attention then stays as it was."""
-        why = int8_attention_unavailable(self.config.attention_head_dim) if on else ""
+        why = cpu_kernels_unavailable(self.config.attention_head_dim) if on else ""
         for blk in self.transformer_blocks:
             blk.attn1.int8_cpu = on and not why
         return why

@@ -125,12 +125,27 @@ class Int8DynamicLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        q, s = quantize_rows(x.reshape(-1, self.in_features))
-        acc = torch.ops.cogvx.int8_linear(q, self.weight_int8, self.weight_scale, self.gemm_out == "bfloat16")
+        acc, s = self.gemm(x.reshape(-1, self.in_features))
+        return self.finish(acc, s, x.dtype).reshape(*lead, self.out_features)
+
+    # The three steps of forward, for callers that fuse what comes between two such layers (the
+    # feed-forward's GELU + quantization: cogvx.kernels.gelu_quant_rows).
+    def gemm(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [M, K] -> (the GEMM's output [M, N] in ``gemm_out``, before the per-token scale and the bias;
+        the per-token scale [M, 1])."""
+        q, s = quantize_rows(x)
+        return self.gemm_quantized(q), s
+
+    def gemm_quantized(self, q: torch.Tensor) -> torch.Tensor:
+        """q + 128 as uint8 [M, K] (``quantize_rows``' form) -> the GEMM's output [M, N] in ``gemm_out``."""
+        return torch.ops.cogvx.int8_linear(q, self.weight_int8, self.weight_scale, self.gemm_out == "bfloat16")
+
+    def finish(self, acc: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The per-token rescale and the bias: acc [M, N], s [M, 1] -> [M, N] in ``dtype``."""
         y = acc.float() * s
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        return y.to(dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

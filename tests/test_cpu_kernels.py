@@ -1,7 +1,8 @@
-"""The int8 CPU attention (cogvx.kernels.int8_attention; recipe int8dq-cpu-int8attn): against float64
-attention, against a float64 model of its documented numerics, in the transformer compiled with no graph
-break, and what happens on a machine that cannot run it. (Accuracy floors and the save/reload round trip
-of the recipe live in test_quantize_accuracy.py with every other recipe.)"""
+"""The C kernels for AVX-512 VNNI + BF16 CPUs (cogvx.kernels.cpu_kernels): the int8 attention (recipe
+int8dq-cpu-int8attn) against float64 attention and a float64 model of its documented numerics; the fused
+GELU + int8 quantization (every int8dq-cpu recipe) against float64; both in the transformer compiled with
+no graph break; and what happens on a machine that cannot run them. (Accuracy floors and the save/reload
+round trip of the recipes live in test_quantize_accuracy.py with every other recipe.)"""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from cogvx.engine.models.presets import PRESETS
 from cogvx.engine.models.transformer import build_transformer
 from cogvx.engine.quantizing import apply_runtime_settings, quantize_transformer
 from cogvx.engine.runtime.compiling import compile_module, dynamo_counts
-from cogvx.kernels import cpu_attention, int8_attention, int8_attention_unavailable
+from cogvx.kernels import cpu_kernels, gelu_quant_rows, int8_attention, cpu_kernels_unavailable
 from cogvx.quantize.metrics import sqnr
 
-WHY = int8_attention_unavailable()
+WHY = cpu_kernels_unavailable()
 needs_kernel = pytest.mark.skipif(bool(WHY), reason=f"int8 CPU attention cannot run here: {WHY}")
 
 
@@ -30,7 +31,7 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 def _documented_numerics(q, k, v):
-    """cpu_attention.c's numerics in float64: k minus its mean over tokens, q and k int8 per token
+    """cpu_kernels.c's numerics in float64: k minus its mean over tokens, q and k int8 per token
     (round half to even of x * 127 / amax), exact integer scores, exact softmax, p and v rounded to bf16
     for the product, the row sum of the unrounded p."""
     q, k, v = q.double(), k.double(), v.double()
@@ -92,39 +93,43 @@ def test_bad_inputs_are_clear_errors():
         int8_attention(*(torch.zeros(1, 2, 8, 48) for _ in range(3)))
     with pytest.raises(ValueError, match="got .* on meta"):
         int8_attention(*(torch.zeros(1, 2, 8, 64, device="meta") for _ in range(3)))
-    assert int8_attention_unavailable(128) == "it takes head dimensions 16, 32, 64 (got 128)"
+    assert cpu_kernels_unavailable(128) == "it takes head dimensions 16, 32, 64 (got 128)"
+    assert cpu_kernels_unavailable(64) == cpu_kernels_unavailable()
 
 
 def test_machines_that_cannot_run_it_say_why_and_keep_sdpa(monkeypatch, tmp_path):
     """A CPU without VNNI / BF16, or a compiler that fails: the reason, and the recipe warns and falls back
     to SDPA (its int8 linears still apply)."""
     monkeypatch.setenv("COGVX_CACHE", str(tmp_path))
-    cpu_attention._library.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
-        monkeypatch.setattr(cpu_attention, "_cpu_flags", lambda: {"avx512f", "avx512bw"})
-        why = int8_attention_unavailable()
+        monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx512f", "avx512bw"})
+        why = cpu_kernels_unavailable()
         assert why.startswith("this CPU lacks avx512vl, avx512dq, avx512_vnni, avx512_bf16") or \
             why.startswith("needs x86-64 Linux")
         model = build_transformer(PRESETS["tiny"].transformer, device="cpu")
         with pytest.warns(RuntimeWarning, match="int8 CPU attention does not run here: .*attention runs as SDPA"):
             apply_runtime_settings(model, {"attention_kernel": "int8-cpu"})
         assert not any(b.attn1.int8_cpu for b in model.transformer_blocks)
+        quantize_transformer(model, "int8dq-cpu")  # the feed-forward keeps inductor's unfused GELU + quantization
+        assert model.set_fused_gelu_quant(True) == 0
         if not why.startswith("needs"):
-            cpu_attention._library.cache_clear()
-            monkeypatch.setattr(cpu_attention, "_cpu_flags", lambda: set(cpu_attention._CPU_FLAGS))
+            cpu_kernels._library.cache_clear()
+            monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: set(cpu_kernels._CPU_FLAGS))
             monkeypatch.setenv("CC", "false")
-            assert int8_attention_unavailable().startswith("building cpu_attention.c with false failed")
+            assert cpu_kernels_unavailable().startswith("building cpu_kernels.c with false failed")
     finally:
-        cpu_attention._library.cache_clear()
+        cpu_kernels._library.cache_clear()
     with pytest.raises(ValueError, match="attention_kernel 'int4' is not 'int8-cpu'"):
         apply_runtime_settings(build_transformer(PRESETS["tiny"].transformer, device="cpu"), {"attention_kernel": "int4"})
 
 
 @needs_kernel
 def test_recipe_attends_with_the_kernel_compiled_with_no_graph_break():
-    """int8dq-cpu-int8attn on the tiny transformer: every block calls the op and none calls SDPA, eager
-    and compiled (inductor with freezing, the engine's CPU compile) alike, with no graph break; the
-    output stays within the int8 attention's error of the int8dq-cpu transformer (SDPA attention)."""
+    """int8dq-cpu-int8attn on the tiny transformer: every block calls the attention op and the fused
+    GELU + quantization op and none calls SDPA, eager and compiled (inductor with freezing, the engine's
+    CPU compile) alike, with no graph break; the output stays within the int8 attention's error of the
+    int8dq-cpu transformer (SDPA attention)."""
     torch.manual_seed(0)
     cfg = PRESETS["tiny"].transformer
     model = build_transformer(cfg, device="cpu")
@@ -141,6 +146,7 @@ def test_recipe_attends_with_the_kernel_compiled_with_no_graph_break():
             with torch.profiler.profile() as prof:
                 out = fn(*args)
         keys = {e.key: e.count for e in prof.key_averages()}
+        assert keys.get("cogvx::gelu_quant_cpu") == cfg.num_layers  # the fused feed-forward, every block
         return out, sum(n for key, n in keys.items() if "int8_attention_cpu" in key), \
             sum(n for key, n in keys.items() if "scaled_dot_product" in key)
 
@@ -155,3 +161,53 @@ def test_recipe_attends_with_the_kernel_compiled_with_no_graph_break():
     assert (n_op, n_sdpa) == (cfg.num_layers, 0)
     assert sqnr(eager, compiled) > 40.0
     assert sqnr(sdpa, eager) > 35.0
+
+
+# ----------------------------------------------------------------------------------- GELU + quantize
+def _gelu_quant_float64(acc, s, bias):
+    y = acc.double() * s.double() + bias.double()
+    g = 0.5 * y * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (y + 0.044715 * y**3)))
+    amax = g.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+    return torch.clamp(torch.round(g * (127 / amax)), -127, 127) + 128, amax / 127
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, n, dtype", [(1, 16, torch.float32), (37, 192, torch.bfloat16), (300, 7680, torch.bfloat16)])
+def test_gelu_quant_matches_float64(m, n, dtype):
+    """Quantized levels equal float64's but where g * 127 / amax lies within fp32 rounding of a .5 (one
+    level; measured 1e-6 of the elements at 300 x 7680); scales to fp32 rounding."""
+    g = torch.Generator().manual_seed(n)
+    acc, s, bias = (3 * torch.randn(m, n, generator=g)).to(dtype), torch.rand(m, 1, generator=g) + 0.5, torch.randn(n, generator=g)
+    q, scale = gelu_quant_rows(acc, s, bias)
+    q64, scale64 = _gelu_quant_float64(acc, s, bias)
+    assert q.dtype == torch.uint8 and q.shape == (m, n) and scale.shape == (m, 1)
+    diff = (q.double() - q64).abs()
+    assert diff.max() <= 1 and (diff > 0).double().mean() < 1e-4
+    torch.testing.assert_close(scale.double(), scale64, rtol=1e-6, atol=0)
+
+
+def test_gelu_quant_shapes_the_kernel_does_not_take_use_the_reference():
+    acc, s = torch.randn(5, 24), torch.rand(5, 1) + 0.5  # 24 columns: not a multiple of 16
+    q, scale = gelu_quant_rows(acc, s, None)
+    q64, scale64 = _gelu_quant_float64(acc, s, torch.zeros(24))
+    assert (q.double() - q64).abs().max() <= 1
+    torch.testing.assert_close(scale.double(), scale64, rtol=1e-6, atol=0)
+
+
+@needs_kernel
+def test_fused_feed_forward_equals_the_unfused_one():
+    """int8dq-cpu's feed-forward with and without the fusion: the same int8 levels, so the same output
+    up to the one-level flips of test_gelu_quant_matches_float64."""
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"].transformer
+    model = build_transformer(cfg, device="cpu")
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    quantize_transformer(model, "int8dq-cpu")
+    assert model.set_fused_gelu_quant(False) == 0
+    ff, x = model.transformer_blocks[0].ff, torch.randn(2, 50, cfg.inner_dim)
+    with torch.inference_mode():
+        plain = ff(x)
+        assert model.set_fused_gelu_quant(True) == cfg.num_layers
+        fused = ff(x)
+    assert sqnr(plain, fused) > 60.0

@@ -12,7 +12,7 @@
  * One call does every (batch, head): first each head's q, k, v are quantized and packed (k in groups of
  * 16 keys, 4 bytes of each key per 32-bit lane; v as bf16 pairs of consecutive keys), then tiles of 32
  * query rows run against all keys, 4 rows at a time. Threads: OpenMP (the runtime torch already loaded).
- * Built and checked by cpu_attention.py, which says what it needs and falls back when a CPU lacks it.
+ * Built and checked by cpu_kernels.py, which says what it needs and falls back when a CPU lacks it.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -248,6 +248,67 @@ int cogvx_int8_attention(int hd, int B, int H, int S, const float *q, const long
                     kp + (long)bh * Sk * hd, ksc + (long)bh * Sk, vp + (long)bh * Sk * hd,
                     out + b * ost[0] + h * ost[1], ost[2]);
         }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * GELU (tanh) of an int8 GEMM's output, quantized per row for the next int8 GEMM (the feed-forward's
+ * down projection), in one pass over memory:
+ *   y = acc[m, n] * s[m] + bias[n];  g = gelu_tanh(y) = y / (1 + e^(-2 u)), u = sqrt(2 / pi) (y + 0.044715 y^3)
+ *   amax = max(max_n |g|, 1e-12);  q = clamp(round(g * (127 / amax)), -127, 127) + 128 (u8);  scale = amax / 127
+ * e^x as 2^(x log2 e) with a quintic on the fraction (relative error 1e-7: fp32's own rounding). A row's g
+ * is kept in a buffer between the max and the quantization (N <= 16384). */
+
+/* 2^x for any x (clamped to [-126, 126]): a quintic on the fraction, then vscalefps. */
+static inline __m512 exp2_any(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.f)), _mm512_set1_ps(126.f));
+    __m512 f = _mm512_sub_ps(x, _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.8671e-3f), f, _mm512_set1_ps(9.01709e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.579987e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4016446e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9315131e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, x);
+}
+
+static inline __m512 load16(const void *src, int bf16, long i) {
+    if (!bf16) return _mm512_loadu_ps((const float *)src + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+#define GELU_MAX_N 16384
+
+/* acc [M, N] (bf16 when acc_bf16, else fp32), s [M], bias [N] or NULL -> q [M, N] u8, scale [M].
+ * N a multiple of 16, at most GELU_MAX_N. Returns 0, or -1 for another N. */
+int cogvx_gelu_quant(int M, int N, const void *acc, int acc_bf16, const float *s, const float *bias, uint8_t *q,
+                     float *scale, int threads) {
+    if (N % 16 || N > GELU_MAX_N) return -1;
+    const float c1 = -2.f * 0.7978845608028654f * LOG2E, c3 = c1 * 0.044715f;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int m = 0; m < M; m++) {
+        float g[GELU_MAX_N] __attribute__((aligned(64)));
+        const __m512 sm = _mm512_set1_ps(s[m]), one = _mm512_set1_ps(1.f);
+        __m512 mx = _mm512_setzero_ps();
+        for (int n = 0; n < N; n += 16) {
+            __m512 y = _mm512_mul_ps(load16(acc, acc_bf16, (long)m * N + n), sm);
+            if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n));
+            __m512 y2 = _mm512_mul_ps(y, y);
+            __m512 t = _mm512_mul_ps(y, _mm512_fmadd_ps(y2, _mm512_set1_ps(c3), _mm512_set1_ps(c1)));
+            __m512 gv = _mm512_div_ps(y, _mm512_add_ps(one, exp2_any(t)));
+            _mm512_store_ps(g + n, gv);
+            mx = _mm512_max_ps(mx, _mm512_abs_ps(gv));
+        }
+        float amax = fmaxf(_mm512_reduce_max_ps(mx), 1e-12f);
+        const __m512 inv = _mm512_set1_ps(127.f / amax);
+        const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), zp = _mm512_set1_epi32(128);
+        for (int n = 0; n < N; n += 16) {
+            __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(g + n), inv));
+            i = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(i, lo), hi), zp);
+            _mm_storeu_si128((__m128i *)(q + (long)m * N + n), _mm512_cvtusepi32_epi8(i));
+        }
+        scale[m] = amax / 127.f;
     }
     return 0;
 }
