@@ -110,7 +110,7 @@ def test_recipes_listed_without_importing_the_backend():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", RECIPES_HERE)
+@pytest.mark.parametrize("name", RECIPES_HERE[:2])  # int8dq-cpu-int8attn: test_cpu_kernels.py compiles it
 def test_compiled_transformer_has_no_graph_break_and_matches_eager(name):
     """inductor with freezing (the engine's CPU compile) over the quantized tiny transformer: one graph,
     the same output as eager up to the bf16 GEMM output rounding and fused-order float differences."""

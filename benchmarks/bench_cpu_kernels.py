@@ -1,0 +1,152 @@
+"""The CPU C kernels alone (cogvx.kernels.cpu_kernels), against what they replace, rows timed alternately
+in one process:
+
+- attention at the cpu-bench and cpu-long shapes (2 x 30 heads of 64, 1216 and 9676 tokens): SDPA in
+  fp32 (PyTorch's CPU flash kernel: what diffusers runs, and int8dq-cpu), ``chunked_attention`` in bf16
+  (int8dq-cpu-bf16attn, compiled) and the int8 kernel (int8dq-cpu-int8attn); SQNR against float64
+  attention on the first two heads. q and v are N(0, 1); k is N(0, 1) scaled and shifted per channel
+  (post-LayerNorm keys with their bias), the case the kernel's smoothing is for.
+- the feed-forward's GELU + int8 quantization at the cpu-bench and cpu-long token counts (2 x 1216 and
+  2 x 9676 rows of 7680): the PyTorch form compiled by inductor (what int8dq-cpu ran before) against
+  ``gelu_quant_rows``; the share of int8 levels that differ.
+
+    python benchmarks/bench_cpu_kernels.py [--rounds 3]
+
+Writes benchmarks/results/cpu-kernels-<device>-<date>-<commit>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from _util import git_commit, sqnr_db, write_report
+from cogvx.engine.models.attention import chunked_attention
+from cogvx.kernels import cpu_kernels_unavailable, gelu_quant_rows, int8_attention
+from cogvx.kernels.cpu_kernels import gelu_quant_rows_reference
+
+SHAPES = {"cpu-bench": 1216, "cpu-long": 9676}
+
+
+def _attention_inputs(seq: int, g: torch.Generator):
+    q, k, v = (torch.randn(2, seq, 30, 64, generator=g).transpose(1, 2) for _ in range(3))
+    k = k * (1 + torch.rand(64, generator=g)) + torch.randn(64, generator=g)
+    return q, k, v
+
+
+def _float64_heads(q, k, v, heads=2):
+    q, k, v = (t[0, :heads].double() for t in (q, k, v))
+    return torch.softmax(q @ k.transpose(-1, -2) / 8, dim=-1) @ v
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _alternate(rows: dict, rounds: int) -> dict[str, list[float]]:
+    times = {name: [] for name in rows}
+    for _ in range(rounds):
+        for name, fn in rows.items():
+            times[name].append(_timed(fn))
+    return times
+
+
+def attention_rows(rounds: int, g: torch.Generator) -> list[dict]:
+    out = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    chunked = torch.compile(chunked_attention)
+    for preset, seq in SHAPES.items():
+        q, k, v = _attention_inputs(seq, g)
+        qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        rows = {"sdpa fp32": lambda: sdpa(q, k, v), "chunked bf16 (compiled)": lambda: chunked(qb, kb, vb),
+                "int8 kernel": lambda: int8_attention(q, k, v)}
+        ref = _float64_heads(q, k, v).float()
+        quality = {name: sqnr_db(ref, fn()[0, :2].float()) for name, fn in rows.items()}  # also the warm-up
+        times = _alternate(rows, rounds)
+        base = sorted(times["sdpa fp32"])[rounds // 2]
+        for name, ts in times.items():
+            med = sorted(ts)[rounds // 2]
+            out.append({"what": "attention", "shape": f"{preset}: 2 x 30 heads x {seq} tokens x 64", "row": name,
+                        "median_ms": round(med * 1e3, 1), "x_sdpa_fp32": round(med / base, 3),
+                        "sqnr_db_vs_float64": round(quality[name], 1), "times_s": [round(t, 4) for t in ts]})
+    return out
+
+
+def gelu_rows(rounds: int, g: torch.Generator) -> list[dict]:
+    out = []
+    compiled = torch.compile(gelu_quant_rows_reference)
+    for preset, seq in SHAPES.items():
+        m = 2 * seq
+        acc = (3 * torch.randn(m, 7680, generator=g)).bfloat16()
+        s, bias = torch.rand(m, 1, generator=g) + 0.5, torch.randn(7680, generator=g)
+        rows = {"inductor (PyTorch form)": lambda: compiled(acc, s, bias), "C kernel": lambda: gelu_quant_rows(acc, s, bias)}
+        (q0, _), (q1, _) = rows["inductor (PyTorch form)"](), rows["C kernel"]()
+        differ = (q0 != q1).double().mean().item()
+        times = _alternate(rows, rounds)
+        base = sorted(times["inductor (PyTorch form)"])[rounds // 2]
+        for name, ts in times.items():
+            med = sorted(ts)[rounds // 2]
+            out.append({"what": "GELU + int8 quantization", "shape": f"{preset}: {m} x 7680 bf16", "row": name,
+                        "median_ms": round(med * 1e3, 2), "x_inductor": round(med / base, 3),
+                        "levels_differing": differ, "times_s": [round(t, 5) for t in ts]})
+    return out
+
+
+def markdown(result: dict) -> str:
+    m = result["meta"]
+    lines = [f"CPU kernels alone: {m['cpu']} ({m['threads']} threads), torch {m['torch']}, commit {m['commit']}"
+             f"{' (dirty)' if m['dirty'] else ''}, {m['rounds']} alternating rounds, median.", "",
+             "| what | shape | row | median ms | ratio | SQNR dB vs float64 / int8 levels differing |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ratio = r.get("x_sdpa_fp32", r.get("x_inductor"))
+        quality = r.get("sqnr_db_vs_float64", r.get("levels_differing"))
+        lines.append(f"| {r['what']} | {r['shape']} | {r['row']} | {r['median_ms']} | {ratio} | {quality} |")
+    return "\n".join(lines) + "\n\nratio: to SDPA fp32 (attention), to the inductor-compiled PyTorch form (GELU).\n"
+
+
+def chart(result: dict, png) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    labels = [f"{r['shape'].split(':')[0]} {r['what'][:9]}\n{r['row']}" for r in rows]
+    ratios = [r.get("x_sdpa_fp32", r.get("x_inductor")) for r in rows]
+    ax.barh(range(len(rows)), ratios, color=["#888" if x == 1 else "#2a7" for x in ratios])
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("time / the op it replaces (lower is faster)")
+    ax.set_title(f"cogvx CPU kernels, commit {result['meta']['commit']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = ap.parse_args()
+    why = cpu_kernels_unavailable()
+    if why:
+        raise SystemExit(f"the CPU kernels cannot run here: {why}")
+    g = torch.Generator().manual_seed(0)
+    commit, dirty = git_commit()
+    with torch.inference_mode():
+        rows = attention_rows(args.rounds, g) + gelu_rows(args.rounds, g)
+    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    meta = {"device_name": f"cpu-{platform.machine()}", "cpu": f"{model}, AVX-512 VNNI + BF16",
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit, "dirty": dirty,
+            "rounds": args.rounds}
+    write_report("cpu-kernels", {"meta": meta, "rows": rows}, markdown, chart, out=args.out)
+
+
+if __name__ == "__main__":
+    main()
