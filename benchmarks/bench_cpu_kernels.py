@@ -110,23 +110,25 @@ def markdown(result: dict) -> str:
 
 
 def chart(result: dict, png) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Horizontal bars: each row's time over the op it replaces, a line at 1.0 (PIL: no plotting dependency)."""
+    from PIL import Image, ImageDraw
 
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    labels = [f"{r['shape'].split(':')[0]} {r['what'][:9]}\n{r['row']}" for r in rows]
+    bar_h, left, width = 18, 420, 900
+    img = Image.new("RGB", (width, 50 + bar_h * len(rows) + 24), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), f"cogvx CPU kernels alone: time / the op they replace, commit {result['meta']['commit']}", fill="black")
     ratios = [r.get("x_sdpa_fp32", r.get("x_inductor")) for r in rows]
-    ax.barh(range(len(rows)), ratios, color=["#888" if x == 1 else "#2a7" for x in ratios])
-    ax.set_yticks(range(len(rows)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("time / the op it replaces (lower is faster)")
-    ax.set_title(f"cogvx CPU kernels, commit {result['meta']['commit']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    scale = (width - left - 60) / max(ratios + [1.0])
+    y = 34
+    for r, v in zip(rows, ratios):
+        d.text((10, y + 2), f"{r['shape'].split(':')[0]} {r['what'][:9]}: {r['row']}", fill="black")
+        d.rectangle([left, y, left + int(v * scale), y + bar_h - 4], fill=(136, 136, 136) if v == 1 else (34, 170, 119))
+        d.text((left + int(v * scale) + 4, y + 2), f"{v:.2f}", fill="black")
+        y += bar_h
+    d.line([left + int(scale), 30, left + int(scale), y], fill="black")
+    d.text((left + int(scale) + 3, y + 4), "1.0 = the op replaced", fill="black")
+    img.save(png)
 
 
 def main() -> None:
