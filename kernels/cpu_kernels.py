@@ -58,17 +58,27 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("COGVX_CACHE") or Path.home() / ".cache" / "cogvx") / "kernels"
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _missing() -> str:
+    """What this machine lacks to build and run the kernels ("" when nothing), without building them."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs x86-64 Linux (this is {platform.system()} {platform.machine()})"
+    missing = [f for f in _CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    return "" if _compiler() else "no C compiler found (set CC, or install gcc)"
+
+
 @lru_cache(maxsize=1)
 def _library() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded library, "") or (None, why it cannot run here)."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"needs x86-64 Linux (this is {platform.system()} {platform.machine()})"
-    missing = [f for f in _CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        return None, f"this CPU lacks {', '.join(missing)}"
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        return None, "no C compiler found (set CC, or install gcc)"
+    why = _missing()
+    if why:
+        return None, why
+    cc = _compiler()
     source = _SOURCE.read_bytes()
     tag = hashlib.sha256(source + " ".join(_CFLAGS).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"cpu_kernels-{tag}.so"
@@ -92,12 +102,13 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     return dll, ""
 
 
-def unavailable(head_dim: int | None = None) -> str:
+def unavailable(head_dim: int | None = None, build: bool = True) -> str:
     """Why the kernels cannot run on this machine (the attention: for heads of ``head_dim``), or "" when
-    they can (builds them on first call). Not for compiled code: call it when setting a model up."""
+    they can. ``build``: build them (once per machine) and load them to be sure; False: only check the
+    platform, the CPU's flags and the compiler. Not for compiled code: call it when setting a model up."""
     if head_dim is not None and head_dim not in HEAD_DIMS:
         return f"it takes head dimensions {', '.join(map(str, HEAD_DIMS))} (got {head_dim})"
-    return _library()[1]
+    return _library()[1] if build else _missing()
 
 
 def _strides(t: torch.Tensor) -> ctypes.Array:

@@ -11,8 +11,9 @@ unquantized fp32 model. The floors are what the tests assert (a few dB below the
 measured values in tests/quantize_accuracy.json).
 
     recipe               backend  SQNR dB (floor)   PSNR dB (floor)   runs on this CPU
+    int8dq-cpu-int8attn  native   49.3 (46)         52.5 (48)         yes: the fastest here
     int8dq-cpu           native   49.4 (46)         52.7 (48)         yes
-    int8dq-cpu-bf16attn  native   49.2 (45)         51.2 (47)         yes: the fastest here (short sequences)
+    int8dq-cpu-bf16attn  native   49.2 (45)         51.2 (47)         yes
     int8wo        torchao  53.6 (50)         67.0 (63)         yes
     int8dq        torchao  49.1 (46)         51.9 (48)         yes
     fp8wo         torchao  41.5 (38)         53.2 (50)         yes
@@ -30,16 +31,18 @@ LLM.int8 matmul quantizes activations row-wise) lose more end to end than their 
 suggests: the error compounds over the denoising steps.
 
 Speed on the CPU (AMD EPYC, 2 cores, AVX-512 with VNNI and BF16, no AMX; benchmarks/sweep.py, rows
-alternated in one process, compiled). int8 dynamic quantization is *faster* than fp32 on such a CPU
-(VNNI int8 GEMMs run at 4-5x the fp32 rate), not slower: a cpu-bench step takes 0.28x (int8dq),
-0.26-0.29x (int8dq-cpu) and 0.23x (int8dq-cpu-bf16attn) the time of diffusers fp32 (commits 9af09a3,
-5f3b111). The int8 GEMMs run at about the VNNI peak in both int8dq (torchao's ``_int_mm``) and
-int8dq-cpu (oneDNN's u8 x s8 kernel on prepacked weights); what is left is attention (PyTorch's CPU
-flash kernel: 44 % of the int8 step at cpu-bench, 76 % at cpu-long) and inductor's fused adaLN /
-GELU + quantization loops. int8dq-cpu-bf16attn is the fastest here at short sequences: compiled, its
-attention runs as query-blocked bf16 GEMMs (``chunked_attention``), 0.91x int8dq-cpu's step at
-cpu-bench; at long ones (cpu-long) it keeps SDPA, which gains nothing from bf16 without AMX.
-Weight-only recipes dequantize to the activation dtype for the GEMM: no speedup over fp32 here.
+alternated in one process, compiled, fp32 activations). int8 dynamic quantization is *faster* than
+fp32 on such a CPU (VNNI int8 GEMMs run at 4-5x the fp32 rate), not slower. int8dq-cpu-int8attn is
+the fastest here: its step takes 0.16x (cpu-bench, commit d9a1300) and 0.25x (cpu-long, a1e4bce) the
+time of diffusers fp32, and 0.65x / 0.41x that of diffusers + torchao int8dq, at 69.9 / 72.5 dB
+against the fp32 step. Its attention is one C kernel (int8 q k^T, bf16 p v; cogvx.kernels.cpu_kernels),
+3-4x faster than PyTorch's CPU flash kernel, which int8dq-cpu and the diffusers rows run (76 % of their
+cpu-long step); what is left is mostly the int8 GEMMs, at about the VNNI peak (66 % of the cpu-bench
+step). int8dq-cpu (SDPA attention) measures 0.24x diffusers fp32 and 0.98x diffusers + torchao
+int8dq at cpu-bench; int8dq-cpu-bf16attn (blocked bf16 attention at short sequences) 0.22x / 0.92x.
+Every int8dq-cpu recipe runs the feed-forward's GELU and int8 quantization as one C kernel (inductor's
+loop for the same ops took a sixth of the cpu-bench step). Weight-only recipes dequantize to the
+activation dtype for the GEMM: no speedup over fp32 here.
 """
 
 from __future__ import annotations
@@ -105,12 +108,12 @@ def _fp8_filters() -> tuple[tuple[str, ModuleFilter], ...]:
 
 
 _SM89 = (8, 9)
-CPU_FAST_NOTE = ("runs; an int8 step on AVX-512 VNNI CPUs: oneDNN u8 x s8 GEMM on prepacked weights, quantization "
-                 "fused into the adaLN / GELU under compile; cpu-bench step ~0.29x fp32 compiled, as fast as int8dq")
-CPU_BF16_ATTN_NOTE = ("runs; the fastest here at short sequences: compiled, attention as blocked bf16 GEMMs (cpu-bench "
-                      "step 0.91x int8dq-cpu); long sequences keep SDPA, no faster in bf16 without AMX")
-CPU_INT8_ATTN_NOTE = ("runs on AVX-512 VNNI + BF16 CPUs (this one): attention as int8 q k^T and bf16 p v in one C "
-                      "kernel, 2.3x (S=1216) to 3.3x (S=9676) faster than SDPA's flash kernel here")
+CPU_FAST_NOTE = ("runs; int8 GEMMs at the VNNI peak (oneDNN u8 x s8 on prepacked weights), GELU + quantization in one "
+                 "C kernel; attention in SDPA: cpu-bench step 0.24x diffusers fp32, as fast as diffusers + torchao int8dq")
+CPU_BF16_ATTN_NOTE = ("runs; int8dq-cpu with, compiled, short-sequence attention as blocked bf16 GEMMs: cpu-bench step "
+                      "0.92x diffusers + torchao int8dq; long sequences keep SDPA")
+CPU_INT8_ATTN_NOTE = ("runs; the fastest here (AVX-512 VNNI + BF16): attention as int8 q k^T + bf16 p v in one C kernel, "
+                      "step 0.16x (cpu-bench) / 0.25x (cpu-long) diffusers fp32, 0.65x / 0.41x diffusers + torchao int8dq")
 _INT8DQ_NOTE = "runs; VNNI makes it faster than fp32 here (cpu-bench step ~0.28x fp32 compiled)"
 _WO_NOTE = "runs; weight-only: the GEMM runs in the activation dtype, no faster than fp32 on a CPU"
 _RECIPES = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cogvx.engine.cli.recipes import recipes_table
 from cogvx.engine.models.positions import make_positions
 from cogvx.engine.models.presets import PRESETS
 from cogvx.engine.models.transformer import build_transformer
@@ -113,6 +114,9 @@ def test_machines_that_cannot_run_it_say_why_and_keep_sdpa(monkeypatch, tmp_path
         assert not any(b.attn1.int8_cpu for b in model.transformer_blocks)
         quantize_transformer(model, "int8dq-cpu")  # the feed-forward keeps inductor's unfused GELU + quantization
         assert model.set_fused_gelu_quant(True) == 0
+        row = next(r for r in recipes_table("cpu") if r["name"] == "int8dq-cpu-int8attn")
+        assert row["runs_here"] and row["reason"].startswith("runs with SDPA attention: its int8 attention kernel "
+                                                             "cannot run here (")
         if not why.startswith("needs"):
             cpu_kernels._library.cache_clear()
             monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: set(cpu_kernels._CPU_FLAGS))
