@@ -1,5 +1,8 @@
-/* Attention on AVX-512 CPUs with VNNI and BF16 (no AMX needed): softmax(q k^T / sqrt(64)) v for head
- * dimension 64 (16 and 32 too, for small test models), in the manner of SageAttention (Zhang et al., 2024) and flash attention:
+/* Two kernels for AVX-512 CPUs with VNNI and BF16 (no AMX needed): attention (this part) and the
+ * feed-forward's GELU fused with int8 quantization (the end of the file).
+ *
+ * Attention: softmax(q k^T / sqrt(64)) v for head dimension 64 (16 and 32 too, for small test models),
+ * in the manner of SageAttention (Zhang et al., 2024) and flash attention:
  *
  *   - k is smoothed (its mean over the tokens of the head is subtracted; softmax is unchanged, since
  *     q . mean(k) is the same for every key of a query row), then q and k are quantized to int8 per

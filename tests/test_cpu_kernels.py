@@ -6,6 +6,8 @@ round trip of the recipes live in test_quantize_accuracy.py with every other rec
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -215,3 +217,11 @@ def test_fused_feed_forward_equals_the_unfused_one():
         assert model.set_fused_gelu_quant(True) == cfg.num_layers
         fused = ff(x)
     assert sqnr(plain, fused) > 60.0
+
+
+def test_other_devices_keep_the_pytorch_path_quietly():
+    model = build_transformer(PRESETS["tiny"].transformer, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_runtime_settings(model, {"attention_kernel": "int8-cpu", "fused_gelu_quant": True})
+    assert not any(b.attn1.int8_cpu or b.ff.fused_gelu_quant for b in model.transformer_blocks)
