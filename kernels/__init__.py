@@ -1,30 +1,43 @@
 """cogvx.kernels: the fused kernels of the transformer, each beside its plain-PyTorch reference.
 
 The model code imports only the names below; which file holds which op is this package's business:
-adaln.py, adaln_fp8.py, qk_norm_rope.py, rope_flash_attention.py (one op each), cpu_kernels.py
-(int8 attention for AVX-512 VNNI CPUs, a C kernel built on first use), rope.py (the shared
-RoPE reference and table checks), policy.py (which implementation runs), aot.py (compile every
-kernel for sm_80/89/90 and check registers, spills and shared memory, no GPU needed).
+adaln.py, adaln_fp8.py, qk_norm_rope.py, rope_flash_attention.py (one op each), cpu_kernels.py (the
+C kernels for AVX-512 VNNI + BF16 CPUs: int8 attention, GELU + int8 quantization; built on first use),
+rope.py (the shared RoPE reference and table checks), policy.py (which implementation runs), aot.py
+(compile every kernel for sm_80/89/90 and check registers, spills and shared memory, no GPU needed).
+
+The names resolve on first use (PEP 562): ``cogvx recipes`` asks cpu_kernels whether this CPU runs
+them without importing triton, which the Triton kernels' modules import.
 """
 
-from .adaln import adaptive_layernorm
-from .adaln_fp8 import adaptive_layernorm_fp8, fp8_rowwise_linear
-from .cpu_kernels import gelu_quant_rows, int8_attention
-from .cpu_kernels import unavailable as cpu_kernels_unavailable
-from .policy import attention_for, resolve_backend
-from .qk_norm_rope import qk_norm_rope
-from .rope_flash_attention import attention, rope_attention
+from __future__ import annotations
 
-__all__ = [
-    "adaptive_layernorm",
-    "adaptive_layernorm_fp8",
-    "attention",
-    "attention_for",
-    "cpu_kernels_unavailable",
-    "fp8_rowwise_linear",
-    "gelu_quant_rows",
-    "int8_attention",
-    "qk_norm_rope",
-    "resolve_backend",
-    "rope_attention",
-]
+import importlib
+
+_PUBLIC = {
+    "adaptive_layernorm": ("adaln", "adaptive_layernorm"),
+    "adaptive_layernorm_fp8": ("adaln_fp8", "adaptive_layernorm_fp8"),
+    "attention": ("rope_flash_attention", "attention"),
+    "attention_for": ("policy", "attention_for"),
+    "cpu_kernels_unavailable": ("cpu_kernels", "unavailable"),
+    "fp8_rowwise_linear": ("adaln_fp8", "fp8_rowwise_linear"),
+    "gelu_quant_rows": ("cpu_kernels", "gelu_quant_rows"),
+    "int8_attention": ("cpu_kernels", "int8_attention"),
+    "qk_norm_rope": ("qk_norm_rope", "qk_norm_rope"),
+    "resolve_backend": ("policy", "resolve_backend"),
+    "rope_attention": ("rope_flash_attention", "rope_attention"),
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        module, attr = _PUBLIC[name]
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cogvx.kernels' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])
