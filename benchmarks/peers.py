@@ -111,15 +111,22 @@ def base_engine(e: E2E, device) -> Engine:
     return Engine.from_preset(e.preset, device, torch.float32, seed=e.seed, t5_layers=e.t5_layers)
 
 
+VAE_BF16 = "+vae-bf16"
+
+
 def cogvx_e2e(e: E2E, base: Engine, recipe: str, device) -> Row:
     """Engine.generate from prompt to decoded frames: the base engine's weights, q/k/v fused,
-    ``recipe`` applied, transformer compiled; text encoder and VAE shared with ``base``."""
+    ``recipe`` applied, transformer compiled; text encoder and VAE shared with ``base``. A recipe
+    ending in "+vae-bf16" runs a bf16 copy of the VAE (Engine.load's vae_dtype="bfloat16")."""
+    name = recipe
+    recipe, bf16_vae = recipe.removesuffix(VAE_BF16), recipe.endswith(VAE_BF16)
+    vae = copy.deepcopy(base.vae).to(torch.bfloat16) if bf16_vae else base.vae
     m = copy.deepcopy(base.transformer)
     m.fuse_qkv()
     if recipe != "none":
         quantize_transformer(m, recipe)
     eng = Engine(transformer=m, scheduler=base.scheduler, tokenizer=base.tokenizer, text_encoder=base.text_encoder,
-                 vae=base.vae, device=torch.device(device), dtype=torch.float32)
+                 vae=vae, device=torch.device(device), dtype=torch.float32)
     eng.compile(True)
     p = get_preset(e.preset)
     kw = dict(num_frames=p.num_frames, height=p.height, width=p.width, num_inference_steps=e.steps,
@@ -132,7 +139,8 @@ def cogvx_e2e(e: E2E, base: Engine, recipe: str, device) -> Row:
         stages.update(res.profile.stages)
         return torch.as_tensor(res.frames).float()
 
-    return Row(f"e2e cogvx {recipe if recipe != 'none' else 'fp32'}", "cogvx", recipe, "float32", True, "e2e", run,
+    return Row(f"e2e cogvx {name if recipe != 'none' else 'fp32' + VAE_BF16 * bf16_vae}", "cogvx", recipe, "float32",
+               True, "e2e", run,
                {"stages": stages})
 
 

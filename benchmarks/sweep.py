@@ -201,7 +201,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", nargs="*", default=["int8dq-cpu"],
                    help="rows (or cogvx recipes) to profile once with torch.profiler after timing")
     p.add_argument("--e2e", action="store_true", help="also time whole generations (text + steps + VAE decode)")
-    p.add_argument("--e2e-recipes", nargs="+", default=["none", "int8dq-cpu"])
+    p.add_argument("--e2e-recipes", nargs="+", default=["none", "int8dq-cpu"],
+                   help="cogvx end-to-end rows; a recipe ending in +vae-bf16 decodes with a bf16 copy of the VAE")
     p.add_argument("--e2e-peers", nargs="*", default=["diffusers-fp32", "diffusers-int8dq"], choices=PEERS)
     p.add_argument("--e2e-steps", type=int, default=2)
     p.add_argument("--e2e-repeats", type=int, default=2)

@@ -83,6 +83,8 @@ def _generate_parser(sub) -> None:
                                                   "float32 on the CPU)")
     g.add_argument("--scheduler", choices=SCHEDULERS, default=None)
     g.add_argument("--vae-tiling", action="store_true", help="decode in overlapping tiles (less memory)")
+    g.add_argument("--vae-dtype", default=None, help="the VAE's own dtype (default: --dtype); bfloat16 decodes 2x "
+                                                      "faster than float32 on CPUs with AVX-512 BF16")
     g.add_argument("--fps", type=float, default=8)
     g.add_argument("--out", default="video.mp4", help="output mp4 path (default video.mp4)")
     g.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",

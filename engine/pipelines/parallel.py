@@ -90,7 +90,9 @@ class Parallel:
         across ranks and gathered on rank 0; else rank 0 decodes alone."""
         vae = engine.vae
         if vae is not None and vae.use_tiling and latents.ndim == 5:
-            return decode_tiles(vae, unscale_latents(latents.permute(0, 2, 1, 3, 4), vae.config), self.mesh)
+            z = unscale_latents(latents.permute(0, 2, 1, 3, 4), vae.config).to(vae.dtype)
+            out = decode_tiles(vae, z, self.mesh)
+            return None if out is None else out.to(engine.dtype)
         return engine.decode(latents) if self.rank == 0 else None
 
     def report_loop(self, prof: Profile, compiled: bool, steps: int) -> None:

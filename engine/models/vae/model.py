@@ -92,6 +92,11 @@ class CogVideoXVAE(nn.Module):
         object.__setattr__(self, "_decoder_fn", None)  # the compiled decoder (compile_decoder); not a submodule
         self.tile_spec = TileSpec(config.sample_height // 2, config.sample_width // 2)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights: what ``encode`` and ``decode`` take and return."""
+        return self.decoder.conv_out.conv.weight.dtype
+
     # -- switches (diffusers names and semantics: None keeps the current value) --
     def enable_tiling(
         self,
