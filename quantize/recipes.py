@@ -33,8 +33,8 @@ suggests: the error compounds over the denoising steps.
 Speed on the CPU (AMD EPYC, 2 cores, AVX-512 with VNNI and BF16, no AMX; benchmarks/sweep.py, rows
 alternated in one process, compiled, fp32 activations). int8 dynamic quantization is *faster* than
 fp32 on such a CPU (VNNI int8 GEMMs run at 4-5x the fp32 rate), not slower. int8dq-cpu-int8attn is
-the fastest here: its step takes 0.16x (cpu-bench, commit d9a1300) and 0.25x (cpu-long, a1e4bce) the
-time of diffusers fp32, and 0.65x / 0.41x that of diffusers + torchao int8dq, at 69.9 / 72.5 dB
+the fastest here: its step takes 0.16x (cpu-bench, commit d9a1300) and 0.23x (cpu-long, fdfc26b) the
+time of diffusers fp32, and 0.65x / 0.38x that of diffusers + torchao int8dq, at 69.9 / 72.5 dB
 against the fp32 step. Its attention is one C kernel (int8 q k^T, bf16 p v; cogvx.kernels.cpu_kernels),
 3-4x faster than PyTorch's CPU flash kernel, which int8dq-cpu and the diffusers rows run (76 % of their
 cpu-long step); what is left is mostly the int8 GEMMs, at about the VNNI peak (66 % of the cpu-bench
@@ -113,7 +113,7 @@ CPU_FAST_NOTE = ("runs; int8 GEMMs at the VNNI peak (oneDNN u8 x s8 on prepacked
 CPU_BF16_ATTN_NOTE = ("runs; int8dq-cpu with, compiled, short-sequence attention as blocked bf16 GEMMs: cpu-bench step "
                       "0.92x diffusers + torchao int8dq; long sequences keep SDPA")
 CPU_INT8_ATTN_NOTE = ("runs; the fastest here (AVX-512 VNNI + BF16): attention as int8 q k^T + bf16 p v in one C kernel, "
-                      "step 0.16x (cpu-bench) / 0.25x (cpu-long) diffusers fp32, 0.65x / 0.41x diffusers + torchao int8dq")
+                      "step 0.16x (cpu-bench) / 0.23x (cpu-long) diffusers fp32, 0.65x / 0.38x diffusers + torchao int8dq")
 _INT8DQ_NOTE = "runs; VNNI makes it faster than fp32 here (cpu-bench step ~0.28x fp32 compiled)"
 _WO_NOTE = "runs; weight-only: the GEMM runs in the activation dtype, no faster than fp32 on a CPU"
 _RECIPES = [
