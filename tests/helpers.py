@@ -121,3 +121,10 @@ def assert_close_lowp(ours, ref64, lowp, atol, what=""):
             f"{what}: max error {worst:.3g} > bound {bound:.3g} at {list(idx)}: ours {ours[idx].item():.6g}, "
             f"ref64 {ref64[idx].item():.6g}, {int((err > bound).sum())} of {err.numel()} elements over"
         )
+
+
+def attention_float64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh)) v in float64: the reference of the reduced-precision attentions."""
+    s = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return torch.softmax(s, dim=-1) @ v.double()
+

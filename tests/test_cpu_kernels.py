@@ -12,21 +12,17 @@ import pytest
 import torch
 
 from cogvx.engine.cli.recipes import recipes_table
-from cogvx.engine.models.positions import make_positions
 from cogvx.engine.models.presets import PRESETS
 from cogvx.engine.models.transformer import build_transformer
 from cogvx.engine.quantizing import apply_runtime_settings, quantize_transformer
 from cogvx.engine.runtime.compiling import compile_module, dynamo_counts
 from cogvx.kernels import cpu_kernels, gelu_quant_rows, int8_attention, cpu_kernels_unavailable
 from cogvx.quantize.metrics import sqnr
+from helpers import attention_float64
+from tiny_transformer import tiny_quantized_transformer
 
 WHY = cpu_kernels_unavailable()
 needs_kernel = pytest.mark.skipif(bool(WHY), reason=f"int8 CPU attention cannot run here: {WHY}")
-
-
-def _attention_float64(q, k, v):
-    s = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
-    return torch.softmax(s, dim=-1) @ v.double()
 
 
 def _bf16(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +71,7 @@ def test_matches_float64_and_its_documented_numerics(b, h, s, d, layout):
     q, k, v = _qkv(b, h, s, d, seed=s * d + b, layout=layout)
     out = int8_attention(q, k, v)
     assert out.shape == (b, h, s, d) and out.dtype == torch.float32
-    assert sqnr(_attention_float64(q, k, v).float(), out) > (33.0 if s > 1 else 50.0)  # one key: the bf16 v itself
+    assert sqnr(attention_float64(q, k, v).float(), out) > (33.0 if s > 1 else 50.0)  # one key: the bf16 v itself
     assert sqnr(_documented_numerics(q, k, v).float(), out) > 60.0
 
 
@@ -136,15 +132,7 @@ def test_recipe_attends_with_the_kernel_compiled_with_no_graph_break():
     GELU + quantization op and none calls SDPA, eager and compiled (inductor with freezing, the engine's
     CPU compile) alike, with no graph break; the output stays within the int8 attention's error of the
     int8dq-cpu transformer (SDPA attention)."""
-    torch.manual_seed(0)
-    cfg = PRESETS["tiny"].transformer
-    model = build_transformer(cfg, device="cpu")
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    quantize_transformer(model, "int8dq-cpu")
-    g = torch.Generator().manual_seed(1)
-    args = (torch.randn(2, 3, 4, 6, 10, generator=g), torch.randn(2, 64, 32, generator=g), torch.tensor([900, 300]),
-            make_positions(cfg, 3, 6, 10))
+    cfg, model, args = tiny_quantized_transformer("int8dq-cpu")
 
     def calls(fn):
         with torch.inference_mode():
@@ -204,12 +192,7 @@ def test_gelu_quant_shapes_the_kernel_does_not_take_use_the_reference():
 def test_fused_feed_forward_equals_the_unfused_one():
     """int8dq-cpu's feed-forward with and without the fusion: the same int8 levels, so the same output
     up to the one-level flips of test_gelu_quant_matches_float64."""
-    torch.manual_seed(0)
-    cfg = PRESETS["tiny"].transformer
-    model = build_transformer(cfg, device="cpu")
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    quantize_transformer(model, "int8dq-cpu")
+    cfg, model, _ = tiny_quantized_transformer("int8dq-cpu")
     assert model.set_fused_gelu_quant(False) == 0
     ff, x = model.transformer_blocks[0].ff, torch.randn(2, 50, cfg.inner_dim)
     with torch.inference_mode():

@@ -11,14 +11,15 @@ from torch import nn
 
 from cogvx.engine.models.attention import chunked_attention, query_block, use_chunked_attention
 from cogvx.engine.models.presets import PRESETS
-from cogvx.engine.models.positions import make_positions
 from cogvx.engine.models.transformer import build_transformer
-from cogvx.engine.quantizing import apply_runtime_settings, quantize_transformer
+from cogvx.engine.quantizing import apply_runtime_settings
 from cogvx.engine.runtime.compiling import compile_module, dynamo_counts
 from cogvx.quantize import RECIPES, availability, quantize_
 from cogvx.quantize.backends import native
 from cogvx.quantize.backends.native import Int8DynamicLinear, int8_linear_reference
 from cogvx.quantize.metrics import sqnr
+from helpers import attention_float64
+from tiny_transformer import tiny_quantized_transformer
 
 RECIPES_HERE = ["int8dq-cpu", "int8dq-cpu-bf16attn", "int8dq-cpu-int8attn"]
 
@@ -114,16 +115,7 @@ def test_recipes_listed_without_importing_the_backend():
 def test_compiled_transformer_has_no_graph_break_and_matches_eager(name):
     """inductor with freezing (the engine's CPU compile) over the quantized tiny transformer: one graph,
     the same output as eager up to the bf16 GEMM output rounding and fused-order float differences."""
-    torch.manual_seed(0)
-    cfg = PRESETS["tiny"].transformer
-    model = build_transformer(cfg, device="cpu")
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    model.fuse_qkv()
-    quantize_transformer(model, name)
-    g = torch.Generator().manual_seed(1)
-    args = (torch.randn(2, 3, 4, 6, 10, generator=g), torch.randn(2, 64, 32, generator=g), torch.tensor([900, 300]),
-            make_positions(cfg, 3, 6, 10))
+    cfg, model, args = tiny_quantized_transformer(name, fuse_qkv=True)
     torch._dynamo.reset()
     before = dynamo_counts()
     with torch.inference_mode():
@@ -136,9 +128,6 @@ def test_compiled_transformer_has_no_graph_break_and_matches_eager(name):
 
 
 # ------------------------------------------------------------------ int8dq-cpu-bf16attn's attention
-def _attention_float64(q, k, v):
-    s = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
-    return torch.softmax(s, dim=-1) @ v.double()
 
 
 @pytest.mark.parametrize("seq", [7, 130, 1000], ids=["7", "130", "1000"])
@@ -147,7 +136,7 @@ def test_chunked_attention_matches_float64(seq):
     bf16 rounding of scores and probabilities in bf16."""
     g = torch.Generator().manual_seed(seq)
     q, k, v = (torch.randn(2, 3, seq, 64, generator=g) for _ in range(3))
-    ref = _attention_float64(q, k, v)
+    ref = attention_float64(q, k, v)
     out = chunked_attention(q, k, v)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-6
@@ -165,15 +154,7 @@ def test_query_blocks_stay_few_and_aligned():
 def test_compiled_bf16_attention_recipe_runs_blocked_gemms_not_sdpa():
     """Compiled on the CPU, int8dq-cpu-bf16attn attends with chunked_attention (no SDPA call); eager
     keeps SDPA; the two agree at the bf16 attention's precision."""
-    torch.manual_seed(0)
-    cfg = PRESETS["tiny"].transformer
-    model = build_transformer(cfg, device="cpu")
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    quantize_transformer(model, "int8dq-cpu-bf16attn")
-    g = torch.Generator().manual_seed(1)
-    args = (torch.randn(2, 3, 4, 6, 10, generator=g), torch.randn(2, 64, 32, generator=g), torch.tensor([900, 300]),
-            make_positions(cfg, 3, 6, 10))
+    cfg, model, args = tiny_quantized_transformer("int8dq-cpu-bf16attn")
 
     def sdpa_calls(fn):
         with torch.inference_mode(), torch.profiler.profile() as prof:
