@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts: the commit a figure belongs to, the device's copy
-bandwidth, where results go, the SQNR of an output against its reference, the process's peak
+bandwidth, the CPU's model name, where results go, the SQNR of an output against its reference, the process's peak
 resident size, and the run-in-a-child-process harness (one process per measurement, so peaks do
 not mix)."""
 
@@ -70,6 +70,15 @@ def write_report(name: str, result: dict, markdown, chart, out: Path | None = No
     print(markdown(result))
     print(f"wrote {stem}.json, .md, .png")
     return stem
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("?" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        return "?"
 
 
 def current_rss() -> int:

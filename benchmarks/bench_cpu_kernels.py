@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from _util import git_commit, sqnr_db, write_report
+from _util import cpu_model, git_commit, sqnr_db, write_report
 from cogvx.engine.models.attention import chunked_attention
 from cogvx.kernels import cpu_kernels_unavailable, gelu_quant_rows, int8_attention
 from cogvx.kernels.cpu_kernels import gelu_quant_rows_reference
@@ -56,6 +56,15 @@ def _alternate(rows: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def _rows(what: str, shape: str, times: dict[str, list[float]], base: str, ratio_key: str, quality_key: str,
+          quality: dict) -> list[dict]:
+    """One result row per timed op: its median, the ratio of that to ``base``'s median, its quality figure."""
+    med = {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+    return [{"what": what, "shape": shape, "row": name, "median_ms": round(med[name] * 1e3, 2),
+             ratio_key: round(med[name] / med[base], 3), quality_key: quality[name],
+             "times_s": [round(t, 5) for t in ts]} for name, ts in times.items()]
+
+
 def attention_rows(rounds: int, g: torch.Generator) -> list[dict]:
     out = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -67,13 +76,8 @@ def attention_rows(rounds: int, g: torch.Generator) -> list[dict]:
                 "int8 kernel": lambda: int8_attention(q, k, v)}
         ref = _float64_heads(q, k, v).float()
         quality = {name: sqnr_db(ref, fn()[0, :2].float()) for name, fn in rows.items()}  # also the warm-up
-        times = _alternate(rows, rounds)
-        base = sorted(times["sdpa fp32"])[rounds // 2]
-        for name, ts in times.items():
-            med = sorted(ts)[rounds // 2]
-            out.append({"what": "attention", "shape": f"{preset}: 2 x 30 heads x {seq} tokens x 64", "row": name,
-                        "median_ms": round(med * 1e3, 1), "x_sdpa_fp32": round(med / base, 3),
-                        "sqnr_db_vs_float64": round(quality[name], 1), "times_s": [round(t, 4) for t in ts]})
+        out += _rows("attention", f"{preset}: 2 x 30 heads x {seq} tokens x 64", _alternate(rows, rounds), "sdpa fp32",
+                     "x_sdpa_fp32", "sqnr_db_vs_float64", {name: round(db, 1) for name, db in quality.items()})
     return out
 
 
@@ -87,13 +91,8 @@ def gelu_rows(rounds: int, g: torch.Generator) -> list[dict]:
         rows = {"inductor (PyTorch form)": lambda: compiled(acc, s, bias), "C kernel": lambda: gelu_quant_rows(acc, s, bias)}
         (q0, _), (q1, _) = rows["inductor (PyTorch form)"](), rows["C kernel"]()
         differ = (q0 != q1).double().mean().item()
-        times = _alternate(rows, rounds)
-        base = sorted(times["inductor (PyTorch form)"])[rounds // 2]
-        for name, ts in times.items():
-            med = sorted(ts)[rounds // 2]
-            out.append({"what": "GELU + int8 quantization", "shape": f"{preset}: {m} x 7680 bf16", "row": name,
-                        "median_ms": round(med * 1e3, 2), "x_inductor": round(med / base, 3),
-                        "levels_differing": differ, "times_s": [round(t, 5) for t in ts]})
+        out += _rows("GELU + int8 quantization", f"{preset}: {m} x 7680 bf16", _alternate(rows, rounds),
+                     "inductor (PyTorch form)", "x_inductor", "levels_differing", dict.fromkeys(rows, differ))
     return out
 
 
@@ -143,8 +142,7 @@ def main() -> None:
     commit, dirty = git_commit()
     with torch.inference_mode():
         rows = attention_rows(args.rounds, g) + gelu_rows(args.rounds, g)
-    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    meta = {"device_name": f"cpu-{platform.machine()}", "cpu": f"{model}, AVX-512 VNNI + BF16",
+    meta = {"device_name": f"cpu-{platform.machine()}", "cpu": f"{cpu_model()}, AVX-512 VNNI + BF16",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit, "dirty": dirty,
             "rounds": args.rounds}
     write_report("cpu-kernels", {"meta": meta, "rows": rows}, markdown, chart, out=args.out)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from _util import git_commit, results_path  # benchmarks/ is sys.path[0]
+from _util import cpu_model, git_commit, results_path  # benchmarks/ is sys.path[0]
 
 from cogvx.engine import Engine
 from cogvx.engine.models.vae import unscale_latents
@@ -194,7 +194,7 @@ def main() -> None:
                             rows[m]["collective_per_step"]),
                         collective_seconds_per_step_rank1=_summary(rows[m]["collective_per_step_rank1"]),
                         collective_share=coll / step["median"])
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_model()
     doc = dict(what="denoising step, 2 processes x 1 thread (gloo) vs 1 process x 1 thread", device="cpu", cpu=cpu,
                cores=os.cpu_count(), load_average=os.getloadavg(), dtype="float32", commit=commit, dirty_tree=dirty,
                python=platform.python_version(), command=" ".join([sys.executable, *sys.argv]),

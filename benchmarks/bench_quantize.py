@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from _util import child_result, current_rss, peak_rss, run_child, sqnr_db  # benchmarks/ is sys.path[0]
+from _util import child_result, cpu_model, current_rss, peak_rss, run_child, sqnr_db  # benchmarks/ is sys.path[0]
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -224,7 +224,7 @@ def _env(device: str, dtype: str) -> dict:
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=HERE).stdout)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_model()
     return {"device": device, "cpu": cpu, "cores": os.cpu_count(), "dtype": dtype, "commit": commit,
             "dirty_tree": dirty, "python": platform.python_version(),
             "versions": {d: v(d) for d in ("torch", "torchao", "optimum-quanto", "bitsandbytes", "safetensors")}}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from _util import RESULTS, git_commit, peak_rss, sqnr_db, write_report  # benchmarks/ is sys.path[0]
+from _util import RESULTS, cpu_model, git_commit, peak_rss, sqnr_db, write_report  # benchmarks/ is sys.path[0]
 from cogvx.engine.models.positions import latent_frames, make_positions
 from cogvx.engine.models.presets import PRESETS
 from cogvx.engine.models.tokenizer import MAX_LENGTH
@@ -176,7 +176,7 @@ def _meta(args, cfg, frames, height, width, lat, text, nv, flops, attn_flops) ->
         except Exception:
             pass
     commit, dirty = git_commit()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_model()
     return dict(
         benchmark="denoising_step_sweep", device="cpu", device_name=f"cpu-{platform.machine()}", cpu=cpu,
         threads=torch.get_num_threads(), dtype="float32 (cogvx rows and diffusers fp32/int8dq; diffusers-bf16: bfloat16)",
