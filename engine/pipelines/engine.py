@@ -30,7 +30,6 @@ from ..models.presets import get_preset
 from ..models.text_encoder import check_vocab, encode_ids
 from ..models.tokenizer import MAX_LENGTH, PromptTokenizer
 from ..models.transformer import CogVideoXTransformer
-from ..models.vae import unscale_latents
 from ..parallel import check_mode, make_mesh, parallel_device
 from ..quantizing import quantize_text_encoder, quantize_transformer
 from ..runtime.compiling import check_compile_mode, compile_module, use_cache_dir
@@ -380,8 +379,7 @@ class Engine(LoraMethods):
         c = self.vae.config.latent_channels
         if latents.ndim != 5 or latents.shape[2] != c:
             raise ValueError(f"latents must be [B, F_lat, {c}, h, w] for this VAE (got {tuple(latents.shape)})")
-        z = unscale_latents(latents.permute(0, 2, 1, 3, 4), self.vae.config).to(self.vae.dtype)
-        out = self.vae.decode(z).to(self.dtype)  # the VAE may run in its own dtype (Engine.load's vae_dtype)
+        out = self.vae.decode(self.vae.decoder_input(latents)).to(self.dtype)  # the VAE may have its own dtype
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return out

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from ..io.checkpoint import resolve_model_dir
-from ..models.vae import unscale_latents
 from ..parallel import (Comm, Mesh, ParallelTransformer, agree_or_raise, broadcast_int, digests, gather_floats,
                         raise_together)
 from ..parallel.decode import decode_tiles
@@ -90,8 +89,7 @@ class Parallel:
         across ranks and gathered on rank 0; else rank 0 decodes alone."""
         vae = engine.vae
         if vae is not None and vae.use_tiling and latents.ndim == 5:
-            z = unscale_latents(latents.permute(0, 2, 1, 3, 4), vae.config).to(vae.dtype)
-            out = decode_tiles(vae, z, self.mesh)
+            out = decode_tiles(vae, vae.decoder_input(latents), self.mesh)
             return None if out is None else out.to(engine.dtype)
         return engine.decode(latents) if self.rank == 0 else None
 

@@ -134,6 +134,11 @@ class CogVideoXVAE(nn.Module):
         self.use_slicing = False
 
     # -- decode --
+    def decoder_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """Diffusion latents [B, F_lat, C, h, w] (the denoising loop's layout and scale) -> what ``decode``
+        takes: [B, C, F_lat, h, w], divided by scaling_factor, in the VAE's own dtype."""
+        return unscale_latents(latents.permute(0, 2, 1, 3, 4), self.config).to(self.dtype)
+
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [B, C_lat, F_lat, h, w] (already divided by scaling_factor: see ``unscale_latents``) ->
