@@ -245,7 +245,7 @@ class CogVideoXTransformer(nn.Module):
 
     def set_int8_cpu_attention(self, on: bool = True) -> str:
         """Attend on the CPU with ``cogvx.kernels.int8_attention`` (int8 q k^T, bf16 p v; AVX-512 VNNI and
-        BF16, head dimension 64); other devices keep SDPA. Returns why it cannot run on this machine
+        BF16; head dimension 64, or 16 / 32 in small test models); other devices keep SDPA. Returns why it cannot run on this machine
         ("" when it can); attention then stays as it was."""
         why = cpu_kernels_unavailable(self.config.attention_head_dim) if on else ""
         for blk in self.transformer_blocks:
