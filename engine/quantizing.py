@@ -40,6 +40,10 @@ def apply_runtime_settings(transformer, settings: dict[str, Any]) -> None:
         transformer.set_fp8_activations(True)
     on_cpu = next(transformer.parameters()).device.type == "cpu"
     if settings.get("fused_gelu_quant") and on_cpu:
+        why = transformer.fused_gelu_quant_missing()
+        if why:
+            warnings.warn(f"the recipe's fused GELU + int8 quantization kernel does not run here: {why}; the "
+                          "feed-forward runs the same ops unfused (slower)", RuntimeWarning, stacklevel=2)
         transformer.set_fused_gelu_quant(True)
     kernel = settings.get("attention_kernel")
     if kernel not in (None, "int8-cpu"):

@@ -146,8 +146,8 @@ _RECIPES = [
     Recipe("int8dq-cpu-bf16attn", "native", "int8dq-cpu with attention in bf16",
            (("gemm_out", "bfloat16"), ("fused_gelu_quant", True), ("attention_dtype", "bfloat16")),
            cpu_note=CPU_BF16_ATTN_NOTE),
-    Recipe("int8dq-cpu-int8attn", "native", "int8dq-cpu with int8 q k^T and bf16 p v attention (SageAttention-style "
-           "C kernel for AVX-512 VNNI + BF16 CPUs; SDPA elsewhere)",
+    Recipe("int8dq-cpu-int8attn", "native", "int8dq-cpu with int8 q k^T attention (SageAttention-style C kernel for "
+           "AVX-512 VNNI CPUs, p v in bf16 where they have AVX-512 BF16, fp32 where not; SDPA elsewhere)",
            (("gemm_out", "bfloat16"), ("fused_gelu_quant", True), ("attention_kernel", "int8-cpu")),
            cpu_note=CPU_INT8_ATTN_NOTE),
     Recipe("bnb-nf4", "bnb", "bitsandbytes 4-bit NormalFloat, blocks of 64, double-quantized scales",
