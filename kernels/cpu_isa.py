@@ -1,6 +1,7 @@
 """Which build of the CPU C kernels runs on this machine: one dispatch point for cpu_kernels.py.
 
-The C sources (cpu_kernels.c: the int8 attention; cpu_gelu_quant.c: GELU + int8 quantization) are built
+The C sources (cpu_kernels.c: the int8 attention on AVX-512; cpu_attention_avx2.c: the same on AVX2;
+cpu_gelu_quant.c: GELU + int8 quantization, either width) are built
 once per variant with the system C compiler (``$CC``, else ``cc``) into ``$COGVX_CACHE`` (default
 ``~/.cache/cogvx``), keyed by the sources' and the flags' hash, and loaded with ctypes. Variants, best
 first (``VARIANTS``):
@@ -9,8 +10,10 @@ first (``VARIANTS``):
   the attention's p v as bf16 dot products (vdpbf16ps), the GELU + quantization in 16 lanes.
 - ``avx512_vnni``: the same without BF16 (Ice Lake / Cascade Lake Xeons): p v as fp32 FMAs on the same
   bf16 v (p stays fp32), the GELU + quantization as above (its bf16 input is widened by a shift).
-- ``avx2``: AVX2 + FMA (CPUs without AVX-512): the GELU + quantization in 8 lanes, the same numbers;
-  no int8 attention (it runs as SDPA there, with the recipe's warning).
+- ``avx_vnni``: AVX2 + FMA + AVX-VNNI without AVX-512 (Intel Alder Lake and later client cores, Sierra
+  Forest Xeons): the attention in 8 lanes with the numerics of ``avx512_vnni``, q k^T through vpdpbusd on
+  ymm; the GELU + quantization in 8 lanes, the same numbers.
+- ``avx2``: AVX2 + FMA (AMD Zen 2 / 3 EPYCs, older Intel): as ``avx_vnni``, q k^T as vpmaddubsw + vpmaddwd.
 
 The CPU's flags are read once; the best variant they allow runs unless ``COGVX_CPU_ISA`` names a lower
 one (to measure or test it on a CPU that has more), or a caller passes ``isa=``. AMX (amx_int8 /
@@ -29,19 +32,28 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["ENV", "VARIANTS", "KERNELS", "cpu_flags", "library", "missing", "runnable", "select"]
+__all__ = ["ENV", "VARIANTS", "KERNELS", "cpu_flags", "library", "missing", "runnable", "select", "sources"]
 
 ENV = "COGVX_CPU_ISA"
 _HERE = Path(__file__).parent
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 _AVX512_CFLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma")
+_BOTH = ("attention", "gelu_quant")
 # variant -> (CPU flags it needs, compiler flags, the kernels its build holds)
 VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "avx512_bf16": ((*_AVX512, "avx512_bf16"), (*_AVX512_CFLAGS, "-mavx512bf16"), ("attention", "gelu_quant")),
-    "avx512_vnni": (_AVX512, _AVX512_CFLAGS, ("attention", "gelu_quant")),
-    "avx2": (("avx2", "fma"), ("-mavx2", "-mfma"), ("gelu_quant",)),
+    "avx512_bf16": ((*_AVX512, "avx512_bf16"), (*_AVX512_CFLAGS, "-mavx512bf16"), _BOTH),
+    "avx512_vnni": (_AVX512, _AVX512_CFLAGS, _BOTH),
+    "avx_vnni": (("avx2", "fma", "avx_vnni"), ("-mavx2", "-mfma", "-mavxvnni"), _BOTH),
+    "avx2": (("avx2", "fma"), ("-mavx2", "-mfma"), _BOTH),
 }
-KERNELS = {"attention": "cpu_kernels.c", "gelu_quant": "cpu_gelu_quant.c"}
+KERNELS = _BOTH
+_AVX512_ONLY = ("avx512_bf16", "avx512_vnni")
+
+
+def sources(variant: str) -> list[Path]:
+    """The C files of ``variant``'s build."""
+    attention = "cpu_kernels.c" if variant in _AVX512_ONLY else "cpu_attention_avx2.c"
+    return [_HERE / attention, _HERE / "cpu_gelu_quant.c"]
 _BASE_CFLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
 
 
@@ -90,7 +102,8 @@ def select(isa: str | None = None, kernel: str = "attention") -> tuple[str | Non
             return v, ""
     holding = [v for v in allowed if kernel in VARIANTS[v][2]]
     if not holding:
-        return None, f"{ENV}={want} has no {kernel} kernel (it needs {order[0]} or {order[1]})"
+        have = ", ".join(v for v in order if kernel in VARIANTS[v][2])
+        return None, f"{ENV}={want} has no {kernel} kernel (the variants with one: {have})"
     lacks = [f for f in VARIANTS[holding[-1]][0] if f not in flags]
     return None, f"this CPU lacks {', '.join(lacks)}"
 
@@ -113,7 +126,7 @@ def _cache_dir() -> Path:
 
 def _signatures(dll: ctypes.CDLL, kernels: tuple[str, ...]) -> None:
     ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    if "attention" in kernels:
+    if "attention" in kernels:  # every variant today; kept for a build without it
         fn = dll.cogvx_int8_attention
         fn.argtypes = [i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f32, i32, ptr, ptr, ptr, ptr,
                        ptr, ptr]
@@ -132,18 +145,18 @@ def library(variant: str) -> tuple[ctypes.CDLL | None, str]:
     cc = _compiler()
     if why or not cc:
         return None, why or "no C compiler found (set CC, or install gcc)"
-    sources = [_HERE / KERNELS[k] for k in kernels]
+    files = sources(variant)
     flags = (*_BASE_CFLAGS, *cflags)
-    tag = hashlib.sha256(b"".join(s.read_bytes() for s in sources) + " ".join(flags).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(b"".join(s.read_bytes() for s in files) + " ".join(flags).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"cpu_kernels-{variant}-{tag}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
-        build = subprocess.run([cc, *flags, *map(str, sources), "-o", tmp, "-lm"], capture_output=True, text=True)
+        build = subprocess.run([cc, *flags, *map(str, files), "-o", tmp, "-lm"], capture_output=True, text=True)
         if build.returncode:
             os.unlink(tmp)
-            names = " and ".join(s.name for s in sources)
+            names = " and ".join(s.name for s in files)
             return None, f"building {names} with {cc} failed: {build.stderr.strip()[-500:]}"
         os.replace(tmp, lib)  # atomic: concurrent builders leave one complete file
     dll = ctypes.CDLL(str(lib))
