@@ -3,16 +3,17 @@ attention, and the feed-forward's GELU fused with the per-row int8 quantization 
 
 ``int8_attention(q, k, v)`` computes softmax(q k^T / sqrt(Dh)) v on CPU tensors for head dimension 64
 (every CogVideoX model; 16 and 32 for small test models), as the op ``cogvx::int8_attention_cpu``
-(opaque to torch.compile: no graph break), on CPUs with AVX-512 VNNI. Numerics are those of
+(opaque to torch.compile: no graph break), on CPUs with AVX-512 VNNI or AVX2. Numerics are those of
 SageAttention: k smoothed by its mean over tokens, q and k int8 per token, fp32 online softmax, v
-rounded to bf16 with fp32 sums; p rounded to bf16 too where the CPU has AVX-512 BF16 (vdpbf16ps; the
-``avx512_bf16`` variant), kept in fp32 with FMAs where not (``avx512_vnni``). Against float64 attention
+rounded to bf16 with fp32 sums; p rounded to bf16 too in the ``avx512_bf16`` variant (vdpbf16ps), kept
+in fp32 with FMAs in the others (``avx512_vnni``; ``avx_vnni`` and ``avx2`` in 8 lanes, at about twice
+the AVX-512 time). Against float64 attention
 the bf16 variant measured 36-38 dB SQNR on unit-variance inputs with shifted keys (bf16 SDPA: 45-47 dB
 without the shift; blocked bf16 attention: 40 dB with it; benchmarks/bench_cpu_kernels.py), 3.7-4.3x
 faster than SDPA's fp32 flash kernel on an AMD EPYC. tests/test_cpu_kernels.py holds every variant the
 machine runs to 33 dB against float64 and to 60 dB against a float64 model of its own numerics. Where
-the CPU has AMX, the attention still runs on AVX-512 (its blocks are 4 query rows by 64 keys; the GEMMs
-around it are oneDNN's, on AMX).
+the CPU has AMX, the attention runs on AVX-512 (``avx512_vnni``: faster there than vdpbf16ps, see
+cpu_isa.py); AMX tiles are not used by it (untried), while the GEMMs around it are oneDNN's, on AMX.
 
 ``gelu_quant_rows(acc, row_scale, bias)`` is int8dq-cpu's feed-forward middle in one pass over memory
 (op ``cogvx::gelu_quant_cpu``): y = acc * row_scale + bias, g = GELU-tanh(y), then g quantized per row as
