@@ -21,7 +21,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from ..io.checkpoint import PIPELINE_CLASSES, read_model_index
+from ..io.checkpoint import read_model_index
 from ..loading import (
     load_scheduler,
     load_text_encoder,
@@ -32,12 +32,12 @@ from ..loading import (
     required_components,
 )
 from ..models.lora import is_plain_linear
+from ..models.tasks import PIPELINE_CLASSES, kind_of_class, tasks_of_kind
 from ..models.text_encoder import text_encoder_dtype
 from ..models.tokenizer import PromptTokenizer
 from ..models.transformer import CogVideoXTransformer
 from ..models.vae import CogVideoXVAE
 from ..quantizing import resolve_quantization
-from ..runtime.compiling import compile_module
 from ..runtime.devices import resolve_device, resolve_dtype
 from .diffusers_models import CogVideoXPipelineOutput, check_from_pretrained_kwargs, component_dir, torch_dtype_of
 from .engine import Engine
@@ -75,12 +75,11 @@ class CogVideoXPipelineBase:
         torch_dtype = torch_dtype_of(torch_dtype, kwargs)
         check_from_pretrained_kwargs(kwargs, f"{cls.__name__}.from_pretrained")
         d = component_dir(pretrained_model_name_or_path, None)
-        index = read_model_index(d, {k: None for k in required_components()})
-        task = PIPELINE_CLASSES[index["_class_name"]]
+        index = read_model_index(d, {k: None for k in required_components()}, PIPELINE_CLASSES)
+        task = kind_of_class(index["_class_name"])
         if task != cls._task:
-            names = {"t2v": "CogVideoXPipeline or CogVideoXVideoToVideoPipeline", "i2v": "CogVideoXImageToVideoPipeline",
-                     "control": "CogVideoXFunControlPipeline"}
-            raise ValueError(f"{d} is a {index['_class_name']} checkpoint: load it with {names[task]}")
+            names = " or ".join(c for t in tasks_of_kind(task) for c in t.pipeline_classes)
+            raise ValueError(f"{d} is a {index['_class_name']} checkpoint: load it with {names}")
         _check_component("transformer", transformer, CogVideoXTransformer, "CogVideoXTransformer3DModel")
         _check_component("vae", vae, CogVideoXVAE, "AutoencoderKLCogVideoX")
         if tokenizer is not None and not isinstance(tokenizer, PromptTokenizer):
@@ -151,10 +150,7 @@ class CogVideoXPipelineBase:
                 if m is not None:
                     m.to(dev)
             e.device, self._offload = dev, None
-            e._positions.clear()
-            if e._compiled is not None:
-                e._compiled = compile_module(e.transformer, e._compile_mode, dev, e._compile_backend)
-                e._warm.clear()
+            e.forward.to(dev)
         return self
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda") -> None:
@@ -182,7 +178,7 @@ class CogVideoXPipelineBase:
         if not transformer:
             return
         e = self.engine
-        with e._lock:
+        with e.lock:
             for blk in e.transformer.transformer_blocks:
                 a = blk.attn1
                 if a.to_qkv is None and not all(is_plain_linear(getattr(a, n)) for n in ("to_q", "to_k", "to_v")):
@@ -190,7 +186,7 @@ class CogVideoXPipelineBase:
                                      " fuse before quantizing (call it before quantize_)")
             e.transformer.fuse_qkv()
             e.lora.apply(e.transformer, e.dtype)  # side branches follow q/k/v onto the fused layer
-            e._weights_changed()
+            e.forward.weights_changed()
 
     def set_progress_bar_config(self, **kwargs) -> None:
         self._progress = dict(kwargs)
@@ -343,17 +339,17 @@ def _lora_call_scale(engine: Engine, scale: float):
     if scale == 1.0 or not engine.lora.active:
         yield
         return
-    with engine._lock:
+    with engine.lock:
         engine.lora.call_scale = scale
         engine.lora.apply(engine.transformer, engine.dtype)
-        engine._weights_changed()
+        engine.forward.weights_changed()
     try:
         yield
     finally:
-        with engine._lock:
+        with engine.lock:
             engine.lora.call_scale = 1.0
             engine.lora.apply(engine.transformer, engine.dtype)
-            engine._weights_changed()
+            engine.forward.weights_changed()
 
 
 @contextlib.contextmanager
