@@ -10,7 +10,9 @@ in fp32 with FMAs in the others (``avx512_vnni``; ``avx_vnni`` and ``avx2`` in 8
 the AVX-512 time). Against float64 attention
 the bf16 variant measured 36-38 dB SQNR on unit-variance inputs with shifted keys (bf16 SDPA: 45-47 dB
 without the shift; blocked bf16 attention: 40 dB with it; benchmarks/bench_cpu_kernels.py), 3.7-4.3x
-faster than SDPA's fp32 flash kernel on an AMD EPYC. tests/test_cpu_kernels.py holds every variant the
+faster than SDPA's fp32 flash kernel on an AMD EPYC; on a Sapphire Rapids-class Xeon (AMX), at the
+cpu-bench shape, 0.64x SDPA fp32's time (avx512_vnni; avx512_bf16 0.77x), and with MKL, oneDNN and ATen
+capped at AVX2 there (an AVX2-only CPU's view) avx_vnni 0.80x and avx2 0.94x. tests/test_cpu_kernels.py holds every variant the
 machine runs to 33 dB against float64 and to 60 dB against a float64 model of its own numerics. Where
 the CPU has AMX, the attention runs on AVX-512 (``avx512_vnni``: faster there than vdpbf16ps, see
 cpu_isa.py); AMX tiles are not used by it (untried), while the GEMMs around it are oneDNN's, on AMX.

@@ -26,8 +26,8 @@ def recipes_table(device: str | torch.device | None = None) -> list[dict]:
     rows = []
     for r in RECIPES.values():
         ok, why = availability(r, dev, import_backend=False)
-        if ok and dev.type == "cpu":
-            why = _cpu_kernels_note(r.options)
+        if ok and dev.type == "cpu":  # what its C kernels do here first, then the recipe's CPU note
+            why = "; ".join(x for x in (_cpu_kernels_note(r.options), why) if x)
         rows.append({"name": r.name, "backend": r.backend, "description": r.description, "runs_here": ok,
                      "reason": why})
     return rows
