@@ -30,7 +30,8 @@ e4m3 keeps 4). Recipes that also quantize activations (int8dq, quanto-w8a8, and 
 LLM.int8 matmul quantizes activations row-wise) lose more end to end than their single-forward SQNR
 suggests: the error compounds over the denoising steps.
 
-Speed on the CPU (AMD EPYC, 2 cores, AVX-512 with VNNI and BF16, no AMX; benchmarks/sweep.py, rows
+Speed on the CPU (AMD EPYC, 2 cores, AVX-512 with VNNI and BF16, no AMX; for a Sapphire Rapids Xeon with
+AMX, where OpenVINO int8 is faster, see the README's benchmark section; benchmarks/sweep.py, rows
 alternated in one process, compiled, fp32 activations). int8 dynamic quantization is *faster* than
 fp32 on such a CPU (VNNI int8 GEMMs run at 4-5x the fp32 rate), not slower. int8dq-cpu-int8attn is
 the fastest here: its step takes 0.16x (cpu-bench, commit d9a1300) and 0.23x (cpu-long, fdfc26b) the
@@ -112,8 +113,10 @@ CPU_FAST_NOTE = ("runs; int8 GEMMs at the VNNI peak (oneDNN u8 x s8 on prepacked
                  "C kernel; attention in SDPA: cpu-bench step 0.24x diffusers fp32, as fast as diffusers + torchao int8dq")
 CPU_BF16_ATTN_NOTE = ("runs; int8dq-cpu with, compiled, short-sequence attention as blocked bf16 GEMMs: cpu-bench step "
                       "0.92x diffusers + torchao int8dq; long sequences keep SDPA")
-CPU_INT8_ATTN_NOTE = ("runs; the fastest here (AVX-512 VNNI + BF16): attention as int8 q k^T + bf16 p v in one C kernel, "
-                      "step 0.16x (cpu-bench) / 0.23x (cpu-long) diffusers fp32, 0.65x / 0.38x diffusers + torchao int8dq")
+CPU_INT8_ATTN_NOTE = ("runs; cogvx's fastest on a CPU: attention as int8 q k^T in one C kernel; AMD EPYC (AVX-512 "
+                      "VNNI + BF16): step 0.16x (cpu-bench) / 0.23x (cpu-long) diffusers fp32, 0.65x / 0.38x diffusers "
+                      "+ torchao int8dq; Sapphire Rapids Xeon (AMX): 0.58x / 0.82x torchao int8dq, 0.89x / 0.92x "
+                      "OpenVINO int8 (wall; CPU time 1.42x / 0.96x)")
 _INT8DQ_NOTE = "runs; VNNI makes it faster than fp32 here (cpu-bench step ~0.28x fp32 compiled)"
 _WO_NOTE = "runs; weight-only: the GEMM runs in the activation dtype, no faster than fp32 on a CPU"
 _RECIPES = [
