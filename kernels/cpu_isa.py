@@ -6,6 +6,10 @@ once per variant with the system C compiler (``$CC``, else ``cc``) into ``$COGVX
 ``~/.cache/cogvx``), keyed by the sources' and the flags' hash, and loaded with ctypes. Variants, best
 first (``VARIANTS``):
 
+- ``amx``: AVX-512 BF16 + AMX int8 / bf16 (Sapphire Rapids and later Xeons): the attention's q k^T on
+  TDPBSUD tiles and p v on TDPBF16PS tiles, the softmax on AVX-512 (cpu_attention_amx.c; the numerics
+  of avx512_bf16); measured 0.44x avx512_bf16's time and 0.53x avx512_vnni's at 2 x 30 heads x 1216
+  tokens (7 alternating rounds, CPU time alike).
 - ``avx512_bf16``: AVX-512 F/BW/VL/DQ + VNNI + BF16 (Sapphire Rapids and later Xeons, AMD Zen 4 / 5):
   the attention's p v as bf16 dot products (vdpbf16ps), the GELU + quantization in 16 lanes.
 - ``avx512_vnni``: the same without BF16 (Ice Lake / Cascade Lake Xeons): p v as fp32 FMAs on the same
@@ -17,11 +21,11 @@ first (``VARIANTS``):
 
 The CPU's flags are read once; the first variant of ``preference()`` they allow runs unless
 ``COGVX_CPU_ISA`` names a later one (to measure or test it on a CPU that has more), or a caller passes
-``isa=``. On a CPU with AMX (Intel Sapphire Rapids and later) ``avx512_vnni`` comes first: its FMAs
+``isa=``. On a CPU with AMX (Sapphire Rapids and later) ``avx512_vnni`` comes right after amx: its FMAs
 issue on two ports where vdpbf16ps has one, and its attention measured 0.81x the time of
 ``avx512_bf16``'s at the cpu-bench shape (2 x 30 heads x 1216 tokens, CPU time, 7 alternating rounds),
 with p in fp32 (more exact) too. AMX (amx_int8 /
-amx_bf16) is not used by these kernels: oneDNN already runs the int8 and bf16 GEMMs on AMX tiles there.
+amx_bf16) runs the attention (``amx``); oneDNN already runs the int8 and bf16 GEMMs on AMX tiles there.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ _AVX512_CFLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx5
 _BOTH = ("attention", "gelu_quant")
 # variant -> (CPU flags it needs, compiler flags, the kernels its build holds)
 VARIANTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "amx": ((*_AVX512, "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"),
+            (*_AVX512_CFLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-int8", "-mamx-bf16"), _BOTH),
     "avx512_bf16": ((*_AVX512, "avx512_bf16"), (*_AVX512_CFLAGS, "-mavx512bf16"), _BOTH),
     "avx512_vnni": (_AVX512, _AVX512_CFLAGS, _BOTH),
     "avx_vnni": (("avx2", "fma", "avx_vnni"), ("-mavx2", "-mfma", "-mavxvnni"), _BOTH),
@@ -57,7 +63,8 @@ _AVX512_ONLY = ("avx512_bf16", "avx512_vnni")
 
 def sources(variant: str) -> list[Path]:
     """The C files of ``variant``'s build."""
-    attention = "cpu_kernels.c" if variant in _AVX512_ONLY else "cpu_attention_avx2.c"
+    attention = {"amx": "cpu_attention_amx.c"}.get(variant, "cpu_kernels.c" if variant in _AVX512_ONLY
+                                                    else "cpu_attention_avx2.c")
     return [_HERE / attention, _HERE / "cpu_gelu_quant.c"]
 _BASE_CFLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
 
@@ -81,11 +88,11 @@ def _platform_missing() -> str:
 
 def preference() -> list[str]:
     """Every variant, the one to run first: ``VARIANTS``' order, but avx512_vnni before avx512_bf16 on
-    a CPU with AMX (see the module docstring)."""
+    a CPU with AMX (see the module docstring; amx itself stays first)."""
     order = list(VARIANTS)
     if "amx_tile" in cpu_flags():
         order.remove("avx512_vnni")
-        order.insert(0, "avx512_vnni")
+        order.insert(1, "avx512_vnni")
     return order
 
 
@@ -162,7 +169,8 @@ def library(variant: str) -> tuple[ctypes.CDLL | None, str]:
         return None, why or "no C compiler found (set CC, or install gcc)"
     files = sources(variant)
     flags = (*_BASE_CFLAGS, *cflags)
-    tag = hashlib.sha256(b"".join(s.read_bytes() for s in files) + " ".join(flags).encode()).hexdigest()[:16]
+    hashed = sorted(_HERE.glob("cpu_*.c"))  # every C file: cpu_attention_amx.c includes cpu_kernels.c
+    tag = hashlib.sha256(b"".join(s.read_bytes() for s in hashed) + " ".join(flags).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"cpu_kernels-{variant}-{tag}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)

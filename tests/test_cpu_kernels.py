@@ -46,7 +46,7 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
 def _documented_numerics(q, k, v, isa):
     """cpu_kernels.c's numerics in float64: k minus its mean over tokens, q and k int8 per token
     (round half to even of x * 127 / amax), exact integer scores, exact softmax, v rounded to bf16 for
-    the product and p too in the avx512_bf16 variant (the others keep it fp32), the row sum of the
+    the product and p too in the avx512_bf16 and amx variants (the others keep it fp32), the row sum of the
     unrounded p."""
     q, k, v = q.double(), k.double(), v.double()
     k = k - k.mean(dim=-2, keepdim=True)
@@ -60,7 +60,7 @@ def _documented_numerics(q, k, v, isa):
     k8, sk = quant(k)
     s = (q8 @ k8.transpose(-1, -2)) * sq * sk.transpose(-1, -2) / q.shape[-1] ** 0.5
     p = torch.exp(s - s.amax(-1, keepdim=True))
-    return ((_bf16(p) if isa == "avx512_bf16" else p) @ _bf16(v)) / p.sum(-1, keepdim=True)
+    return ((_bf16(p) if isa in ("avx512_bf16", "amx") else p) @ _bf16(v)) / p.sum(-1, keepdim=True)
 
 
 def _qkv(b, h, s, d, seed, layout="bhsd"):
@@ -162,7 +162,7 @@ def test_a_forced_lower_variant_is_what_runs_and_what_cogvx_recipes_says(monkeyp
     torch.testing.assert_close(forced, int8_attention(q, k, v, isa=lowest), rtol=0, atol=0)
     monkeypatch.setenv(cpu_isa.ENV, "avx512")
     with pytest.raises(ValueError, match="COGVX_CPU_ISA='avx512' is not a CPU kernel variant; choose one of "
-                                         "avx512_bf16, avx512_vnni, avx_vnni, avx2"):
+                                         "amx, avx512_bf16, avx512_vnni, avx_vnni, avx2"):
         cpu_kernels_unavailable()
 
 
