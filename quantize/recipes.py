@@ -150,7 +150,7 @@ _RECIPES = [
            (("gemm_out", "bfloat16"), ("fused_gelu_quant", True), ("attention_dtype", "bfloat16")),
            cpu_note=CPU_BF16_ATTN_NOTE),
     Recipe("int8dq-cpu-int8attn", "native", "int8dq-cpu with int8 q k^T attention (SageAttention-style C kernel for "
-           "AVX-512 VNNI or AVX2 CPUs; SDPA elsewhere)",
+           "AMX, AVX-512 VNNI or AVX2 CPUs; SDPA elsewhere)",
            (("gemm_out", "bfloat16"), ("fused_gelu_quant", True), ("attention_kernel", "int8-cpu")),
            cpu_note=CPU_INT8_ATTN_NOTE),
     Recipe("bnb-nf4", "bnb", "bitsandbytes 4-bit NormalFloat, blocks of 64, double-quantized scales",
