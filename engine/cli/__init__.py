@@ -140,10 +140,23 @@ def _eval_parser(sub) -> None:
     e.add_argument("--record", default=None, metavar="DIR", help="write this run's outputs as goldens to DIR")
     e.add_argument("--compare", default=None, metavar="DIR", help="compare this run with goldens recorded in DIR "
                                                                    "(exit status 1 when a figure is under its floor)")
-    e.add_argument("--min-psnr", type=float, default=70.0, help="frame PSNR floor for --compare, dB (default 70)")
-    e.add_argument("--min-ssim", type=float, default=0.9999, help="frame SSIM floor for --compare (default 0.9999)")
-    e.add_argument("--min-sqnr", type=float, default=60.0, help="latent SQNR floor for --compare, dB (default 60)")
+    e.add_argument("--min-psnr", type=_finite, default=70.0, help="frame PSNR floor for --compare, dB (default 70)")
+    e.add_argument("--min-ssim", type=_finite, default=0.9999, help="frame SSIM floor for --compare (default 0.9999)")
+    e.add_argument("--min-sqnr", type=_finite, default=60.0, help="latent SQNR floor for --compare, dB (default 60)")
     e.add_argument("--overwrite", action="store_true", help="replace --record DIR if it exists")
+
+
+def _finite(text: str) -> float:
+    """A float flag that must be a finite number: NaN compares false with everything, so a NaN floor would
+    pass every video."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number (got {text!r})") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text!r}): a NaN or infinite floor "
+                                         "cannot judge a figure; e.g. 70 (dB) or 0.9999 (SSIM)")
+    return v
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,8 @@ import operator
 import numpy as np
 import torch
 
+from ..models.tokenizer import check_unicode
+
 __all__ = ["MAX_FRAMES", "MAX_GUIDANCE", "MAX_SIDE", "MAX_TEXT_LENGTH", "MAX_PROMPT_CHARS", "as_int", "as_number",
            "as_bool", "not_on_meta", "check_prompts", "check_video_shape", "check_sampling", "check_latents",
            "check_generator"]
@@ -96,6 +98,7 @@ def _check_length(name: str, text: str) -> None:
     if len(text) > MAX_PROMPT_CHARS:
         raise ValueError(f"{name} is {len(text)} characters; the text encoder reads only its first "
                          f"{MAX_TEXT_LENGTH} tokens (a few thousand characters): pass at most {MAX_PROMPT_CHARS}")
+    check_unicode(name, text)
 
 
 def not_on_meta(name: str, t: torch.Tensor) -> None:
