@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shutil
 import sys
 
@@ -149,6 +150,17 @@ def _eval_parser(sub) -> None:
     e.add_argument("--overwrite", action="store_true", help="replace --record DIR if it exists")
 
 
+def _stdout_closed() -> bool:
+    """True when stdout's reader has gone; stdout then points at /dev/null so that exit does not complain."""
+    try:
+        sys.stdout.flush()
+        return False
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return True
+
+
 def _finite(text: str) -> float:
     """A float flag that must be a finite number: NaN compares false with everything, so a NaN floor would
     pass every video."""
@@ -166,7 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         runner = importlib.import_module(_RUNNERS[args.command])
-        return runner.run(args)
+        rc = runner.run(args)
+        sys.stdout.flush()  # a closed pipe (`cogvx recipes | head`) shows here, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        if _stdout_closed():
+            return 0  # the reader stopped reading (head, less): nothing more to say
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

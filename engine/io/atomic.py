@@ -74,8 +74,8 @@ class atomic_directory:
         if self.out.exists() and not self.out.is_dir():
             raise FileExistsError(f"{self.out} exists and is a file; choose a directory path")
         if self.out.exists() and any(self.out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{self.out} already exists and is not empty; choose a new directory or pass "
-                                  "overwrite=True (--overwrite)")
+            how = " or pass overwrite=True (--overwrite)" if replaceable is not None else " (or remove this one)"
+            raise FileExistsError(f"{self.out} already exists and is not empty; choose a new directory{how}")
         self._check_replaceable()
         self.tmp = temporary_sibling(self.out)
 

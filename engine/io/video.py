@@ -3,6 +3,7 @@ videos that condition a generation (PNG/JPEG/... through PIL, mp4/gif/webm throu
 
 from __future__ import annotations
 
+import errno
 import itertools
 import math
 import os
@@ -126,8 +127,18 @@ def write_mp4(path: str | os.PathLike, frames, fps: float = 8) -> Path:
     except Exception as e:
         fallback = _fallback_save(u8, fps, p.stem)
         where = f"The video was saved to {fallback} instead" if fallback else \
-            "No fallback file could be written either; the frames are still in the result object"
-        raise VideoWriteError(f"could not write {p}: {e}. {where}", fallback) from e
+            (f"No fallback file could be written in {tempfile.gettempdir()} either; the frames are still in the "
+             "result object: free space and call result.save() again")
+        raise VideoWriteError(f"could not write {p}: {_why(e, p)}. {where}", fallback) from e
+
+
+def _why(e: Exception, p: Path) -> str:
+    """The reason a write failed, in one line: a full disk says so (ffmpeg reports it as a broken pipe
+    followed by its whole command line and log)."""
+    text = str(e)
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text:
+        return f"the disk holding {p.parent if str(p.parent) else '.'} is full (no space left on device)"
+    return _short(e)
 
 
 def _fallback_save(u8: np.ndarray, fps: float, stem: str) -> Path | None:

@@ -120,7 +120,8 @@ def check_video_shape(num_frames, height, width, temporal: int = 4, spatial_mult
     """num_frames must give whole latent frames; height/width multiples of 16 (VAE 8 x patch 2)."""
     hint = ""
     if isinstance(num_frames, (int, np.integer)) and not isinstance(num_frames, bool) and num_frames >= 1:
-        hint = f"; try {max(round((num_frames - 1) / temporal), 0) * temporal + 1}"
+        near = min(max(round((num_frames - 1) / temporal), 0) * temporal + 1, (MAX_FRAMES - 1) // temporal * temporal + 1)
+        hint = f"; try {near}"  # the nearest 4k+1 within range (never the rejected value itself)
     f = as_int("num_frames", num_frames, 1, MAX_FRAMES, hint)
     if (f - 1) % temporal:
         raise ValueError(f"num_frames must be {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ..., 49) "

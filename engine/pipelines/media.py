@@ -29,10 +29,11 @@ __all__ = ["MediaError", "load_image", "load_video", "as_list"]
 _PATH = (str, os.PathLike)
 
 
-def as_list(value, n: int, what: str) -> list:
+def as_list(value, n: int, what: str, frames: bool = True) -> list:
     """One value per prompt: a single value is used for every prompt; a list must hold one per prompt.
-    A video given as a list of PIL images counts as one video."""
-    if isinstance(value, (list, tuple)) and value and not isinstance(value[0], Image.Image):
+    With ``frames`` (videos), a list of PIL images counts as one video; without (images), as one image
+    per prompt."""
+    if isinstance(value, (list, tuple)) and value and not (frames and isinstance(value[0], Image.Image)):
         if len(value) != n:
             raise ValueError(f"{what} is a list of {len(value)} but there are {n} prompt(s); give one {what} per "
                              f"prompt, or a single {what} for all of them")

@@ -55,6 +55,7 @@ def save_quantized(engine, out_dir: str | os.PathLike, *, overwrite: bool = Fals
     if not engine.recipes:
         raise ValueError("this engine is not quantized: load it with recipe=... (see `cogvx recipes`) first")
     src, out = Path(engine.model_dir), Path(out_dir).expanduser()
+    _check_shard(max_shard_bytes)
     _check_out(src, out, overwrite)
     modules = {"transformer": engine.transformer, "text_encoder": engine.text_encoder}
     # LoRAs loaded after quantization run as side branches (their full-precision sum with the quantized
@@ -81,6 +82,7 @@ def export_quantized(model: str | os.PathLike, recipe, out_dir: str | os.PathLik
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    _check_shard(max_shard_bytes)
     src, out = resolve_model_dir(model), Path(out_dir).expanduser()
     read_model_index(src, required_components())
     recipes = resolve_recipes(recipe, dev)
@@ -157,6 +159,12 @@ def not_a_checkpoint(out: Path) -> str | None:
     if not any((out / c / QUANT_FILE).is_file() for c in comps):
         return f"no component folder holds {QUANT_FILE}: it is not a quantized checkpoint written by cogvx"
     return None
+
+
+def _check_shard(max_shard_bytes) -> None:
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be a positive integer number of bytes (got {max_shard_bytes!r}); the "
+                         f"default is {DEFAULT_SHARD} (10 GiB), diffusers writes 5 GiB shards")
 
 
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:
