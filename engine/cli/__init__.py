@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import select
 import shutil
 import sys
 
@@ -151,14 +152,19 @@ def _eval_parser(sub) -> None:
 
 
 def _stdout_closed() -> bool:
-    """True when stdout's reader has gone; stdout then points at /dev/null so that exit does not complain."""
+    """True when stdout is a pipe whose reader has gone (poll reports an error on its write end); stdout
+    then points at /dev/null so that the interpreter's exit does not complain again."""
     try:
-        sys.stdout.flush()
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        closed = any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+    except (AttributeError, OSError, ValueError):
         return False
-    except BrokenPipeError:
+    if closed:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return True
+        os.dup2(devnull, fd)
+    return closed
 
 
 def _finite(text: str) -> float:

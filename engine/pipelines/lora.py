@@ -101,7 +101,7 @@ class LoraAdapters:
                             "(its weight is the one number given for it)")
         if weights is None:
             weights = [1.0] * len(names)
-        elif isinstance(weights, (numbers.Real, np.ndarray)) and np.ndim(weights) == 0:
+        elif not isinstance(weights, (list, tuple)) and np.ndim(weights) == 0:  # one number for every name
             weights = [weights] * len(names)
         weights = list(weights)
         if len(weights) != len(names):
