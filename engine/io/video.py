@@ -200,7 +200,7 @@ def iter_video(path: str | os.PathLike, max_frames: int | None = None) -> Iterat
     except Exception as e:
         raise MediaError(f"cannot read video {p}: {_short(e)}; give an mp4/gif/webm file") from e
     try:
-        size = reader.get_meta_data().get("size")
+        size = reader.get_meta_data().get("size") if hasattr(reader, "get_meta_data") else None
         if isinstance(size, (tuple, list)) and len(size) == 2:
             _check_side(int(size[0]), int(size[1]), p, "video")
         it = itertools.islice(reader, max_frames)
