@@ -70,7 +70,11 @@ class CogVideoXFunControlPipeline(CogVideoXPipelineBase):
                  prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
                  attention_kwargs=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                  max_sequence_length=226):
-        return self._call(num_frames=None, **_locals(locals()))
+        if control_video_latents is not None:
+            raise ValueError("control_video_latents is not supported; pass control_video (frames) instead")
+        args = _locals(locals())
+        del args["control_video_latents"]
+        return self._call(num_frames=None, **args)
 
     __call__.__doc__ = _call_signature("control video")
 
