@@ -9,8 +9,9 @@
   diffusers has no warm-up or cool-down steps: the mapping uses one warm-up step (the first has nothing to
   reuse) and no cool-down.
 - ``PyramidAttentionBroadcastConfig`` and ``FasterCacheConfig`` reuse *attention outputs* per block (and
-  FasterCache the unconditional branch) on a timestep schedule; cogvx's step cache reuses whole-step residuals.
-  The results differ, so these are refused with a ValueError that says what to use instead.
+  FasterCache the unconditional branch) on a timestep schedule, which cogvx's step cache (whole-step residuals)
+  does not do: they run with diffusers' own rules on cogvx's attention (``diffusers_attention_cache``).
+- TaylorSeer and MagCache are refused with a ValueError that says what to use instead.
 
 The configs are read by their class name and fields: diffusers need not be installed for cogvx to run a
 StepCache, only to build diffusers' config objects.
@@ -20,13 +21,13 @@ from __future__ import annotations
 
 import contextlib
 
+from .diffusers_attention_cache import AttentionReuse
 from .step_cache import StepCache
 
 __all__ = ["CacheMethods", "step_cache_of"]
 
+_ATTENTION = ("PyramidAttentionBroadcastConfig", "FasterCacheConfig")
 _REFUSED = {
-    "PyramidAttentionBroadcastConfig": "Pyramid Attention Broadcast reuses attention outputs per block",
-    "FasterCacheConfig": "FasterCache reuses attention outputs per block and the unconditional branch",
     "TaylorSeerCacheConfig": "TaylorSeer extrapolates block outputs from past steps",
     "MagCacheConfig": "MagCache skips steps by calibrated magnitude ratios",
 }
@@ -42,7 +43,8 @@ def step_cache_of(config) -> StepCache:
     if name in _REFUSED:
         raise ValueError(f"enable_cache({name}): {_REFUSED[name]}; cogvx's step cache reuses whole-step residuals, "
                          "which gives other results, so this config is not mapped. Use FirstBlockCacheConfig("
-                         "threshold=...) or cogvx's StepCache(threshold, mode='teacache')")
+                         "threshold=...), PyramidAttentionBroadcastConfig, FasterCacheConfig or cogvx's "
+                         "StepCache(threshold, mode='teacache')")
     raise TypeError(f"enable_cache() takes diffusers' FirstBlockCacheConfig or cogvx's StepCache (got {name})")
 
 
@@ -50,20 +52,28 @@ class CacheMethods:
     """Mixed into ``CogVideoXTransformer3DModel``: ``enable_cache`` / ``disable_cache`` / ``cache_context``."""
 
     step_cache: StepCache | None = None
+    attention_reuse: AttentionReuse | None = None
 
     def enable_cache(self, config) -> None:
-        if self.step_cache is not None:
+        """diffusers' ``enable_cache(config)``: FirstBlockCacheConfig, PyramidAttentionBroadcastConfig,
+        FasterCacheConfig, or cogvx's StepCache."""
+        if self.is_cache_enabled:
             raise ValueError("a cache is already enabled on this transformer: call disable_cache() first")
-        self.step_cache = step_cache_of(config)
+        if type(config).__name__ in _ATTENTION:
+            self.attention_reuse = AttentionReuse(self, config)
+        else:
+            self.step_cache = step_cache_of(config)
 
     def disable_cache(self) -> None:
-        if self.step_cache is None:
+        if not self.is_cache_enabled:
             raise ValueError("disable_cache(): no cache is enabled on this transformer")
-        self.step_cache = None
+        if self.attention_reuse is not None:
+            self.attention_reuse.remove()
+        self.step_cache = self.attention_reuse = None
 
     @property
     def is_cache_enabled(self) -> bool:
-        return self.step_cache is not None
+        return self.step_cache is not None or self.attention_reuse is not None
 
     @contextlib.contextmanager
     def cache_context(self, name: str):

@@ -170,6 +170,8 @@ def run_call(pipe, task: str, *, prompt, negative_prompt, height, width, num_fra
         positions = e.forward.positions(shape[1], shape[3], shape[4])
         step_cache = getattr(e.transformer, "step_cache", None)
         model = e.forward.model_for(plan, pe, cond, guidance, positions, schedule, Profile(), step_cache)
+        reuse = getattr(e.transformer, "attention_reuse", None)  # PAB / FasterCache (diffusers_attention_cache)
+        model = reuse.denoiser(model) if reuse is not None else model
         x, state = cond.latents, None
         extra_kw = _step_kwargs(sched, generator, eta) if foreign else {}
         bar = tqdm(total=len(ts), **pipe.progress_bar_config)
@@ -203,6 +205,8 @@ def run_call(pipe, task: str, *, prompt, negative_prompt, height, width, num_fra
         finally:
             bar.close()
             pipe._current_timestep = None
+            if reuse is not None:
+                reuse.reset()
         if output_type == "latent":
             return x
         return postprocess(e.decode(x[:, extra:]), output_type)
