@@ -24,7 +24,7 @@ from ..models.lora import is_plain_linear
 from ..models.text_encoder import encode_ids
 from ..models.tokenizer import PromptTokenizer
 from ..runtime.devices import resolve_device
-from .diffusers_components import as_scheduler, as_transformer, as_vae, token_ids
+from .diffusers_components import as_scheduler, as_transformer, as_vae, check_given, token_ids
 from .diffusers_lora import LoraPipelineMethods, lora_call_scale, lora_scale
 from .diffusers_loop import CALLBACK_TENSOR_INPUTS, run_call
 from .diffusers_models import CogVideoXPipelineOutput
@@ -53,11 +53,7 @@ class CogVideoXPipelineBase(PipelineFiles, LoraPipelineMethods):
     def __init__(self, tokenizer=None, text_encoder=None, vae=None, transformer=None, scheduler=None):
         """diffusers' constructor: each component diffusers' or cogvx's (or None: a pipeline without a
         transformer can still ``encode_prompt``)."""
-        if text_encoder is not None and not (isinstance(text_encoder, torch.nn.Module) and hasattr(text_encoder, "config")):
-            raise TypeError(f"text_encoder=: expected a transformers T5EncoderModel (got {type(text_encoder).__name__})")
-        if tokenizer is not None and not callable(tokenizer):
-            raise TypeError(f"tokenizer=: expected a transformers tokenizer or cogvx's PromptTokenizer (got "
-                            f"{type(tokenizer).__name__})")
+        check_given(dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer))
         self._parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=as_vae(vae),
                            transformer=as_transformer(transformer), scheduler=as_scheduler(scheduler))
         self._offload: torch.device | None = None

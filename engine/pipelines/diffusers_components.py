@@ -20,7 +20,22 @@ from ..models.tokenizer import PromptTokenizer
 from ..models.transformer import CogVideoXTransformer
 from .diffusers_models import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel, adopt, config_dict
 
-__all__ = ["as_transformer", "as_vae", "as_scheduler", "token_ids", "is_cogvx_scheduler"]
+__all__ = ["as_transformer", "as_vae", "as_scheduler", "token_ids", "is_cogvx_scheduler", "check_given"]
+
+
+def check_given(parts: dict) -> None:
+    """Cheap type checks of components passed in, before anything is loaded or converted."""
+    te, tok = parts.get("text_encoder"), parts.get("tokenizer")
+    if te is not None and not (isinstance(te, torch.nn.Module) and hasattr(te, "config")):
+        raise TypeError(f"text_encoder=: expected a transformers T5EncoderModel (got {type(te).__name__}); pass the "
+                        "module, or leave text_encoder out to load the checkpoint's")
+    if tok is not None and not callable(tok):
+        raise TypeError(f"tokenizer=: expected a transformers tokenizer or cogvx's PromptTokenizer (got "
+                        f"{type(tok).__name__})")
+    for name in ("transformer", "vae"):
+        m = parts.get(name)
+        if m is not None and not isinstance(m, torch.nn.Module):
+            raise TypeError(f"{name}=: expected a module (diffusers' or cogvx's), got {type(m).__name__}")
 
 
 def _convert(module, cls, name: str):

@@ -31,6 +31,7 @@ from ..models.text_encoder import text_encoder_dtype
 from ..models.tokenizer import PromptTokenizer
 from ..quantizing import resolve_quantization
 from ..runtime.devices import resolve_dtype
+from .diffusers_components import as_scheduler, check_given
 from .diffusers_files import (
     DIFFUSERS_VERSION,
     LOADING_LOG,
@@ -87,6 +88,9 @@ class PipelineFiles:
         components passed in (``transformer=``, ``text_encoder=``, ...) are used as they are."""
         torch_dtype = torch_dtype_of(torch_dtype, kwargs)
         given = {c: kwargs.pop(c) for c in _NAMES if c in kwargs}
+        check_given(given)
+        if "scheduler" in given:
+            as_scheduler(given["scheduler"])
         check_from_pretrained_kwargs(kwargs, f"{cls.__name__}.from_pretrained")
         dev = device_of_map(device_map) or torch.device("cpu")
         d = component_dir(pretrained_model_name_or_path, None)
