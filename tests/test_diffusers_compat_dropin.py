@@ -140,16 +140,17 @@ def test_8_encode_prompt_slicing_unfuse_and_caches(pipes):
         ours.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn)
 
 
-def test_10_lora_from_a_file_and_a_state_dict(pipes, tmp_path):
+def test_10_lora_from_a_file_and_a_state_dict_on_linear_and_conv_layers(pipes, tmp_path):
     from peft import LoraConfig, get_peft_model_state_dict
     from safetensors.torch import save_file
 
     ref, ours = pipes
     torch.manual_seed(3)
     donor = diffusers.CogVideoXTransformer3DModel(**TRANSFORMER)
-    donor.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+    donor.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj"],
                                  init_lora_weights=False))
     sd = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(donor).items()}
+    assert sd["transformer.patch_embed.proj.lora_A.weight"].ndim == 4  # "proj" reaches the patch-embedding conv
     save_file(sd, str(tmp_path / "lora.safetensors"))
     ref.load_lora_weights(str(tmp_path / "lora.safetensors"), adapter_name="a")
     want = ref(**inputs()).frames
@@ -158,8 +159,11 @@ def test_10_lora_from_a_file_and_a_state_dict(pipes, tmp_path):
         ours.load_lora_weights(src, adapter_name="a")
         try:
             assert max_diff(ours(**inputs()).frames, want) < FRAME_TOL
+            ours.fuse_lora()  # merged into the weights (the conv's kernel too): the same video
+            assert max_diff(ours(**inputs()).frames, want) < FRAME_TOL
         finally:
             ours.unload_lora_weights()
+    assert max_diff(ours(**inputs()).frames, ref(**inputs()).frames) < FRAME_TOL  # unloaded: the base model
 
 
 def test_11_num_videos_per_prompt_is_one_as_in_diffusers(pipes):
