@@ -187,3 +187,28 @@ def test_importing_cogvx_engine_does_not_need_diffusers():
             "e.CogVideoXPipeline; e.CogVideoXTransformer3DModel(**" + repr(TRANSFORMER) + ")")
     subprocess.run([sys.executable, "-P", "-c", code], check=True)
     assert cogvx.engine.CogVideoXPipeline is CogVideoXPipeline
+
+
+def test_9_the_docs_quantization_script_maps_onto_cogvx_recipes(ckpt_factory):
+    from cogvx.engine import AutoModel, PipelineQuantizationConfig, TorchAoConfig
+    from cogvx.quantize import quantized_layers
+
+    ckpt = ckpt_factory("rope")
+    tr = AutoModel.from_pretrained(ckpt, subfolder="transformer", quantization_config=TorchAoConfig("int8wo"))
+    assert type(tr) is CogVideoXTransformer3DModel and quantized_layers(tr, "torchao")
+    vae = AutoModel.from_pretrained(ckpt, subfolder="vae")
+    assert type(vae) is AutoencoderKLCogVideoX
+    qc = PipelineQuantizationConfig(quant_backend="torchao", quant_kwargs={"quant_type": "int8wo"},
+                                    components_to_quantize=["transformer"])
+    pipe = CogVideoXPipeline.from_pretrained(ckpt, quantization_config=qc)
+    ref = diffusers.CogVideoXPipeline.from_pretrained(ckpt)
+    args = dict(prompt="a fox", num_frames=9, height=32, width=48, num_inference_steps=2, output_type="pt")
+    a = ref(**args, generator=torch.Generator().manual_seed(0)).frames
+    b = pipe(**args, generator=torch.Generator().manual_seed(0)).frames
+    c = CogVideoXPipeline(**{**pipe.components, "transformer": tr})(
+        **args, generator=torch.Generator().manual_seed(0)).frames
+    assert quantized_layers(pipe.transformer, "torchao") and max_diff(b, c) < FRAME_TOL  # one recipe, two ways to ask
+    assert 0 < max_diff(a, b) < 0.05  # int8 weights: close to diffusers' fp32, not equal
+    with pytest.raises(ValueError, match="int4wo"):
+        TorchAoConfig("int4wo") and AutoModel.from_pretrained(ckpt, subfolder="transformer",
+                                                             quantization_config=TorchAoConfig("int4wo"))

@@ -23,17 +23,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from cogvx.quantize import check_runnable
+
+from ..io.checkpoint import read_json
 from ..io.video import write_mp4
 from ..loading import load_scheduler, load_transformer, load_vae, read_quantization
 from ..models.config import TransformerConfig, VAEConfig
 from ..models.schedulers import make_scheduler
 from ..models.transformer import CogVideoXTransformer
 from ..models.vae import CogVideoXVAE
+from ..quantizing import quantize_transformer
 from ..runtime.devices import resolve_dtype
 from .diffusers_cache import CacheMethods
 from .diffusers_files import check_from_pretrained_kwargs, component_dir, save_module, torch_dtype_of, variant_view
+from .diffusers_quant import recipe_of
 
-__all__ = ["CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler",
+__all__ = ["AutoModel", "CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler",
            "CogVideoXPipelineOutput", "export_to_video", "config_dict", "adopt"]
 
 
@@ -106,12 +111,24 @@ class _ModelMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, torch_dtype=None,
                         variant: str | None = None, **kwargs):
         """cogvx's module from a diffusers folder, on the CPU as diffusers loads it (``variant="fp16"`` reads
-        ``diffusion_pytorch_model.fp16.safetensors``)."""
+        ``diffusion_pytorch_model.fp16.safetensors``; ``quantization_config=TorchAoConfig("int8wo")`` applies
+        the cogvx recipe it names, see ``diffusers_quant``)."""
         torch_dtype = torch_dtype_of(torch_dtype, kwargs)
+        qc = kwargs.pop("quantization_config", None)
         check_from_pretrained_kwargs(kwargs, f"{cls.__name__}.from_pretrained")
+        recipe = None
+        if qc is not None:
+            if cls is not CogVideoXTransformer3DModel:
+                raise ValueError(f"{cls.__name__}.from_pretrained(quantization_config=...): cogvx's recipes quantize "
+                                 "the transformer and the text encoder, not the VAE")
+            recipe = recipe_of(qc)
+            check_runnable(recipe, torch.device("cpu"))
         dt = resolve_dtype(torch_dtype if torch_dtype is not None else torch.float32, torch.device("cpu"))
         with variant_view(component_dir(pretrained_model_name_or_path, subfolder), variant) as d:
-            return adopt(cls, cls._load(d, dt))
+            model = adopt(cls, cls._load(d, dt))
+        if recipe is not None:
+            quantize_transformer(model, recipe, dtype=dt)
+        return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, variant: str | None = None,
                         safe_serialization: bool = True, **kwargs) -> None:
@@ -184,6 +201,22 @@ class AutoencoderKLCogVideoX(_ModelMixin, CogVideoXVAE):
     @staticmethod
     def _load(d: Path, dtype: torch.dtype):
         return load_vae(d, "cpu", dtype)
+
+
+class AutoModel:
+    """diffusers' ``AutoModel.from_pretrained(path, subfolder=...)``: the class its ``config.json`` names."""
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("AutoModel is instantiated with AutoModel.from_pretrained(path, subfolder=...)")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, **kwargs):
+        d = component_dir(pretrained_model_name_or_path, subfolder)
+        name = read_json(d / "config.json", "a diffusers model config.json").get("_class_name")
+        classes = {c.__name__: c for c in (CogVideoXTransformer3DModel, AutoencoderKLCogVideoX)}
+        if name not in classes:
+            raise ValueError(f"{d}/config.json names {name!r}; cogvx's AutoModel loads {sorted(classes)}")
+        return classes[name].from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
 
 class _SchedulerFactory:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from cogvx.quantize import check_runnable
+
 from ..io.checkpoint import PIPELINE_CLASSES, read_json, read_model_index
 from ..loading import (
     load_scheduler,
@@ -29,7 +31,7 @@ from ..loading import (
 from ..models.schedulers import SCHEDULERS
 from ..models.text_encoder import text_encoder_dtype
 from ..models.tokenizer import PromptTokenizer
-from ..quantizing import resolve_quantization
+from ..quantizing import quantize_text_encoder, quantize_transformer, resolve_quantization
 from ..runtime.devices import resolve_dtype
 from .diffusers_components import as_scheduler, check_given
 from .diffusers_files import (
@@ -44,6 +46,7 @@ from .diffusers_files import (
     variant_view,
 )
 from .diffusers_models import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel, adopt
+from .diffusers_quant import pipeline_recipes
 
 __all__ = ["PipelineFiles"]
 
@@ -88,11 +91,15 @@ class PipelineFiles:
         components passed in (``transformer=``, ``text_encoder=``, ...) are used as they are."""
         torch_dtype = torch_dtype_of(torch_dtype, kwargs)
         given = {c: kwargs.pop(c) for c in _NAMES if c in kwargs}
+        qc = kwargs.pop("quantization_config", None)
+        recipes = {c: r for c, r in (pipeline_recipes(qc) if qc is not None else {}).items() if c not in given}
         check_given(given)
         if "scheduler" in given:
             as_scheduler(given["scheduler"])
         check_from_pretrained_kwargs(kwargs, f"{cls.__name__}.from_pretrained")
         dev = device_of_map(device_map) or torch.device("cpu")
+        for r in recipes.values():
+            check_runnable(r, dev)
         d = component_dir(pretrained_model_name_or_path, None)
         index = read_model_index(d, {k: v for k, v in required_components().items() if k not in given})
         task = PIPELINE_CLASSES[index["_class_name"]]
@@ -111,6 +118,11 @@ class PipelineFiles:
             with variant_view(d / name, variant if name in ("transformer", "vae", "text_encoder") else None) as sub:
                 parts[name] = cls._load_part(name, sub, dev, dts[name], tr_dt, torch_dtype, saved, parts)
             LOADING_LOG.info(f"Loaded {name} as {type(parts[name]).__name__} from `{name}` subfolder of {d}.")
+        tok = parts["tokenizer"] if isinstance(parts["tokenizer"], PromptTokenizer) else None
+        if "text_encoder" in recipes:
+            quantize_text_encoder(parts["text_encoder"], recipes["text_encoder"], tok)
+        if "transformer" in recipes:
+            quantize_transformer(parts["transformer"], recipes["transformer"], tok, parts["text_encoder"], tr_dt)
         return cls(**{k: parts[k] for k in _NAMES})
 
     @staticmethod
