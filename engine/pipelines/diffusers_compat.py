@@ -45,7 +45,7 @@ def _say_once(key: str, message: str) -> None:
 
 
 class CogVideoXPipelineBase(PipelineFiles, LoraPipelineMethods):
-    _task = "t2v"  # the checkpoint task (model_index.json) this class serves
+    checkpoint_task = "t2v"  # the checkpoint task (model_index.json) this class serves
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
     _optional_components: list[str] = []
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -70,7 +70,7 @@ class CogVideoXPipelineBase(PipelineFiles, LoraPipelineMethods):
         ours = isinstance(p["tokenizer"], PromptTokenizer)  # the engine's own prompt path takes cogvx's tokenizer
         return Engine(transformer=tr, scheduler=p["scheduler"], tokenizer=p["tokenizer"] if ours else None,
                       text_encoder=p["text_encoder"] if ours else None, vae=p["vae"],
-                      device=device or tr.device, dtype=dtype or tr.dtype, task=self._task)
+                      device=device or tr.device, dtype=dtype or tr.dtype, task=self.checkpoint_task)
 
     # ------------------------------------------------------------------ components and devices
     transformer = property(lambda self: self._parts["transformer"])
@@ -235,7 +235,7 @@ class CogVideoXPipelineBase(PipelineFiles, LoraPipelineMethods):
         """diffusers' CogVideoX pipelines force num_videos_per_prompt to 1 (one video per prompt, whatever is
         passed); so do these."""
         self._attention_kwargs = attention_kwargs
-        task = "v2v" if "video" in args else self._task
+        task = "v2v" if "video" in args else self.checkpoint_task
         with lora_call_scale(self.engine, lora_scale(attention_kwargs)):
             if self._offload is None:
                 frames = run_call(self, task, **args)

@@ -103,7 +103,7 @@ class PipelineFiles:
         d = component_dir(pretrained_model_name_or_path, None)
         index = read_model_index(d, {k: v for k, v in required_components().items() if k not in given})
         task = PIPELINE_CLASSES[index["_class_name"]]
-        if task != cls._task:
+        if task != cls.checkpoint_task:
             raise ValueError(f"{d} is a {index['_class_name']} checkpoint: load it with {_TASK_CLASSES[task]}")
         dts = {c: dtype_for(torch_dtype, c) for c in _NAMES}
         tr_dt = resolve_dtype(dts["transformer"] if dts["transformer"] is not None else

@@ -32,7 +32,7 @@ class CogVideoXPipeline(CogVideoXPipelineBase):
 class CogVideoXImageToVideoPipeline(CogVideoXPipelineBase):
     """diffusers' ``CogVideoXImageToVideoPipeline`` on cogvx: the first frame given as ``image``."""
 
-    _task = "i2v"
+    checkpoint_task = "i2v"
 
     def __call__(self, image, prompt=None, negative_prompt=None, height=None, width=None, num_frames=49,
                  num_inference_steps=50, timesteps=None, guidance_scale=6, use_dynamic_cfg=False,
@@ -62,7 +62,7 @@ class CogVideoXVideoToVideoPipeline(CogVideoXPipelineBase):
 class CogVideoXFunControlPipeline(CogVideoXPipelineBase):
     """diffusers' ``CogVideoXFunControlPipeline`` on cogvx: a pose / depth / edge ``control_video``."""
 
-    _task = "control"
+    checkpoint_task = "control"
 
     def __call__(self, prompt=None, negative_prompt=None, control_video=None, height=None, width=None,
                  num_inference_steps=50, timesteps=None, guidance_scale=6, use_dynamic_cfg=False,
