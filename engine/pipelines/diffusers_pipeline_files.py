@@ -18,7 +18,7 @@ import torch
 
 from cogvx.quantize import check_runnable
 
-from ..io.checkpoint import PIPELINE_CLASSES, read_json, read_model_index
+from ..io.checkpoint import read_json, read_model_index
 from ..loading import (
     load_scheduler,
     load_text_encoder,
@@ -29,6 +29,7 @@ from ..loading import (
     required_components,
 )
 from ..models.schedulers import SCHEDULERS
+from ..models.tasks import PIPELINE_CLASSES, kind_of_class, tasks_of_kind
 from ..models.text_encoder import text_encoder_dtype
 from ..models.tokenizer import PromptTokenizer
 from ..quantizing import quantize_text_encoder, quantize_transformer, resolve_quantization
@@ -51,8 +52,6 @@ from .diffusers_quant import pipeline_recipes
 __all__ = ["PipelineFiles"]
 
 _NAMES = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
-_TASK_CLASSES = {"t2v": "CogVideoXPipeline or CogVideoXVideoToVideoPipeline", "i2v": "CogVideoXImageToVideoPipeline",
-                 "control": "CogVideoXFunControlPipeline"}
 
 
 def _t5_in(model, dtype: torch.dtype):
@@ -101,10 +100,12 @@ class PipelineFiles:
         for r in recipes.values():
             check_runnable(r, dev)
         d = component_dir(pretrained_model_name_or_path, None)
-        index = read_model_index(d, {k: v for k, v in required_components().items() if k not in given})
-        task = PIPELINE_CLASSES[index["_class_name"]]
-        if task != cls.checkpoint_task:
-            raise ValueError(f"{d} is a {index['_class_name']} checkpoint: load it with {_TASK_CLASSES[task]}")
+        index = read_model_index(d, {k: v for k, v in required_components().items() if k not in given},
+                                 PIPELINE_CLASSES)
+        kind = kind_of_class(index["_class_name"])
+        if kind != cls.checkpoint_task:
+            names = " or ".join(c for t in tasks_of_kind(kind) for c in t.pipeline_classes)
+            raise ValueError(f"{d} is a {index['_class_name']} checkpoint: load it with {names}")
         dts = {c: dtype_for(torch_dtype, c) for c in _NAMES}
         tr_dt = resolve_dtype(dts["transformer"] if dts["transformer"] is not None else
                               getattr(given.get("transformer"), "dtype", torch.float32), dev)
