@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from cogvx.quantize import QUANTIZABLE
+from cogvx.quantize.settings import Runtime
 from cogvx.quantize.torchao_format import cat_rows
 
-from ..io.checkpoint import CheckpointError, PIPELINE_CLASSES, read_json, read_model_index
+from ..io.checkpoint import CheckpointError, read_json, read_model_index
 from ..io.lora import SAVED_LORA_DIR, read_lora, read_saved_adapters
 from ..io.safetensors import (
     check_filled,
@@ -30,11 +31,12 @@ from ..io.safetensors import (
 from ..models.config import ConfigError, TransformerConfig, VAEConfig
 from ..models.lora import LoraError, is_plain_linear, merge_into_weight, pairs_by_layer, resolve_targets
 from ..models.schedulers import SCHEDULERS, make_scheduler
+from ..models.tasks import PIPELINE_CLASSES, TASKS, kind_of_class
 from ..models.text_encoder import text_encoder_dtype
 from ..models.transformer import CogVideoXTransformer, build_transformer
 from ..models.vae import CogVideoXVAE
 from ..quantizing import apply_runtime_settings, quantize_text_encoder, quantize_transformer, resolve_quantization
-from .quantized import _load_quantized, checked_headers, read_quantization
+from .quantized import checked_headers, load_quantized, read_quantization
 from .text import load_text_encoder, load_tokenizer, t5_config
 
 
@@ -78,13 +80,13 @@ def load_transformer(transformer_dir: str | Path, device: str | torch.device = "
                 "load time; load it with fuse_qkv=False, or export from an engine loaded with fuse_qkv=True")
         if info.get("fused_qkv"):
             model.fuse_qkv()  # on the meta device: only the module structure changes
-        _load_quantized(model, d, info, headers, device, dtype)
+        load_quantized(model, d, info, headers, device, dtype)
         if fuse_after:  # torchao per-row weights: their stored parts are joined
             try:
                 model.fuse_qkv(cat=cat_rows)
             except ValueError as e:
                 raise CheckpointError(f"{d}: {e}; load it with fuse_qkv=False") from e
-        apply_runtime_settings(model, info["recipe"].get("settings", {}))
+        apply_runtime_settings(model, Runtime.from_dict(info["recipe"].get("settings", {})))
     else:
         check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, headers, d / "config.json")
         load_into(model, dict(read_tensors(files, device)), where=f"transformer checkpoint {d}", dtype=dtype,
@@ -139,8 +141,8 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *
     Cheap reads and checks come first (configs, recipe availability, quantization
     files, headers), so that a bad request or a broken checkpoint fails before weights are read.
     """
-    index = read_model_index(model_dir, _REQUIRED)
-    task = PIPELINE_CLASSES[index["_class_name"]]
+    index = read_model_index(model_dir, _REQUIRED, PIPELINE_CLASSES)
+    task = kind_of_class(index["_class_name"])
     t_cfg = read_config(TransformerConfig, model_dir / "transformer" / "config.json")
     _check_task(task, t_cfg, model_dir)
     te_cfg = t5_config(model_dir / "text_encoder")
@@ -190,12 +192,12 @@ def merge_loras(transformer: torch.nn.Module, specs) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def _check_task(task: str, cfg: TransformerConfig, model_dir: Path) -> None:
-    takes_latents = cfg.image_to_video
-    if task == "t2v" and takes_latents:
-        raise CheckpointError(f"{model_dir}: model_index.json names a text-to-video pipeline but the transformer "
+def _check_task(kind: str, cfg: TransformerConfig, model_dir: Path) -> None:
+    t = TASKS[kind]
+    if not t.concat_channels and cfg.image_to_video:
+        raise CheckpointError(f"{model_dir}: model_index.json names a {t.label} pipeline but the transformer "
                               f"takes {cfg.in_channels} input channels (conditioning latents): the index and the "
                               "transformer come from different checkpoints")
-    if task in ("i2v", "control") and cfg.in_channels == cfg.out_channels_:
-        raise CheckpointError(f"{model_dir}: model_index.json names an image-to-video / control pipeline but the "
+    if t.concat_channels and cfg.in_channels == cfg.out_channels_:
+        raise CheckpointError(f"{model_dir}: model_index.json names a {t.label} pipeline but the "
                               f"transformer takes no conditioning channels (in_channels={cfg.in_channels})")
