@@ -32,7 +32,7 @@ def apply_runtime_settings(transformer, settings: dict[str, Any]) -> None:
     """Apply a recipe's non-weight settings to a (quantized) transformer: ``attention_dtype`` runs SDPA in
     that dtype; ``fused_gelu_quant`` runs the feed-forward's GELU and int8 quantization as one kernel;
     ``attention_kernel="int8-cpu"`` attends on the CPU with the int8 kernel (a warning and SDPA
-    where it cannot run). Both are CPU kernels: a transformer on another device keeps the PyTorch
+    where it cannot run); ``"int8-cuda"`` with the int8 Triton attention (``set_int8_gpu_attention``). Both are CPU kernels: a transformer on another device keeps the PyTorch
     path, without a warning. ``fp8_activations`` feeds the adaLN kernel's per-row fp8 output straight into the fp8
     q/k/v and feed-forward-up GEMMs. Called after quantizing and after loading a quantized checkpoint,
     so both run alike."""
@@ -42,9 +42,11 @@ def apply_runtime_settings(transformer, settings: dict[str, Any]) -> None:
     if settings.get("fused_gelu_quant") and on_cpu:
         transformer.set_fused_gelu_quant(True)
     kernel = settings.get("attention_kernel")
-    if kernel not in (None, "int8-cpu"):
-        raise ValueError(f"attention_kernel {kernel!r} is not 'int8-cpu'")
-    why = kernel and on_cpu and transformer.set_int8_cpu_attention(True)
+    if kernel not in (None, "int8-cpu", "int8-cuda"):
+        raise ValueError(f"attention_kernel {kernel!r} is not 'int8-cpu' or 'int8-cuda'")
+    if kernel == "int8-cuda":  # the numerics are the recipe's on every device (the reference off CUDA)
+        transformer.set_int8_gpu_attention(True)
+    why = kernel == "int8-cpu" and on_cpu and transformer.set_int8_cpu_attention(True)
     if why:
         warnings.warn(f"the recipe's int8 CPU attention does not run here: {why}; attention runs as SDPA "
                       "instead (the int8 linears still apply)", RuntimeWarning, stacklevel=2)

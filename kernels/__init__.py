@@ -1,7 +1,8 @@
 """cogvx.kernels: the fused kernels of the transformer, each beside its plain-PyTorch reference.
 
 The model code imports only the names below; which file holds which op is this package's business:
-adaln.py, adaln_fp8.py, qk_norm_rope.py, rope_flash_attention.py (one op each), cpu_kernels.py (the
+adaln.py, adaln_fp8.py, qk_norm_rope.py, rope_flash_attention.py, sage_attention.py (one op each;
+sage_quant.py: its int8 quantization kernel), cpu_kernels.py (the
 C kernels for AVX-512 VNNI + BF16 CPUs: int8 attention, GELU + int8 quantization; built on first use),
 rope.py (the shared RoPE reference and table checks), policy.py (which implementation runs), aot.py
 (compile every kernel for sm_80/89/90 and check registers, spills and shared memory, no GPU needed).
@@ -26,6 +27,7 @@ _PUBLIC = {
     "qk_norm_rope": ("qk_norm_rope", "qk_norm_rope"),
     "resolve_backend": ("policy", "resolve_backend"),
     "rope_attention": ("rope_flash_attention", "rope_attention"),
+    "sage_attention": ("sage_attention", "sage_attention"),
 }
 __all__ = list(_PUBLIC)
 
