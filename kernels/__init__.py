@@ -14,6 +14,8 @@ them without importing triton, which the Triton kernels' modules import.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 _PUBLIC = {
     "adaptive_layernorm": ("adaln", "adaptive_layernorm"),
@@ -30,6 +32,21 @@ _PUBLIC = {
     "sage_attention": ("sage_attention", "sage_attention"),
 }
 __all__ = list(_PUBLIC)
+
+
+class _Package(types.ModuleType):
+    """Two public names are also module names (qk_norm_rope, sage_attention): importing such a
+    submodule directly (``from cogvx.kernels.qk_norm_rope import ...``) would make the import system
+    set the package attribute to the module, and a later ``from cogvx.kernels import qk_norm_rope``
+    would get the module, not the function. The public name always means the function."""
+
+    def __setattr__(self, name, value):
+        if name in _PUBLIC and isinstance(value, types.ModuleType):
+            return  # the submodule stays reachable through sys.modules and importlib.import_module
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
