@@ -106,3 +106,37 @@ def test_bad_usage_and_no_gpu_are_clear(tmp_path):
         r = subprocess.run([sys.executable, "-P", str(SCRIPT), "--out", str(tmp_path / "o")], capture_output=True,
                            text=True, timeout=120, env=cli_env(tmp_path))  # fmt: skip
         assert r.returncode == 2 and "needs a CUDA device" in r.stderr and "--smoke" in r.stderr, r.stderr[-1000:]
+
+
+def _wheel_specs() -> dict[str, str]:
+    """{distribution (normalized): 'required' or 'optional'} from benchmarks/gpu_wheels.sh."""
+    text = (REPO / "benchmarks" / "gpu_wheels.sh").read_text()
+    out = {}
+    for kind in ("REQUIRED", "OPTIONAL"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"{kind}=("))
+        for spec in line.split("(", 1)[1].rstrip(")").split():
+            assert "==" in spec, f"{spec}: gpu_wheels.sh pins every version (two versions stop pip there)"
+            out[spec.split("==")[0].replace("-", "_").lower()] = kind.lower()
+    return out
+
+
+def test_the_wheel_list_covers_what_the_check_installs():
+    """Every package gpu_check looks for has a wheel in gpu_wheels.sh's lists, and the other way round."""
+    specs = _wheel_specs()
+    assert set(specs) == {dist.lower() for _, dist in gpu_check.PACKAGES}, (specs, gpu_check.PACKAGES)
+    assert {"torchao", "diffusers"} <= {d for d, kind in specs.items() if kind == "required"}
+
+
+@pytest.mark.slow
+def test_the_wheel_list_resolves_and_fits(tmp_path):
+    """Downloads the wheels (needs a package registry: skipped without one) and checks the size rule."""
+    env = dict(cli_env(tmp_path), WHEELS_DIR=str(tmp_path / "wheels"))
+    r = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_wheels.sh")], capture_output=True, text=True,
+                       timeout=600, env=env)  # fmt: skip
+    if r.returncode and ("No matching distribution" in r.stderr or "Could not fetch" in r.stderr
+                         or "NewConnectionError" in r.stderr):  # fmt: skip
+        pytest.skip(f"no package registry reachable: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = {p.name.split("-")[0].lower() for p in (tmp_path / "wheels").glob("*.whl")}
+    assert {d for d, kind in _wheel_specs().items() if kind == "required"} <= names
+    assert "MiB of 64 MiB" in r.stdout
