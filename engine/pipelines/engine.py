@@ -25,23 +25,23 @@ from ..dev.random_model import random_components
 from ..io.checkpoint import resolve_model_dir
 from ..loading import load_components
 from ..models.config import TransformerConfig
-from ..models.positions import Positions, make_positions
+from ..models.positions import Positions
 from ..models.presets import get_preset
 from ..models.text_encoder import check_vocab, encode_ids
 from ..models.tokenizer import MAX_LENGTH, PromptTokenizer
 from ..models.transformer import CogVideoXTransformer
 from ..parallel import check_mode, make_mesh, parallel_device
 from ..quantizing import quantize_text_encoder, quantize_transformer
-from ..runtime.compiling import check_compile_mode, compile_module, use_cache_dir
+from ..runtime.compiling import check_compile_mode, use_cache_dir
+from ..runtime.defaults import DEFAULTS, default_dtype
 from ..runtime.devices import resolve_device, resolve_dtype
 from ..runtime.profiling import PeakMemory, Profile, StepClock, export_trace, stage, tracer
-from .cached_denoiser import Regions
 from .conditioning import condition
 from .denoise import denoise
 from .guidance import Guidance, guidance_scales
 from .lora import LoraAdapters
+from .forward import Forward
 from .lora_methods import LoraMethods
-from .model_call import model_for
 from .output import GenerationResult, postprocess
 from .parallel import Parallel
 from .prompts import embed_prompts
@@ -66,8 +66,7 @@ class Engine(LoraMethods):
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
-        self.device = device
-        self.dtype = dtype
+        self.forward = Forward(transformer, device, dtype)  # the transformer call: kernels, compile, positions
         self.model_dir = model_dir
         self.vae = vae
         self.recipes = dict(recipes or {})  # component -> quantization recipe name
@@ -77,20 +76,43 @@ class Engine(LoraMethods):
         # Every CogVideoX VAE compresses 4x in time and 8x in space.
         self.temporal_compression = int(vae.config.temporal_compression_ratio) if vae is not None else 4
         self.spatial_compression = vae.config.spatial_scale if vae is not None else 8
-        self._positions: dict[tuple, Positions] = {}
-        self.kernels, self._backend = "torch", "torch"
-        self._compiled = None  # the compiled transformer forward, when Engine.load(compile=...)
-        self._warm: set[tuple] = set()  # shapes the compiled forward has already been compiled for
-        self._regions = Regions(transformer)  # the forward in pieces, for step caching (compiled by compile())
-        self._lock = threading.RLock()
+        # Serializes the model work of concurrent calls (compiled graphs and kernel switches are not
+        # thread-safe) and every change of weights or placement.
+        self.lock = threading.RLock()
         self.lora = LoraAdapters()  # LoRA adapters: load_lora, set_adapters, fuse_lora, unfuse_lora
-        self.parallel: Parallel | None = None  # set by Engine.load(parallel=...)
         if tokenizer is not None and text_encoder is not None:
             check_vocab(tokenizer, text_encoder)
 
     @property
     def config(self) -> TransformerConfig:
         return self.transformer.config
+
+    @property
+    def device(self) -> torch.device:
+        """Where the transformer call (and every stage) runs."""
+        return self.forward.device
+
+    @device.setter
+    def device(self, value: torch.device) -> None:
+        self.forward.to(value)  # the caller moves the modules
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.forward.dtype
+
+    @dtype.setter
+    def dtype(self, value: torch.dtype) -> None:
+        self.forward.dtype = value
+
+    @property
+    def parallel(self) -> Parallel | None:
+        """The parallel side when loaded with ``parallel=``, else None."""
+        return self.forward.parallel
+
+    @property
+    def kernels(self) -> str:
+        """The kernels asked for at load: "auto", "triton" or "torch"."""
+        return self.forward.kernels
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -150,7 +172,7 @@ class Engine(LoraMethods):
                                                  lora=[(str(p_), float(s_)) for p_, s_ in lora or []],
                                                  vae_dtype=str(vae_dtype)),
                                             dev, model)
-        dt = resolve_dtype(dtype or _default_dtype(dev), dev)
+        dt = resolve_dtype(dtype or default_dtype(dev), dev)
         vae_dt = None if vae_dtype is None else resolve_dtype(vae_dtype, dev)  # bad input fails before the weights load
         model_dir = resolve_model_dir(model) if mesh is None else model_dir
         check_compile_mode(compile)
@@ -196,7 +218,7 @@ class Engine(LoraMethods):
             Parallel.agree_load(dict(preset=preset, device=dev.type, dtype=dtype, recipe=recipe, kernels=kernels,
                                      compile=compile, text_encoder=text_encoder, vae=vae, seed=seed,
                                      parallel=parallel), dev)
-        dt = resolve_dtype(dtype or (p.dtype if dev.type == "cuda" else torch.float32), dev)
+        dt = resolve_dtype(dtype or default_dtype(dev, p.dtype), dev)
         backend = resolve_backend(kernels, dev)
         check_compile_mode(compile)
         if compile:
@@ -212,12 +234,9 @@ class Engine(LoraMethods):
         return cls(**parts, device=dev, dtype=dt)._finish(backend, kernels, compile, compile_cache_dir, mesh)
 
     def _finish(self, backend: str, kernels: str, compile, compile_cache_dir, mesh=None) -> "Engine":
-        # "auto" starts with SDPA for attention and switches per shape where a recorded benchmark on
-        # this GPU found the fused RoPE flash attention faster (cogvx.kernels.attention_for).
-        self.transformer.set_kernel_backend(backend, "flash" if kernels == "triton" else "sdpa")
-        self.kernels, self._backend = kernels, backend
+        self.forward.set_kernels(kernels, backend)
         if mesh is not None:
-            self.parallel = Parallel(mesh, self.transformer)
+            self.forward.set_parallel(Parallel(mesh, self.transformer))
         if compile:
             self.compile(compile, compile_cache_dir)
         return self
@@ -233,12 +252,8 @@ class Engine(LoraMethods):
         """
         check_compile_mode(mode)
         use_cache_dir(cache_dir)
-        with self._lock:
-            net = self.transformer if self.parallel is None else self.parallel.net
-            self._compiled = compile_module(net, mode, self.device, backend)
-            self._regions = Regions(self.transformer, mode, self.device, backend)
-            self._compile_mode, self._compile_backend = mode, backend
-            self._warm.clear()
+        with self.lock:
+            self.forward.compile(mode, backend)
             if vae and self.vae is not None:
                 self.vae.compile_decoder(mode="max-autotune-no-cudagraphs" if mode == "max-autotune" else None)
 
@@ -259,10 +274,10 @@ class Engine(LoraMethods):
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         num_frames: int | None = None,
-        height: int = 480,
-        width: int = 720,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 6.0,
+        height: int = DEFAULTS.height,
+        width: int = DEFAULTS.width,
+        num_inference_steps: int = DEFAULTS.num_inference_steps,
+        guidance_scale: float = DEFAULTS.guidance_scale,
         use_dynamic_cfg: bool = False,
         num_videos_per_prompt: int = 1,
         seed: int | None = None,
@@ -326,7 +341,7 @@ class Engine(LoraMethods):
             args = dict(vars(req), profile_trace=profile_trace, check_finite=check_finite)
             plan, trace_file = checked() if par is None else par.plan(checked, args, req)
             schedule = self.scheduler.schedule(plan.steps)
-        with self._lock:
+        with self.lock:
             ctx = tracer(self.device) if trace_file is not None else contextlib.nullcontext()
             with ctx as trace, PeakMemory(self.device) as mem:
                 text = embed_prompts(plan, self.tokenizer, self.text_encoder, prompt, negative_prompt, prompt_embeds,
@@ -343,7 +358,7 @@ class Engine(LoraMethods):
                     text, guidance = par.local(text, guidance)
                     par.comm.reset()
                 positions = self.positions(plan.shape[1], plan.shape[3], plan.shape[4])
-                model = model_for(self, plan, text, cond, guidance, positions, schedule, prof, step_cache)
+                model = self.forward.model_for(plan, text, cond, guidance, positions, schedule, prof, step_cache)
                 callback = model.watch(callback_on_step_end) if step_cache is not None else callback_on_step_end
                 clock = StepClock(self.device)
                 with stage(prof, "denoise", self.device):
@@ -352,7 +367,7 @@ class Engine(LoraMethods):
                                   check_finite=check_finite)
                 prof.steps = clock.seconds()
                 if par is not None:
-                    par.report_loop(prof, self._compiled is not None, len(run_ts))
+                    par.report_loop(prof, self.forward.compiled is not None, len(run_ts))
                 if step_cache is not None:
                     model.report(prof)
                 out = out[:, plan.extra:]
@@ -399,12 +414,4 @@ class Engine(LoraMethods):
 
     def positions(self, latent_frames: int, latent_h: int, latent_w: int) -> Positions:
         """Position tables for a latent shape, computed once per shape and kept on the device."""
-        key = (latent_frames, latent_h, latent_w)
-        if key not in self._positions:
-            self._positions[key] = make_positions(self.config, latent_frames, latent_h, latent_w).to(self.device)
-        return self._positions[key]
-
-
-
-def _default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return self.forward.positions(latent_frames, latent_h, latent_w)
