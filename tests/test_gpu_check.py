@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import subprocess
+import time
 import sys
 import zipfile
 
@@ -140,3 +141,14 @@ def test_the_wheel_list_resolves_and_fits(tmp_path):
     names = {p.name.split("-")[0].lower() for p in (tmp_path / "wheels").glob("*.whl")}
     assert {d for d, kind in _wheel_specs().items() if kind == "required"} <= names
     assert "MiB of 64 MiB" in r.stdout
+
+
+def test_a_test_run_cut_by_its_timeout_keeps_the_outcomes_so_far(tmp_path):
+    """The time box ends the whole pytest process group and reads what finished from the -v lines."""
+    f = tmp_path / "test_probe.py"
+    f.write_text("import time, pytest\n\n@pytest.mark.gpu\ndef test_quick():\n    pass\n\n"
+                 "@pytest.mark.gpu\ndef test_hangs():\n    time.sleep(120)\n")
+    t0 = time.monotonic()
+    res = gpu_check.run_tests(15, tmp_path / "log.txt", [str(f)], workers=1)
+    assert time.monotonic() - t0 < 60 and res["timed_out"] and res["exit_status"] is None
+    assert res["tests"] == {f"{f}::test_quick": "passed"} or list(res["tests"].values()) == ["passed"], res
