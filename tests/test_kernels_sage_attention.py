@@ -190,3 +190,28 @@ def test_compiles_as_one_op_without_graph_breaks():
     q, k, v = _inputs(1, 2, 40, 64, torch.float16, "cpu")
     fn = torch.compile(lambda a, b, c: sage_attention(a, b, c) * 2, fullgraph=True, backend="aot_eager")
     assert torch.equal(fn(q, k, v), sage_attention(q, k, v) * 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_longer_sequences_through_the_autotuned_configurations(dtype):
+    """Real-model text length, many query/key blocks, every tile the autotuner may pick."""
+    n_text, grid = 226, (4, 15, 15)
+    S, H, Dh = n_text + grid[0] * grid[1] * grid[2], 4, 64
+    q, k, v = _inputs(2, H, S, Dh, dtype, "cuda")
+    out = sage_attention(q, k, v)
+    model = sage_attention_reference(q, k, v, dtype=torch.float64).double().cpu()
+    exact = attention_float64(q, k, v).cpu()
+    got = out.double().cpu()
+    assert sqnr(model, got) > MODEL_FLOOR_DB[dtype], f"{sqnr(model, got):.1f} dB against the model"
+    assert sqnr(exact, got) > 30.0, f"{sqnr(exact, got):.1f} dB against float64"
+    for cfg in sage_module.sage_configs(torch.cuda.get_device_capability()):  # each tile, not only the fastest
+        o = torch.full_like(v, float("nan"))
+        q8, qs = quantize_rows(q, None, sage_module.q_mult(Dh))
+        k8, ks = quantize_rows(k, smoothing_mean(k), 1.0)
+        args, meta = sage_module.launch_plan(q8, qs, k8, ks, v, o)
+        bm = cfg.kwargs["BLOCK_M"]
+        _sage_attn_kernel[(-(-S // bm), 2 * H)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                 num_stages=cfg.num_stages)  # fmt: skip
+        assert sqnr(model, o.double().cpu()) > MODEL_FLOOR_DB[dtype], (cfg, sqnr(model, o.double().cpu()))
