@@ -52,6 +52,10 @@ PACKAGES = [("torchao", "torchao"), ("diffusers", "diffusers"), ("importlib_meta
 PIPELINE_CONFIGS = ["cogvx-compiled", "cogvx-fp8dq-row-compiled", "cogvx-int8attn-compiled", "diffusers-compiled"]
 MARGIN_S = 20  # kept for the last write
 SMOKE_TEST_FILE = "tests/test_kernels_sage_attention.py"
+# The kernels' CUDA tests first (most of the gpu tests, and what no CPU has run), then the rest;
+# pytest drops the second collection of a file.
+GPU_TEST_ORDER = ["tests/test_kernels_sage_attention.py", "tests/test_kernels_rope_attention.py",
+                  "tests/test_kernels_adaln.py", "tests/test_kernels_adaln_fp8.py", "tests"]
 SMOKE_CONFIG = "cogvx-eager"  # the tiny preset, 1 step: the plumbing (compiled paths: gpu_pipeline.py --smoke)
 
 
@@ -216,7 +220,8 @@ def _markdown(res: dict) -> str:
         lines += ["## Pipeline: 5b, 49 frames, 720x480, CFG, random weights", "",
                   "The 50-step figure is an ESTIMATE: the measured total (all stages, N steps) + (50 - N) x the "
                   "median step.", "",
-                  "| config | steps N | median step s | total N steps s | est. 50 steps s | compile s | peak GiB | note |",
+                  "| config | steps N | median step s | total N steps s | est. 50 steps s | compile s | peak GiB "
+                  "| note |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in res["pipeline"]:
             peak = max(r["memory"].values()) / 2**30 if r.get("memory") else None
@@ -272,7 +277,8 @@ def main(argv=None) -> int:
     if commit == "unknown":  # the device tool sends the tree without .git: the caller names the commit
         commit = os.environ.get("COGVX_COMMIT", "unknown")
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    res["meta"] = dict(device=device, commit=commit, dirty=dirty, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    res["meta"] = dict(device=device, commit=commit, dirty=dirty, date=date,
                        torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
                        python=platform.python_version(), budget_min=args.budget_min, smoke=args.smoke,
                        capability=list(torch.cuda.get_device_capability()) if cuda else None)  # fmt: skip
@@ -286,7 +292,7 @@ def main(argv=None) -> int:
     save()
     print(f"setup: {res['setup']}", flush=True)
     box = min(args.tests_min * 60, deadline - time.monotonic())
-    paths = [SMOKE_TEST_FILE] if args.smoke else ["tests"]
+    paths = [SMOKE_TEST_FILE] if args.smoke else GPU_TEST_ORDER
     res["tests"] = run_tests(box, Path(f"{stem}-pytest.log"), paths, 1 if args.smoke else args.test_workers)
     save()
     print(f"tests: {res['tests']['counts']} in {res['tests']['seconds']} s (timed out: {res['tests']['timed_out']})",

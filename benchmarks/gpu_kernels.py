@@ -124,7 +124,8 @@ def run(models, smoke: bool, deadline: float, on_row) -> None:
                     row["error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
                 on_row(row)
         except Exception as e:  # the inputs (out of memory, a failed import): one row for the model
-            on_row(dict(base, kernel="*", provider="*", error=f"{type(e).__name__}: {e}\n{traceback.format_exc()[-800:]}"))
+            error = f"{type(e).__name__}: {e}\n{traceback.format_exc()[-800:]}"
+            on_row(dict(base, kernel="*", provider="*", error=error))
         if cuda:
             torch.cuda.empty_cache()
 
