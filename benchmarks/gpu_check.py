@@ -133,7 +133,8 @@ def run_tests(timeout: float, log: Path, paths: list[str], workers: int) -> dict
     """``pytest -m gpu`` on ``paths`` in a child with ``timeout`` seconds; outcome per test."""
     xml = Path(tempfile.mkdtemp(prefix="cogvx-junit-")) / "gpu.xml"
     # A module that fails to import (a package with no wheel there) must not stop the other modules' tests.
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rA", "-p", "no:cacheprovider",
+    # -P: the repository root off sys.path (its kernels/ folder would shadow the `kernels` distribution).
+    cmd = [sys.executable, "-P", "-m", "pytest", "-m", "gpu", "-v", "-rA", "-p", "no:cacheprovider",
            "--continue-on-collection-errors", f"--junit-xml={xml}", *paths]  # fmt: skip
     if workers > 1 and importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", str(workers)]
@@ -180,7 +181,7 @@ def run_pipeline(configs, steps: int, deadline: float, smoke: bool, on_row, log:
             gpu_pipeline.main(args)
         else:
             with open(log, "a") as f:
-                if run_group([sys.executable, str(HERE / "gpu_pipeline.py"), *args], share + 15, stdout=f,
+                if run_group([sys.executable, "-P", str(HERE / "gpu_pipeline.py"), *args], share + 15, stdout=f,
                              stderr=subprocess.STDOUT) is None:  # fmt: skip
                     rows = [dict(config=name, error=f"timed out after {share + 15:.0f} s")]
         files = sorted(out.glob("pipeline-*.json"))

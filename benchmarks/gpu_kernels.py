@@ -60,7 +60,7 @@ def cases(model: str, smoke: bool, device: str, dtype: torch.dtype):
     from cogvx.kernels.adaln import adaln_reference, adaptive_layernorm
     from cogvx.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
     from cogvx.kernels.rope_flash_attention import rope_attention
-    from cogvx.kernels.sage_attention import sage_attention
+    from cogvx.kernels.sage_attention import attend_quantized_launch, quantize_qk, sage_attention
 
     heads, rope = MODELS[model]
     n_text, n_video, B = (SMOKE_SHAPE["n_text"], SMOKE_SHAPE["n_video"], SMOKE_SHAPE["batch"]) if smoke else \
@@ -98,6 +98,10 @@ def cases(model: str, smoke: bool, device: str, dtype: torch.dtype):
     got = sage_attention(qr[sub], kr[sub], vt[sub], backend=backend).float()
     sqnr = 10 * torch.log10(want.pow(2).sum() / (got - want).pow(2).sum()).item()
     yield "attention", "int8", lambda: sage_attention(qr, kr, vt, backend=backend), dict(flops, sqnr_db_vs_fp32=sqnr)
+    if not smoke:  # its two parts: the quantization of q and k, the attention kernel on the codes
+        codes, out = quantize_qk(qr, kr), torch.empty_like(vt, memory_format=torch.contiguous_format)
+        yield "attention", "int8: quantize", lambda: quantize_qk(qr, kr), {}
+        yield "attention", "int8: attend", lambda: attend_quantized_launch(*codes, vt, out), flops
 
 
 def run(models, smoke: bool, deadline: float, on_row) -> None:

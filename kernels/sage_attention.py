@@ -30,7 +30,8 @@ from .sage_quant import quantize_rows, quantize_rows_reference, smoothing_mean
 if HAS_TRITON:
     import triton
 
-__all__ = ["sage_attention", "sage_attention_reference", "sage_configs", "sage_attention_launch", "q_mult"]
+__all__ = ["attend_quantized_launch", "q_mult", "quantize_qk", "sage_attention", "sage_attention_launch",
+           "sage_attention_reference", "sage_configs"]
 
 HEAD_DIMS = (32, 64, 128)  # int8 tl.dot needs K >= 32; 64 is what the models use
 
@@ -167,22 +168,34 @@ def launch_plan(q8, qs, k8, ks, v, out):
     return (q8, qs, k8, ks, v, out, q8.shape[2], q8.shape[1], *v.stride()), {"HEAD_DIM": q8.shape[-1]}
 
 
-def sage_attention_launch(q, k, v, out) -> None:
-    """Quantize q and k (two launches of the quantization kernel) and attend into ``out``, a
-    contiguous [B, H, S, Dh] tensor of v's dtype."""
-    B, H, S, Dh = q.shape
-    if out.numel() == 0:
-        return
-    q8, qs = quantize_rows(q, None, q_mult(Dh))
+def quantize_qk(q: torch.Tensor, k: torch.Tensor):
+    """q, k [B, H, S, Dh] -> (q codes, q scales, k codes, k scales): int8 [B, H, S, Dh] contiguous and fp32
+    [B, H, S]; k smoothed by its token mean, the softmax scale and log2(e) in q's scales (two launches
+    of the quantization kernel)."""
+    q8, qs = quantize_rows(q, None, q_mult(q.shape[-1]))
     k8, ks = quantize_rows(k, smoothing_mean(k), 1.0)
+    return q8, qs, k8, ks
+
+
+def attend_quantized_launch(q8, qs, k8, ks, v, out) -> None:
+    """The attention kernel on quantized q, k (``quantize_qk``) and v [B, H, S, Dh] (any strides), into
+    ``out``, a contiguous [B, H, S, Dh] tensor of v's dtype."""
+    B, H, S, Dh = q8.shape
     args, meta = launch_plan(q8, qs, k8, ks, v, out)
-    with device_of(q):
+    with device_of(v):
         if is_interpreted(_sage_attn_kernel):  # autotuning under the interpreter would take minutes
             bm, bn = _INTERPRETER_TILE
             _sage_attn_kernel[(triton.cdiv(S, bm), B * H)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=1)
         else:
-            tuned = _tuned(torch.cuda.get_device_capability(q.device))
+            tuned = _tuned(torch.cuda.get_device_capability(v.device))
             tuned[lambda m: (triton.cdiv(S, m["BLOCK_M"]), B * H)](*args, **meta)
+
+
+def sage_attention_launch(q, k, v, out) -> None:
+    """Quantize q and k and attend into ``out``, a contiguous [B, H, S, Dh] tensor of v's dtype."""
+    if out.numel() == 0:
+        return
+    attend_quantized_launch(*quantize_qk(q, k), v, out)
 
 
 @torch.library.custom_op("cogvx::sage_attention", mutates_args=())

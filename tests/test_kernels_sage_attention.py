@@ -208,9 +208,7 @@ def test_gpu_longer_sequences_through_the_autotuned_configurations(dtype):
     assert sqnr(exact, got) > 30.0, f"{sqnr(exact, got):.1f} dB against float64"
     for cfg in sage_module.sage_configs(torch.cuda.get_device_capability()):  # each tile, not only the fastest
         o = torch.full_like(v, float("nan"))
-        q8, qs = quantize_rows(q, None, sage_module.q_mult(Dh))
-        k8, ks = quantize_rows(k, smoothing_mean(k), 1.0)
-        args, meta = sage_module.launch_plan(q8, qs, k8, ks, v, o)
+        args, meta = sage_module.launch_plan(*sage_module.quantize_qk(q, k), v, o)
         bm = cfg.kwargs["BLOCK_M"]
         _sage_attn_kernel[(-(-S // bm), 2 * H)](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps,
                                                  num_stages=cfg.num_stages)  # fmt: skip
