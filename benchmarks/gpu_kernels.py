@@ -7,6 +7,7 @@ CogVideoX-2b and -5b shapes (batch 2 for CFG, 226 text + 17,550 video tokens, he
                   rope-flash (Triton, rotating its own tiles), int8 (the 8-bit attention, its
                   quantization included), int8 rows also give the SQNR against fp32 SDPA on 2 heads
 
+First the device's ceilings (a copy's GB/s, bf16 and int8 matrix products' TFLOP/s at 8192^3).
 GPU times: ``triton.testing.do_bench`` medians (ms, CUDA events, warm-up 25 ms, 100 ms of repeats).
 On a CPU (``smoke=True``) the same rows run at a tiny stand-in shape with a wall-clock median of 3
 calls, PyTorch paths only: it checks the plumbing, and its times mean nothing.
@@ -104,17 +105,33 @@ def cases(model: str, smoke: bool, device: str, dtype: torch.dtype):
         yield "attention", "int8: attend", lambda: attend_quantized_launch(*codes, vt, out), flops
 
 
+def ceilings(device: str, smoke: bool):
+    """(kernel, provider, callable, extra) rows of the device's two ceilings (METHOD.md): a device copy
+    (bytes read + written) and large matrix products in bf16 and int8 (``torch._int_mm``)."""
+    n = 256 if smoke else 8192
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=g, device=device).to(torch.bfloat16)
+    b = torch.randn(n, n, generator=g, device=device).to(torch.bfloat16)
+    src = torch.randn(n * n * 8 // (64 if smoke else 1), generator=g, device=device)  # 2 GiB of fp32 on a GPU
+    dst = torch.empty_like(src)
+    a8, b8 = (torch.randint(-127, 128, (n, n), generator=g, device=device, dtype=torch.int8) for _ in range(2))
+    yield "ceiling", "copy", lambda: dst.copy_(src), {"bytes": 2 * src.numel() * src.element_size()}
+    yield "ceiling", "matmul-bf16", lambda: a @ b, {"flops": 2 * n**3}
+    if not smoke:  # torch._int_mm is CUDA-only for these sizes on some builds
+        yield "ceiling", "matmul-int8", lambda: torch._int_mm(a8, b8), {"flops": 2 * n**3}
+
+
 def run(models, smoke: bool, deadline: float, on_row) -> None:
     """Time every row of ``models`` until ``deadline`` (time.monotonic()); ``on_row(row)`` after each
     row (rows that could not run carry "error", rows past the deadline "skipped")."""
     cuda = torch.cuda.is_available() and not smoke
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     timer = _timer(cuda)
-    for model in models:
+    for model in ["device", *models]:
         shape = SMOKE_SHAPE if smoke else dict(n_text=N_TEXT, n_video=N_VIDEO, batch=BATCH, heads=MODELS[model][0])
         base = dict(model=model, dtype=str(dtype).removeprefix("torch."), device=device, shape=shape)
         try:
-            rows = cases(model, smoke, device, dtype)
+            rows = ceilings(device, smoke) if model == "device" else cases(model, smoke, device, dtype)
             for kernel, provider, fn, extra in rows:
                 row = dict(base, kernel=kernel, provider=provider, **extra)
                 if time.monotonic() > deadline:
@@ -124,6 +141,8 @@ def run(models, smoke: bool, deadline: float, on_row) -> None:
                     row["median_ms"] = timer(fn)
                     if "flops" in row:
                         row["TFLOPs"] = row["flops"] / (row["median_ms"] * 1e-3) / 1e12
+                    if "bytes" in row:
+                        row["GBps"] = row["bytes"] / (row["median_ms"] * 1e-3) / 1e9
                 except Exception as e:  # e.g. a backend that does not take this shape: the row says why
                     row["error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
                 on_row(row)
@@ -143,9 +162,11 @@ def markdown(rows: list[dict]) -> list[str]:
         ms = r.get("median_ms")
         if ms is not None:
             first.setdefault(key, ms)
-        ratio = f"{ms / first[key]:.2f}x" if ms is not None else "-"
+        ratio = f"{ms / first[key]:.2f}x" if ms is not None and r["kernel"] != "ceiling" else "-"
         note = r.get("error") or r.get("skipped") or (f"SQNR {r['sqnr_db_vs_fp32']:.1f} dB vs fp32 SDPA"
                                                       if "sqnr_db_vs_fp32" in r else "")  # fmt: skip
+        if r.get("GBps"):
+            note = f"{r['GBps']:.0f} GB/s (read + written)"
         tf = f"{r['TFLOPs']:.0f}" if r.get("TFLOPs") else "-"
         lines.append(f"| {r['model']} | {r['kernel']} | {r['provider']} | {ms:.3f} | {ratio} | {tf} | "
                      f"{note.splitlines()[0] if note else ''} |" if ms is not None else
