@@ -27,6 +27,7 @@ from ..loading import load_components
 from ..models.config import TransformerConfig
 from ..models.positions import Positions
 from ..models.presets import get_preset
+from ..models.tasks import TASKS
 from ..models.text_encoder import check_vocab, encode_ids
 from ..models.tokenizer import MAX_LENGTH, PromptTokenizer
 from ..models.transformer import CogVideoXTransformer
@@ -347,7 +348,7 @@ class Engine(LoraMethods):
                 text = embed_prompts(plan, self.tokenizer, self.text_encoder, prompt, negative_prompt, prompt_embeds,
                                      negative_prompt_embeds, device=self.device, dtype=self.dtype, profile=prof)
                 gen = torch.Generator(device=self.device).manual_seed(plan.seed) if plan.seed is not None else generator
-                with stage(prof, "encode" if plan.task != "t2v" else "prepare", self.device):
+                with stage(prof, "encode" if TASKS[plan.task].vae_encodes else "prepare", self.device):
                     cond = condition(plan, vae=self.vae, scheduler=self.scheduler, schedule=schedule, generator=gen,
                                      latents=latents, ofs_dim=self.config.ofs_embed_dim, device=self.device,
                                      dtype=self.dtype)
