@@ -129,7 +129,7 @@ class Attention(nn.Module):
         norms = (self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias)
         if self.int8_gpu:  # norm + RoPE kernel, then int8 quantization and attention (its own numerics)
             q, k = qk_norm_rope(q, k, *norms, cos, sin, n_text, self.norm_q.eps, backend=self.backend)
-            return sage_attention(q, k, v.transpose(1, 2), backend="triton")
+            return sage_attention(q, k, v.transpose(1, 2), backend=self.backend)  # "torch": the same numerics
         if self.attention == "flash":  # RoPE applied inside the attention kernel, on its Q/K tiles
             q, k = qk_norm_rope(q, k, *norms, None, None, n_text, self.norm_q.eps, backend=self.backend)
             return rope_attention(q, k, v.transpose(1, 2), cos, sin, n_text, backend="triton")

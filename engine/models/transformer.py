@@ -254,8 +254,9 @@ class CogVideoXTransformer(nn.Module):
 
     def set_int8_gpu_attention(self, on: bool = True) -> None:
         """Attend with ``cogvx.kernels.sage_attention`` (k smoothed, q and k int8 per token, int8 q k^T,
-        fp16 p v): the Triton kernels on CUDA (sm_80+) and under TRITON_INTERPRET=1, elsewhere its
-        PyTorch reference of the same numerics. Survives ``set_kernel_backend`` (a recipe's choice)."""
+        fp16 p v): with the "triton" kernel backend its Triton kernels on CUDA (sm_80+) and under
+        TRITON_INTERPRET=1, elsewhere (and with "torch") its PyTorch reference of the same numerics.
+        Survives ``set_kernel_backend`` (a recipe's choice)."""
         for blk in self.transformer_blocks:
             blk.attn1.int8_gpu = on
 
