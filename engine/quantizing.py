@@ -32,9 +32,11 @@ def apply_runtime_settings(transformer, settings: dict[str, Any]) -> None:
     """Apply a recipe's non-weight settings to a (quantized) transformer: ``attention_dtype`` runs SDPA in
     that dtype; ``fused_gelu_quant`` runs the feed-forward's GELU and int8 quantization as one kernel;
     ``attention_kernel="int8-cpu"`` attends on the CPU with the int8 kernel (a warning and SDPA
-    where it cannot run); ``"int8-cuda"`` with the int8 Triton attention (``set_int8_gpu_attention``). Both are CPU kernels: a transformer on another device keeps the PyTorch
-    path, without a warning. ``fp8_activations`` feeds the adaLN kernel's per-row fp8 output straight into the fp8
-    q/k/v and feed-forward-up GEMMs. Called after quantizing and after loading a quantized checkpoint,
+    where it cannot run). Those two are CPU kernels: a transformer on another device keeps the PyTorch
+    path, without a warning. ``attention_kernel="int8-cuda"`` attends with the 8-bit Triton attention
+    (``set_int8_gpu_attention``; its PyTorch reference off CUDA: the same numerics on every device).
+    ``fp8_activations`` feeds the adaLN kernel's per-row fp8 output straight into the fp8 q/k/v and
+    feed-forward-up GEMMs. Called after quantizing and after loading a quantized checkpoint,
     so both run alike."""
     if settings.get("fp8_activations"):
         transformer.set_fp8_activations(True)
