@@ -20,6 +20,7 @@ from cogvx.engine.quantizing import apply_runtime_settings  # noqa: E402
 from cogvx.kernels.sage_attention import _sage_attn_kernel  # noqa: E402
 from cogvx.quantize import RECIPES, availability  # noqa: E402
 from cogvx.quantize.metrics import sqnr  # noqa: E402
+from cogvx.quantize.settings import Runtime, SettingsError  # noqa: E402
 
 from helpers import kernel_markers  # noqa: E402
 
@@ -85,15 +86,16 @@ def test_int8_attention_transformer_compiles_fullgraph():
 
 def test_recipe_setting_turns_the_hook_on_and_bad_values_are_clear():
     model, _ = _model_and_input()
-    apply_runtime_settings(model, {"attention_kernel": "int8-cuda"})
+    apply_runtime_settings(model, Runtime(attention_kernel="int8-cuda"))
     assert all(b.attn1.int8_gpu and not b.attn1.int8_cpu for b in model.transformer_blocks)
-    with pytest.raises(ValueError, match="'int8-cpu' or 'int8-cuda'"):
-        apply_runtime_settings(model, {"attention_kernel": "int8"})
+    with pytest.raises(SettingsError, match="attention_kernel 'int8' is not one of 'int8-cpu', 'int8-cuda'"):
+        Runtime(attention_kernel="int8")
+    assert Runtime.from_dict(RECIPES["fp8dq-row-int8attn"].settings) == RECIPES["fp8dq-row-int8attn"].runtime
 
 
 def test_recipe_row_is_gpu_only_and_says_it_is_not_yet_measured(capsys):
     r = RECIPES["fp8dq-row-int8attn"]
-    assert r.options["attention_kernel"] == "int8-cuda" and r.options["granularity"] == "PerRow"
+    assert r.runtime.attention_kernel == "int8-cuda" and r.runtime.fp8_activations and r.options.granularity == "PerRow"
     assert r.needs_cuda_capability == (8, 9)
     ok, why = availability(r, "cpu")
     assert not ok and "needs a CUDA GPU" in why and "GPU-only" in why and "not yet measured" in why
