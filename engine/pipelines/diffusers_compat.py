@@ -20,6 +20,8 @@ import warnings
 
 import torch
 
+from cogvx.kernels import resolve_backend
+
 from ..models.lora import is_plain_linear
 from ..models.text_encoder import encode_ids
 from ..models.tokenizer import PromptTokenizer
@@ -68,9 +70,11 @@ class CogVideoXPipelineBase(PipelineFiles, LoraPipelineMethods):
         if tr is None:
             return None
         ours = isinstance(p["tokenizer"], PromptTokenizer)  # the engine's own prompt path takes cogvx's tokenizer
-        return Engine(transformer=tr, scheduler=p["scheduler"], tokenizer=p["tokenizer"] if ours else None,
-                      text_encoder=p["text_encoder"] if ours else None, vae=p["vae"],
-                      device=device or tr.device, dtype=dtype or tr.dtype, task=self.checkpoint_task)
+        e = Engine(transformer=tr, scheduler=p["scheduler"], tokenizer=p["tokenizer"] if ours else None,
+                   text_encoder=p["text_encoder"] if ours else None, vae=p["vae"],
+                   device=device or tr.device, dtype=dtype or tr.dtype, task=self.checkpoint_task)
+        e.forward.set_kernels("auto", resolve_backend("auto", e.device))  # as Engine.load's default
+        return e
 
     # ------------------------------------------------------------------ components and devices
     transformer = property(lambda self: self._parts["transformer"])
@@ -138,6 +142,7 @@ class CogVideoXPipelineBase(PipelineFiles, LoraPipelineMethods):
                     e.dtype = dtype
                 if dev is not None:
                     e.device, self._offload = dev, None
+                    e.forward.set_kernels("auto", resolve_backend("auto", dev))
                 e.forward.weights_changed()
         return self
 
