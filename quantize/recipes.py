@@ -48,13 +48,14 @@ activation dtype for the GEMM: no speedup over fp32 here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from .backends import backend_installed, backend_status
 from .filters import COMPONENTS, DEFAULT_FILTERS, ModuleFilter, default_filter
+from .settings import OPTION_TYPES, BackendOptions, BnbOptions, NativeOptions, QuantoOptions, Runtime, TorchaoOptions
 
 __all__ = [
     "Recipe", "RecipeError", "RECIPES", "get_recipe", "availability", "runnable_recipes", "check_runnable",
@@ -70,26 +71,33 @@ class RecipeError(ValueError):
 class Recipe:
     """One quantization recipe.
 
-    name: registry key (``int8wo``). backend: "torchao", "quanto" or "bnb".
-    settings: backend knobs as (key, value) pairs (a tuple keeps the dataclass hashable);
-        read them through :attr:`options`.
+    name: registry key (``int8wo``). options: the backend's typed options (``TorchaoOptions``,
+        ``QuantoOptions``, ``BnbOptions``, ``NativeOptions``); their type names the backend.
+    runtime: the engine's runtime knobs the recipe switches on (``Runtime``: attention kernel and dtype,
+        fused GELU + quantization, fp8 activations).
     filters: (component, ModuleFilter) pairs; components not listed use the default filter.
     needs_cuda_capability: minimum CUDA compute capability, or None when the CPU can run it.
     needs_calibration: activation scales are static and are measured on sample inputs at quantization time.
     """
 
     name: str
-    backend: str
     description: str
-    settings: tuple[tuple[str, Any], ...] = ()
+    options: BackendOptions
+    runtime: Runtime = Runtime()
     filters: tuple[tuple[str, ModuleFilter], ...] = ()
     needs_cuda_capability: tuple[int, int] | None = None
     needs_calibration: bool = False
     cpu_note: str = ""
 
     @property
-    def options(self) -> dict[str, Any]:
-        return dict(self.settings)
+    def backend(self) -> str:
+        """"torchao", "quanto", "bnb" or "native"."""
+        return next(b for b, t in OPTION_TYPES.items() if isinstance(self.options, t))
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The backend's options and the runtime knobs as one flat JSON object (saved with a checkpoint)."""
+        return {**asdict(self.options), **self.runtime.to_dict()}
 
     def filter_for(self, component: str) -> ModuleFilter:
         return dict(self.filters).get(component) or default_filter(component)
@@ -97,7 +105,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """JSON form, saved next to a quantized checkpoint."""
         return {
-            "name": self.name, "backend": self.backend, "settings": dict(self.settings),
+            "name": self.name, "backend": self.backend, "settings": self.settings,
             "filters": {c: self.filter_for(c).to_dict() for c in COMPONENTS},
         }
 
@@ -116,42 +124,35 @@ CPU_INT8_ATTN_NOTE = ("runs; the fastest here (AVX-512 VNNI + BF16): attention a
                       "step 0.16x (cpu-bench) / 0.23x (cpu-long) diffusers fp32, 0.65x / 0.38x diffusers + torchao int8dq")
 _INT8DQ_NOTE = "runs; VNNI makes it faster than fp32 here (cpu-bench step ~0.28x fp32 compiled)"
 _WO_NOTE = "runs; weight-only: the GEMM runs in the activation dtype, no faster than fp32 on a CPU"
+_NATIVE = NativeOptions(gemm_out="bfloat16")
+_FUSED = Runtime(fused_gelu_quant=True)
 _RECIPES = [
-    Recipe("int8wo", "torchao", "int8 weight-only, per-channel scales",
-           (("config", "Int8WeightOnlyConfig"),), cpu_note=_WO_NOTE),
-    Recipe("int8dq", "torchao", "int8 dynamic per-token activations + int8 per-channel weights",
-           (("config", "Int8DynamicActivationInt8WeightConfig"),),
-           cpu_note=_INT8DQ_NOTE),
-    Recipe("fp8wo", "torchao", "float8 e4m3 weight-only, per-channel scales",
-           (("config", "Float8WeightOnlyConfig"),)),
-    Recipe("fp8dq", "torchao", "float8 e4m3 dynamic activations + weights, per-tensor scales",
-           (("config", "Float8DynamicActivationFloat8WeightConfig"), ("granularity", "PerTensor")),
-           _fp8_filters(), needs_cuda_capability=_SM89),
-    Recipe("fp8dq-row", "torchao", "float8 e4m3 dynamic activations + weights, per-row scales; the adaLN kernel "
+    Recipe("int8wo", "int8 weight-only, per-channel scales", TorchaoOptions("Int8WeightOnlyConfig"), cpu_note=_WO_NOTE),
+    Recipe("int8dq", "int8 dynamic per-token activations + int8 per-channel weights",
+           TorchaoOptions("Int8DynamicActivationInt8WeightConfig"), cpu_note=_INT8DQ_NOTE),
+    Recipe("fp8wo", "float8 e4m3 weight-only, per-channel scales", TorchaoOptions("Float8WeightOnlyConfig")),
+    Recipe("fp8dq", "float8 e4m3 dynamic activations + weights, per-tensor scales",
+           TorchaoOptions("Float8DynamicActivationFloat8WeightConfig", "PerTensor"),
+           filters=_fp8_filters(), needs_cuda_capability=_SM89),
+    Recipe("fp8dq-row", "float8 e4m3 dynamic activations + weights, per-row scales; the adaLN kernel "
            "quantizes the q/k/v and feed-forward-up inputs",
-           (("config", "Float8DynamicActivationFloat8WeightConfig"), ("granularity", "PerRow"),
-            ("fp8_activations", True)),
-           _fp8_filters(), needs_cuda_capability=_SM89),
-    Recipe("quanto-int8", "quanto", "optimum-quanto int8 weights, per-channel scales",
-           (("weights", "qint8"), ("activations", None))),
-    Recipe("quanto-fp8", "quanto", "optimum-quanto float8 e4m3 weights, per-channel scales",
-           (("weights", "qfloat8"), ("activations", None))),
-    Recipe("quanto-w8a8", "quanto", "optimum-quanto int8 weights + int8 activations (static scales, calibrated)",
-           (("weights", "qint8"), ("activations", "qint8")), needs_calibration=True),
-    Recipe("bnb-int8", "bnb", "bitsandbytes LLM.int8 (int8 weights, fp16 outlier columns above 6.0)",
-           (("kind", "int8"), ("threshold", 6.0))),
-    Recipe("int8dq-cpu", "native",
-           "int8 dynamic per-token activations + int8 per-channel weights, oneDNN u8 x s8 VNNI GEMM writing bf16",
-           (("gemm_out", "bfloat16"), ("fused_gelu_quant", True)), cpu_note=CPU_FAST_NOTE),
-    Recipe("int8dq-cpu-bf16attn", "native", "int8dq-cpu with attention in bf16",
-           (("gemm_out", "bfloat16"), ("fused_gelu_quant", True), ("attention_dtype", "bfloat16")),
-           cpu_note=CPU_BF16_ATTN_NOTE),
-    Recipe("int8dq-cpu-int8attn", "native", "int8dq-cpu with int8 q k^T and bf16 p v attention (SageAttention-style "
-           "C kernel for AVX-512 VNNI + BF16 CPUs; SDPA elsewhere)",
-           (("gemm_out", "bfloat16"), ("fused_gelu_quant", True), ("attention_kernel", "int8-cpu")),
-           cpu_note=CPU_INT8_ATTN_NOTE),
-    Recipe("bnb-nf4", "bnb", "bitsandbytes 4-bit NormalFloat, blocks of 64, double-quantized scales",
-           (("kind", "nf4"), ("blocksize", 64), ("compress_statistics", True))),
+           TorchaoOptions("Float8DynamicActivationFloat8WeightConfig", "PerRow"), Runtime(fp8_activations=True),
+           filters=_fp8_filters(), needs_cuda_capability=_SM89),
+    Recipe("quanto-int8", "optimum-quanto int8 weights, per-channel scales", QuantoOptions("qint8")),
+    Recipe("quanto-fp8", "optimum-quanto float8 e4m3 weights, per-channel scales", QuantoOptions("qfloat8")),
+    Recipe("quanto-w8a8", "optimum-quanto int8 weights + int8 activations (static scales, calibrated)",
+           QuantoOptions("qint8", "qint8"), needs_calibration=True),
+    Recipe("bnb-int8", "bitsandbytes LLM.int8 (int8 weights, fp16 outlier columns above 6.0)",
+           BnbOptions("int8", threshold=6.0)),
+    Recipe("int8dq-cpu", "int8 dynamic per-token activations + int8 per-channel weights, oneDNN u8 x s8 VNNI GEMM "
+           "writing bf16", _NATIVE, _FUSED, cpu_note=CPU_FAST_NOTE),
+    Recipe("int8dq-cpu-bf16attn", "int8dq-cpu with attention in bf16", _NATIVE,
+           Runtime(fused_gelu_quant=True, attention_dtype="bfloat16"), cpu_note=CPU_BF16_ATTN_NOTE),
+    Recipe("int8dq-cpu-int8attn", "int8dq-cpu with int8 q k^T and bf16 p v attention (SageAttention-style "
+           "C kernel for AVX-512 VNNI + BF16 CPUs; SDPA elsewhere)", _NATIVE,
+           Runtime(fused_gelu_quant=True, attention_kernel="int8-cpu"), cpu_note=CPU_INT8_ATTN_NOTE),
+    Recipe("bnb-nf4", "bitsandbytes 4-bit NormalFloat, blocks of 64, double-quantized scales",
+           BnbOptions("nf4", blocksize=64, compress_statistics=True)),
 ]
 RECIPES: dict[str, Recipe] = {r.name: r for r in _RECIPES}
 

@@ -56,7 +56,7 @@ def test_registry_holds_the_recipes_as_frozen_data():
     r = RECIPES["fp8dq-row"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.name = "x"
-    assert r.backend == "torchao" and r.options["granularity"] == "PerRow"
+    assert r.backend == "torchao" and r.options.granularity == "PerRow"
     assert {RECIPES[n].backend for n in ("quanto-int8", "quanto-fp8", "quanto-w8a8")} == {"quanto"}
     assert {RECIPES[n].backend for n in ("bnb-int8", "bnb-nf4")} == {"bnb"}
     assert {RECIPES[n].backend for n in ("int8dq-cpu", "int8dq-cpu-bf16attn", "int8dq-cpu-int8attn")} == {"native"}
