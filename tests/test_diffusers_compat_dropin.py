@@ -33,6 +33,9 @@ def test_1_built_from_components_shares_the_weights_and_matches(pipes, tmp_path)
     mine = CogVideoXPipeline(**{**ref.components, "transformer": tr, "vae": vae})
     assert type(mine.transformer) is CogVideoXTransformer3DModel and mine.transformer is tr
     assert max_diff(ref(**inputs()).frames, mine(**inputs()).frames) < FRAME_TOL
+    mine.vae = ref.vae  # a component set afterwards, as diffusers allows (diffusers' module, taken over)
+    assert isinstance(mine.vae, AutoencoderKLCogVideoX) and max_diff(ref(**inputs()).frames,
+                                                                    mine(**inputs()).frames) < FRAME_TOL
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "CogVideoXDPMScheduler"])

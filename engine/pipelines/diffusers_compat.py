@@ -77,10 +77,17 @@ class CogVideoXPipelineBase(PipelineFiles, LoraPipelineMethods):
         return e
 
     # ------------------------------------------------------------------ components and devices
-    transformer = property(lambda self: self._parts["transformer"])
-    vae = property(lambda self: self._parts["vae"])
-    text_encoder = property(lambda self: self._parts["text_encoder"])
-    tokenizer = property(lambda self: self._parts["tokenizer"])
+    def _replace(self, name: str, value) -> None:
+        """``pipe.transformer = ...`` (or vae, text_encoder, tokenizer), as diffusers allows: the engine is
+        rebuilt over the new set (adapters loaded on the old transformer go with it)."""
+        check_given({name: value})
+        self._parts[name] = {"transformer": as_transformer, "vae": as_vae}.get(name, lambda v: v)(value)
+        self.engine = self._make_engine()
+
+    transformer = property(lambda self: self._parts["transformer"], lambda self, v: self._replace("transformer", v))
+    vae = property(lambda self: self._parts["vae"], lambda self, v: self._replace("vae", v))
+    text_encoder = property(lambda self: self._parts["text_encoder"], lambda self, v: self._replace("text_encoder", v))
+    tokenizer = property(lambda self: self._parts["tokenizer"], lambda self, v: self._replace("tokenizer", v))
     guidance_scale = property(lambda self: self._guidance_scale)
     do_classifier_free_guidance = property(lambda self: self._guidance_scale > 1)
     num_timesteps = property(lambda self: self._num_timesteps)
