@@ -223,3 +223,26 @@ def test_9_the_docs_quantization_script_maps_onto_cogvx_recipes(ckpt_factory):
     with pytest.raises(ValueError, match="int4wo"):
         TorchAoConfig("int4wo") and AutoModel.from_pretrained(ckpt, subfolder="transformer",
                                                              quantization_config=TorchAoConfig("int4wo"))
+
+
+@pytest.mark.parametrize("variant", ["1.5 t2v", "1.5 i2v", "rope dpm"])
+def test_3_rope_and_cogvideox_1_5_at_frame_counts_that_are_not_4k1(tmp_path, variant):
+    """CogVideoX 1.5 (temporal patch, padded latents, ofs for I2V) and 5b-style RoPE with the DPM scheduler."""
+    import numpy as np
+    from PIL import Image
+
+    rope = dict(use_rotary_positional_embeddings=True, num_attention_heads=2, attention_head_dim=16)
+    extra, name, args = {
+        "1.5 t2v": (dict(rope, patch_size_t=2, patch_bias=False), "CogVideoXPipeline", dict(num_frames=12)),
+        "1.5 i2v": (dict(rope, patch_size_t=2, patch_bias=False, in_channels=8, ofs_embed_dim=2),
+                    "CogVideoXImageToVideoPipeline",
+                    dict(num_frames=12, image=Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255)
+                                                              .astype("uint8")))),
+        "rope dpm": (rope, "CogVideoXPipeline", dict(num_frames=13)),
+    }[variant]
+    torch.manual_seed(0)
+    tr = diffusers.CogVideoXTransformer3DModel(**{**TRANSFORMER, **extra}).eval()
+    sched = diffusers.CogVideoXDPMScheduler(timestep_spacing="trailing") if variant == "rope dpm" else None
+    ref, ours = pair(tmp_path, name, scheduler=sched, transformer=tr)
+    a, b = ref(**inputs(**args)).frames, ours(**inputs(**args)).frames
+    assert a.shape == b.shape and max_diff(a, b) < FRAME_TOL
