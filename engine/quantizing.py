@@ -32,15 +32,19 @@ def apply_runtime_settings(transformer, runtime: Runtime) -> None:
     """Apply a recipe's runtime knobs (``cogvx.quantize.settings.Runtime``) to a (quantized) transformer:
     ``attention_dtype`` runs SDPA in that dtype; ``fused_gelu_quant`` runs the feed-forward's GELU and int8
     quantization as one kernel; ``attention_kernel="int8-cpu"`` attends on the CPU with the int8 kernel (a
-    warning and SDPA where it cannot run). Both are CPU kernels: a transformer on another device keeps the
-    PyTorch path, without a warning. ``fp8_activations`` feeds the adaLN kernel's per-row fp8 output straight
-    into the fp8 q/k/v and feed-forward-up GEMMs. Called after quantizing and after loading a quantized
-    checkpoint, so both run alike."""
+    warning and SDPA where it cannot run). Those two are CPU kernels: a transformer on another device keeps
+    the PyTorch path, without a warning. ``attention_kernel="int8-cuda"`` attends with the 8-bit Triton
+    attention (``set_int8_gpu_attention``; its PyTorch reference off CUDA: the same numerics on every
+    device). ``fp8_activations`` feeds the adaLN kernel's per-row fp8 output straight into the fp8 q/k/v and
+    feed-forward-up GEMMs. Called after quantizing and after loading a quantized checkpoint, so both run
+    alike."""
     if runtime.fp8_activations:
         transformer.set_fp8_activations(True)
     on_cpu = next(transformer.parameters()).device.type == "cpu"
     if runtime.fused_gelu_quant and on_cpu:
         transformer.set_fused_gelu_quant(True)
+    if runtime.attention_kernel == "int8-cuda":  # the recipe's numerics on every device (the reference off CUDA)
+        transformer.set_int8_gpu_attention(True)
     why = runtime.attention_kernel == "int8-cpu" and on_cpu and transformer.set_int8_cpu_attention(True)
     if why:
         warnings.warn(f"the recipe's int8 CPU attention does not run here: {why}; attention runs as SDPA "

@@ -19,6 +19,7 @@ measured values in tests/quantize_accuracy.json).
     fp8wo         torchao  41.5 (38)         53.2 (50)         yes
     fp8dq         torchao  -                 -                 needs CUDA SM 8.9+
     fp8dq-row     torchao  -                 -                 needs CUDA SM 8.9+
+    fp8dq-row-int8attn torchao -             -                 needs CUDA SM 8.9+; not yet measured
     quanto-int8   quanto   53.7 (50)         67.4 (63)         yes
     quanto-fp8    quanto   41.5 (38)         53.2 (50)         yes
     quanto-w8a8   quanto   36.9 (33)         41.8 (38)         yes
@@ -78,6 +79,8 @@ class Recipe:
     filters: (component, ModuleFilter) pairs; components not listed use the default filter.
     needs_cuda_capability: minimum CUDA compute capability, or None when the CPU can run it.
     needs_calibration: activation scales are static and are measured on sample inputs at quantization time.
+    cpu_note / gpu_note: a caveat said with the recipe's availability on a CPU / on a CUDA device (the
+        gpu_note also where a CPU cannot run it).
     """
 
     name: str
@@ -88,6 +91,7 @@ class Recipe:
     needs_cuda_capability: tuple[int, int] | None = None
     needs_calibration: bool = False
     cpu_note: str = ""
+    gpu_note: str = ""
 
     @property
     def backend(self) -> str:
@@ -122,6 +126,8 @@ CPU_BF16_ATTN_NOTE = ("runs; int8dq-cpu with, compiled, short-sequence attention
                       "0.92x diffusers + torchao int8dq; long sequences keep SDPA")
 CPU_INT8_ATTN_NOTE = ("runs; the fastest here (AVX-512 VNNI + BF16): attention as int8 q k^T + bf16 p v in one C kernel, "
                       "step 0.16x (cpu-bench) / 0.23x (cpu-long) diffusers fp32, 0.65x / 0.38x diffusers + torchao int8dq")
+INT8_CUDA_ATTN_NOTE = ("GPU-only; not yet measured on a GPU (speed and end-to-end accuracy unknown; the attention "
+                       "kernel is tested under the Triton interpreter: 41 dB against float64 attention)")
 _INT8DQ_NOTE = "runs; VNNI makes it faster than fp32 here (cpu-bench step ~0.28x fp32 compiled)"
 _WO_NOTE = "runs; weight-only: the GEMM runs in the activation dtype, no faster than fp32 on a CPU"
 _NATIVE = NativeOptions(gemm_out="bfloat16")
@@ -138,6 +144,11 @@ _RECIPES = [
            "quantizes the q/k/v and feed-forward-up inputs",
            TorchaoOptions("Float8DynamicActivationFloat8WeightConfig", "PerRow"), Runtime(fp8_activations=True),
            filters=_fp8_filters(), needs_cuda_capability=_SM89),
+    Recipe("fp8dq-row-int8attn", "fp8dq-row with 8-bit attention: k smoothed by its mean, q and k int8 per token, "
+           "int8 q k^T and fp16 p v (SageAttention-style Triton kernel, cogvx.kernels.sage_attention)",
+           TorchaoOptions("Float8DynamicActivationFloat8WeightConfig", "PerRow"),
+           Runtime(fp8_activations=True, attention_kernel="int8-cuda"),
+           filters=_fp8_filters(), needs_cuda_capability=_SM89, gpu_note=INT8_CUDA_ATTN_NOTE),
     Recipe("quanto-int8", "optimum-quanto int8 weights, per-channel scales", QuantoOptions("qint8")),
     Recipe("quanto-fp8", "optimum-quanto float8 e4m3 weights, per-channel scales", QuantoOptions("qfloat8")),
     Recipe("quanto-w8a8", "optimum-quanto int8 weights + int8 activations (static scales, calibrated)",
@@ -180,12 +191,13 @@ def availability(recipe: str | Recipe, device: str | torch.device = "cpu", *,
     if r.needs_cuda_capability is not None:
         need = "%d.%d" % r.needs_cuda_capability
         if dev.type != "cuda":
-            return False, f"needs a CUDA GPU with compute capability >= {need} (device is {dev})"
+            note = f"; {r.gpu_note}" if r.gpu_note else ""
+            return False, f"needs a CUDA GPU with compute capability >= {need} (device is {dev}){note}"
         cap = torch.cuda.get_device_capability(dev)
         if cap < r.needs_cuda_capability:
             return False, (f"needs CUDA compute capability >= {need}; {torch.cuda.get_device_name(dev)} "
                            f"is {cap[0]}.{cap[1]}")
-    return True, (r.cpu_note if dev.type == "cpu" else "")
+    return True, (r.cpu_note if dev.type == "cpu" else r.gpu_note)
 
 
 def runnable_recipes(device: str | torch.device = "cpu") -> list[str]:

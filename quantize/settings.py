@@ -17,7 +17,7 @@ __all__ = ["Runtime", "TorchaoOptions", "QuantoOptions", "BnbOptions", "NativeOp
 
 TORCHAO_CONFIGS = ("Int8WeightOnlyConfig", "Int8DynamicActivationInt8WeightConfig", "Float8WeightOnlyConfig",
                    "Float8DynamicActivationFloat8WeightConfig")
-ATTENTION_KERNELS = ("int8-cpu",)
+ATTENTION_KERNELS = ("int8-cpu", "int8-cuda")
 ATTENTION_DTYPES = ("bfloat16", "float32")
 
 
@@ -35,7 +35,8 @@ class Runtime:
     """The engine's runtime knobs a recipe sets (applied after quantizing and after loading a quantized
     checkpoint, so both run alike).
 
-    attention_kernel: None (SDPA) or "int8-cpu" (int8 q k^T attention C kernel on AVX-512 VNNI CPUs).
+    attention_kernel: None (SDPA), "int8-cpu" (int8 q k^T attention C kernel on AVX-512 VNNI CPUs) or
+        "int8-cuda" (the 8-bit Triton attention, ``cogvx.kernels.sage_attention``).
     attention_dtype: None (the activations' dtype) or the dtype SDPA runs in.
     fused_gelu_quant: the feed-forward's GELU and int8 quantization as one CPU kernel.
     fp8_activations: the adaLN kernel's per-row fp8 output fed straight into the fp8 GEMMs (CUDA).

@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_quantize_accuracy import sqnr, transformer_out
 
-ALL = {"int8wo", "int8dq", "fp8wo", "fp8dq", "fp8dq-row", "quanto-int8", "quanto-fp8", "quanto-w8a8", "bnb-int8",
-       "bnb-nf4", "int8dq-cpu", "int8dq-cpu-bf16attn", "int8dq-cpu-int8attn"}
+ALL = {"int8wo", "int8dq", "fp8wo", "fp8dq", "fp8dq-row", "fp8dq-row-int8attn", "quanto-int8", "quanto-fp8",
+       "quanto-w8a8", "bnb-int8", "bnb-nf4", "int8dq-cpu", "int8dq-cpu-bf16attn", "int8dq-cpu-int8attn"}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
