@@ -21,9 +21,12 @@ _PUBLIC = {
     "StepCache": f"{_PIPELINES}.step_cache",
     **dict.fromkeys(["CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline",
                      "CogVideoXFunControlPipeline"], f"{_PIPELINES}.diffusers_pipelines"),
-    **dict.fromkeys(["CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX", "CogVideoXDDIMScheduler",
+    **dict.fromkeys(["AutoModel", "CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX", "CogVideoXDDIMScheduler",
                      "CogVideoXDPMScheduler", "CogVideoXPipelineOutput", "export_to_video"],
                     f"{_PIPELINES}.diffusers_models"),
+    **dict.fromkeys(["TorchAoConfig", "PipelineQuantizationConfig"], f"{_PIPELINES}.diffusers_quant"),
+    **dict.fromkeys(["FirstBlockCacheConfig", "PyramidAttentionBroadcastConfig", "FasterCacheConfig"],
+                    f"{_PIPELINES}.diffusers_cache"),
 }
 __all__ = list(_PUBLIC)
 

@@ -19,6 +19,7 @@ from cogvx.engine.quantizing import apply_runtime_settings, quantize_transformer
 from cogvx.engine.runtime.compiling import compile_module, dynamo_counts
 from cogvx.kernels import cpu_isa, cpu_kernels, gelu_quant_rows, int8_attention, cpu_kernels_unavailable
 from cogvx.quantize.metrics import sqnr
+from cogvx.quantize.settings import Runtime
 from helpers import attention_float64
 from tiny_transformer import tiny_quantized_transformer
 
@@ -126,7 +127,7 @@ def test_machines_that_cannot_run_it_say_why_and_keep_the_pytorch_path(monkeypat
         with pytest.warns(RuntimeWarning, match="GELU .* does not run here"):
             quantize_transformer(model, "int8dq-cpu")  # applies the recipe's settings: warns once
         with pytest.warns(RuntimeWarning) as got:
-            apply_runtime_settings(model, {"attention_kernel": "int8-cpu", "fused_gelu_quant": True})
+            apply_runtime_settings(model, Runtime(attention_kernel="int8-cpu", fused_gelu_quant=True))
         said = " | ".join(str(w.message) for w in got)
         assert "int8 CPU attention does not run here: " in said and "attention runs as SDPA" in said
         assert "GELU + int8 quantization kernel does not run here: " in said and "runs the same ops unfused" in said
@@ -142,8 +143,8 @@ def test_machines_that_cannot_run_it_say_why_and_keep_the_pytorch_path(monkeypat
             assert cpu_kernels_unavailable().startswith("building cpu_kernels.c and cpu_gelu_quant.c with false failed")
     finally:
         cpu_isa.library.cache_clear()
-    with pytest.raises(ValueError, match="attention_kernel 'int4' is not 'int8-cpu'"):
-        apply_runtime_settings(build_transformer(PRESETS["tiny"].transformer, device="cpu"), {"attention_kernel": "int4"})
+    with pytest.raises(ValueError, match="attention_kernel 'int4' is not one of 'int8-cpu'"):
+        Runtime(attention_kernel="int4")
 
 
 @pytest.mark.skipif(len(cpu_isa.runnable()) < 2, reason=f"this CPU runs {cpu_isa.runnable()}: nothing lower to force")
@@ -185,7 +186,7 @@ def test_recipe_attends_with_the_kernel_compiled_with_no_graph_break():
             sum(n for key, n in keys.items() if "scaled_dot_product" in key)
 
     sdpa, _, _ = calls(model)
-    apply_runtime_settings(model, {"attention_kernel": "int8-cpu"})
+    apply_runtime_settings(model, Runtime(attention_kernel="int8-cpu"))
     eager, n_op, n_sdpa = calls(model)
     assert (n_op, n_sdpa) == (cfg.num_layers, 0)
     torch._dynamo.reset()
@@ -246,5 +247,5 @@ def test_other_devices_keep_the_pytorch_path_quietly():
     model = build_transformer(PRESETS["tiny"].transformer, device="meta")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        apply_runtime_settings(model, {"attention_kernel": "int8-cpu", "fused_gelu_quant": True})
+        apply_runtime_settings(model, Runtime(attention_kernel="int8-cpu", fused_gelu_quant=True))
     assert not any(b.attn1.int8_cpu or b.ff.fused_gelu_quant for b in model.transformer_blocks)

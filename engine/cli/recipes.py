@@ -27,18 +27,18 @@ def recipes_table(device: str | torch.device | None = None) -> list[dict]:
     for r in RECIPES.values():
         ok, why = availability(r, dev, import_backend=False)
         if ok and dev.type == "cpu":  # what its C kernels do here first, then the recipe's CPU note
-            why = "; ".join(x for x in (_cpu_kernels_note(r.options), why) if x)
+            why = "; ".join(x for x in (_cpu_kernels_note(r.runtime), why) if x)
         rows.append({"name": r.name, "backend": r.backend, "description": r.description, "runs_here": ok,
                      "reason": why})
     return rows
 
 
-def _cpu_kernels_note(options) -> str:
+def _cpu_kernels_note(runtime) -> str:
     """What a recipe's C kernels do on this CPU (which build runs, or what runs instead): "" for none."""
     notes = []
     for kernel, wanted, name, instead in (
-            ("attention", options.get("attention_kernel") == "int8-cpu", "int8 attention", "runs with SDPA attention"),
-            ("gelu_quant", options.get("fused_gelu_quant"), "GELU + quantization", "runs the GELU unfused")):
+            ("attention", runtime.attention_kernel == "int8-cpu", "int8 attention", "runs with SDPA attention"),
+            ("gelu_quant", runtime.fused_gelu_quant, "GELU + quantization", "runs the GELU unfused")):
         if not wanted:
             continue
         missing = cpu_kernels_unavailable(build=False, kernel=kernel)

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from cogvx.quantize import QUANTIZABLE
+from cogvx.quantize.settings import Runtime
 from cogvx.quantize.torchao_format import cat_rows
 
 from ..io.checkpoint import CheckpointError, read_json, read_model_index
-from ..io.lora import read_lora
+from ..io.lora import SAVED_LORA_DIR, read_lora, read_saved_adapters
 from ..io.safetensors import (
     check_filled,
     check_index,
@@ -35,7 +36,7 @@ from ..models.text_encoder import text_encoder_dtype
 from ..models.transformer import CogVideoXTransformer, build_transformer
 from ..models.vae import CogVideoXVAE
 from ..quantizing import apply_runtime_settings, quantize_text_encoder, quantize_transformer, resolve_quantization
-from .quantized import _load_quantized, checked_headers, read_quantization
+from .quantized import checked_headers, load_quantized, read_quantization
 from .text import load_text_encoder, load_tokenizer, t5_config
 
 
@@ -79,13 +80,13 @@ def load_transformer(transformer_dir: str | Path, device: str | torch.device = "
                 "load time; load it with fuse_qkv=False, or export from an engine loaded with fuse_qkv=True")
         if info.get("fused_qkv"):
             model.fuse_qkv()  # on the meta device: only the module structure changes
-        _load_quantized(model, d, info, headers, device, dtype)
+        load_quantized(model, d, info, headers, device, dtype)
         if fuse_after:  # torchao per-row weights: their stored parts are joined
             try:
                 model.fuse_qkv(cat=cat_rows)
             except ValueError as e:
                 raise CheckpointError(f"{d}: {e}; load it with fuse_qkv=False") from e
-        apply_runtime_settings(model, info["recipe"].get("settings", {}))
+        apply_runtime_settings(model, Runtime.from_dict(info["recipe"].get("settings", {})))
     else:
         check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, headers, d / "config.json")
         load_into(model, dict(read_tensors(files, device)), where=f"transformer checkpoint {d}", dtype=dtype,
@@ -151,6 +152,8 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *
     read_config(VAEConfig, model_dir / "vae" / "config.json")
     saved = {c: info for c in QUANTIZABLE if (info := read_quantization(model_dir / c)) is not None}
     requested = resolve_quantization(recipe, saved, device, dtype, model_dir)
+    # Adapters that ran as side branches on the quantized transformer when it was saved come back the same way.
+    saved_lora = read_saved_adapters(model_dir / SAVED_LORA_DIR) if "transformer" in saved else []
     sched = load_scheduler(model_dir / "scheduler", class_name=scheduler)
     tokenizer = load_tokenizer(model_dir / "tokenizer", vocab_limit=te_cfg.vocab_size)
     # Every component's headers against its config before any weight is read (the loaders check again).
@@ -164,7 +167,7 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *
     vae = load_vae(model_dir / "vae", device=device, dtype=dtype)
     transformer = load_transformer(model_dir / "transformer", device, dtype, fuse_qkv=fuse_qkv,
                                    info=saved.get("transformer"))
-    lora, merged = list(lora or ()), []
+    lora, merged = saved_lora + list(lora or ()), []
     if "transformer" in requested:
         merged, lora = merge_loras(transformer, lora), []
         quantize_transformer(transformer, requested["transformer"], tokenizer, text_encoder, dtype)
