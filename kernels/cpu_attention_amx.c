@@ -22,6 +22,8 @@ static int amx_ready(void) {
     return ok;
 }
 
+int cogvx_amx_ready(void) { return amx_ready(); } /* for cpu_isa.py, at load */
+
 struct tilecfg {
     uint8_t palette, start;
     uint8_t pad[14];

@@ -184,4 +184,6 @@ def library(variant: str) -> tuple[ctypes.CDLL | None, str]:
         os.replace(tmp, lib)  # atomic: concurrent builders leave one complete file
     dll = ctypes.CDLL(str(lib))
     _signatures(dll, kernels)
+    if variant == "amx" and not dll.cogvx_amx_ready():
+        return None, f"Linux refused this process the AMX tile state (set {ENV}=avx512_vnni)"
     return dll, ""
