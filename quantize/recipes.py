@@ -127,7 +127,8 @@ CPU_BF16_ATTN_NOTE = ("runs; int8dq-cpu with, compiled, short-sequence attention
                       "0.92x diffusers + torchao int8dq; long sequences keep SDPA")
 CPU_INT8_ATTN_NOTE = ("runs; cogvx's fastest on a CPU: attention as int8 q k^T in one C kernel; AMD EPYC (AVX-512 "
                       "VNNI + BF16): step 0.16x (cpu-bench) / 0.23x (cpu-long) diffusers fp32, 0.65x / 0.38x diffusers "
-                      "+ torchao int8dq; Sapphire Rapids Xeon (AMX): cpu-bench 0.66x torchao int8dq, 1.19x OpenVINO int8")
+                      "+ torchao int8dq; Sapphire Rapids Xeon (AMX): 0.66x / 0.45x torchao int8dq, 1.19x / 0.72x "
+                      "OpenVINO int8")
 INT8_CUDA_ATTN_NOTE = ("GPU-only; not yet measured on a GPU (speed and end-to-end accuracy unknown; the attention "
                        "kernel is tested under the Triton interpreter: 41 dB against float64 attention)")
 _INT8DQ_NOTE = "runs; VNNI makes it faster than fp32 here (cpu-bench step ~0.28x fp32 compiled)"
