@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cogvx.engine import Engine
+from cogvx.engine.cli import main
 from cogvx.engine.dev.tiny import make_tiny_checkpoint
 from cogvx.engine.pipelines.offload import check_offload
 from cogvx.engine.runtime.compiling import dynamo_counts
@@ -148,12 +149,24 @@ def test_bad_offload_requests_fail_before_loading(ckpt):
     assert _released(engine) == dict(text_encoder=True, transformer=True, vae=True)
 
 
+def test_cli_offload_flag(ckpt, tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    rc = main(["generate", "--model", str(ckpt), "--prompt", "a fox", "--frames", "9", "--height", "32", "--width",
+               "48", "--steps", "1", "--seed", "0", "--offload", "model", "--out", str(out)])
+    assert rc == 0 and out.is_file()
+    assert "offload " in capsys.readouterr().out  # the reads are reported as their own stage
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(ckpt), "--offload", "layers", "--out", str(out)])
+    assert "invalid choice: 'layers'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------ peak memory (slow)
 _CHILD = r"""
 import json, sys
 import torch
 from safetensors.torch import save_file
 from cogvx.engine import Engine
+from cogvx.engine.cli import main
 
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
