@@ -156,3 +156,56 @@ def test_files_stay_short():
     """A few hundred lines a file (STYLE.md); the longest files and why are in the README's Layout."""
     long = [f"{p.relative_to(REPO)}: {n} lines" for _, p, _ in _modules() if (n := len(p.read_text().splitlines())) > 420]
     assert not long, "\n".join(long)
+
+
+# Attributes of torch / Triton objects that the quantization formats and the AOT table read on purpose.
+_LIBRARY_PRIVATE = {"_parameters", "_buffers", "_non_persistent_buffers_set", "_version", "_pack_args"}
+
+
+def _private_names(tree) -> tuple[set, set, dict]:
+    """(private names a file defines, the names it imports from outside the project, class -> base names)."""
+    defined, external, bases = set(), set(), {}
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(n.name)
+            if isinstance(n, ast.ClassDef):
+                bases[n.name] = [ast.unparse(b).rpartition(".")[2] for b in n.bases]
+        elif isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store):
+            defined.add(n.attr)
+        elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+            defined.add(n.id)
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.startswith("_"):
+            defined.add(n.value)  # setattr(obj, "_x", ...)
+        elif isinstance(n, ast.Import):
+            external.update((a.asname or a.name).split(".")[0] for a in n.names if not a.name.startswith("cogvx"))
+        elif isinstance(n, ast.ImportFrom) and not n.level and not (n.module or "").startswith("cogvx"):
+            external.update(a.asname or a.name for a in n.names)
+    return defined, external, bases
+
+
+def test_no_module_reads_another_modules_private_attributes():
+    """``x._name`` is read only where ``_name`` is defined: in the same file, or (through ``self``) in the
+    file of a project base class. Engine state that other modules need has a public name (ARCHITECTURE.md:
+    the transformer call has one owner, ``Forward``, and nothing reads its privates)."""
+    files = {path: ast.parse(path.read_text()) for _, path, _ in _modules()}
+    info = {path: _private_names(tree) for path, tree in files.items()}
+    class_privates: dict[str, set] = {}
+    for path, (defined, _, bases) in info.items():
+        for cls in bases:
+            class_privates.setdefault(cls, set()).update(defined)
+    bad = []
+    for path, tree in files.items():
+        defined, external, bases = info[path]
+        inherited = set().union(*(class_privates.get(b, set()) for bs in bases.values() for b in bs))
+        for n in ast.walk(tree):
+            if not (isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")):
+                continue
+            if n.attr in defined or n.attr in _LIBRARY_PRIVATE:
+                continue
+            root = n.value
+            while isinstance(root, (ast.Attribute, ast.Call, ast.Subscript)):
+                root = root.func if isinstance(root, ast.Call) else root.value
+            if isinstance(root, ast.Name) and (root.id in external or root.id == "self" and n.attr in inherited):
+                continue
+            bad.append(f"{path.relative_to(REPO)}:{n.lineno}: {ast.unparse(n)}")
+    assert not bad, "reads of another module's private attributes (give them a public name):\n" + "\n".join(bad)

@@ -111,13 +111,16 @@ def test_lora_side_branches_survive_releases_and_a_fused_lora_keeps_the_transfor
     assert ("transformer", "out") in engine.residency.events
 
 
-def test_a_quantized_transformer_stays_and_the_rest_is_read_per_stage(ckpt):
+def test_a_quantized_transformer_stays_and_the_rest_is_read_per_stage(ckpt, tmp_path):
     ref = Engine.load(ckpt, device="cpu", recipe="int8wo").generate(**GEN, output_type="latent").latents
     engine = Engine.load(ckpt, device="cpu", recipe="int8wo", offload="model")
     out = engine.generate(**GEN, output_type="latent").latents
     assert list(engine.residency.events) == SCHEDULE[:2]  # T5 read and released; the int8 transformer stays
     assert "resident" in engine.residency.describe()["transformer"]
     assert torch.equal(out, ref)
+    saved = engine.save_quantized(tmp_path / "q")  # every component read in for the export
+    assert _released(engine) == dict(text_encoder=True, transformer=False, vae=True)
+    assert torch.equal(Engine.load(saved, device="cpu").generate(**GEN, output_type="latent").latents, ref)
 
 
 def test_compiled_forward_is_not_rebuilt_by_a_release(ckpt, reference):

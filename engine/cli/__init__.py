@@ -13,6 +13,8 @@ import importlib
 import shutil
 import sys
 
+from ..runtime.defaults import DEFAULTS, DEMO_DEFAULTS
+
 __all__ = ["main", "build_parser"]
 
 # subcommand -> module holding its run(args) function (loaded after parsing)
@@ -72,10 +74,11 @@ def _generate_parser(sub) -> None:
     g.add_argument("--control-video", default=None, help="control video (mp4/gif) for Fun-Control checkpoints")
     g.add_argument("--frames", type=int, help="number of frames, 4k+1 (default 49, a video input's length; "
                                               "demo model 9)")
-    g.add_argument("--height", type=int, help="pixels, multiple of 16 (default 480; demo model 96)")
-    g.add_argument("--width", type=int, help="pixels, multiple of 16 (default 720; demo model 128)")
-    g.add_argument("--steps", type=int, help="denoising steps (default 50; demo model 10)")
-    g.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default 6.0)")
+    g.add_argument("--height", type=int, help=f"pixels, multiple of 16 (default {DEFAULTS.height}; demo model {DEMO_DEFAULTS.height})")
+    g.add_argument("--width", type=int, help=f"pixels, multiple of 16 (default {DEFAULTS.width}; demo model {DEMO_DEFAULTS.width})")
+    g.add_argument("--steps", type=int, help=f"denoising steps (default {DEFAULTS.num_inference_steps}; demo model {DEMO_DEFAULTS.num_inference_steps})")
+    g.add_argument("--guidance", type=float, default=DEFAULTS.guidance_scale,
+                   help=f"classifier-free guidance scale (default {DEFAULTS.guidance_scale})")
     g.add_argument("--dynamic-cfg", action="store_true", help="use dynamic classifier-free guidance")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: drawn at random and printed)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
@@ -89,7 +92,7 @@ def _generate_parser(sub) -> None:
                    help="keep components off the device between their stages: model (whole components moved to the "
                         "GPU for their stage), group (transformer blocks streamed in groups), sequential (layer by "
                         "layer, least memory); on a CPU each component is read from the checkpoint for its stage")
-    g.add_argument("--fps", type=float, default=8)
+    g.add_argument("--fps", type=float, default=DEFAULTS.fps)
     g.add_argument("--out", default="video.mp4", help="output mp4 path (default video.mp4)")
     g.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="fused Triton kernels (auto: on CUDA) or the PyTorch references")
@@ -134,10 +137,10 @@ def _eval_parser(sub) -> None:
     e.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds, one video per prompt and seed "
                                                                       "(default 0)")
     e.add_argument("--frames", type=int, default=None, help="4k+1 (default 49)")
-    e.add_argument("--height", type=int, default=None, help="default 480")
-    e.add_argument("--width", type=int, default=None, help="default 720")
-    e.add_argument("--steps", type=int, default=None, help="denoising steps (default 50)")
-    e.add_argument("--guidance", type=float, default=None, help="default 6.0")
+    e.add_argument("--height", type=int, default=None, help=f"default {DEFAULTS.height}")
+    e.add_argument("--width", type=int, default=None, help=f"default {DEFAULTS.width}")
+    e.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {DEFAULTS.num_inference_steps})")
+    e.add_argument("--guidance", type=float, default=None, help=f"default {DEFAULTS.guidance_scale}")
     e.add_argument("--device", default=None)
     e.add_argument("--dtype", default=None, help="dtype of the recipe run (default bfloat16 on CUDA, float32 on CPU)")
     e.add_argument("--out", default="cogvx-eval", help="folder for report.json and contact_sheet.png")

@@ -20,12 +20,11 @@ from ..pipelines.engine import Engine
 from ..pipelines.lora import parse_lora_spec
 from ..pipelines.request import check_sampling, check_video_shape
 from ..pipelines.step_cache import parse_step_cache
+from ..runtime.defaults import DEFAULTS, DEMO_DEFAULTS
 from ..runtime.devices import default_device
 
 __all__ = ["run"]
 
-DEMO_DEFAULTS = dict(frames=9, height=96, width=128, steps=10)  # seconds on a CPU with the tiny model
-REAL_DEFAULTS = dict(frames=None, height=480, width=720, steps=50)
 
 
 def _check_paths(args: argparse.Namespace) -> Path:
@@ -46,11 +45,12 @@ def run(args: argparse.Namespace) -> int:
     # Everything the user typed is checked before anything is loaded or generated.
     out = _check_paths(args)
     demo = args.model is None
-    defaults = DEMO_DEFAULTS if demo else REAL_DEFAULTS
-    frames = args.frames if args.frames is not None else defaults["frames"]
-    height = args.height if args.height is not None else defaults["height"]
-    width = args.width if args.width is not None else defaults["width"]
-    steps = args.steps if args.steps is not None else defaults["steps"]
+    defaults = DEMO_DEFAULTS if demo else DEFAULTS
+    # A real model's frame count is the engine's to choose: 49, or for a video input the video's length.
+    frames = args.frames if args.frames is not None else defaults.num_frames if demo else None
+    height = args.height if args.height is not None else defaults.height
+    width = args.width if args.width is not None else defaults.width
+    steps = args.steps if args.steps is not None else defaults.num_inference_steps
     check_video_shape(frames or 1, height, width)  # every CogVideoX VAE: 4x temporal, 8x spatial, patch 2
     check_sampling(steps, args.guidance)
     recipe = parse_recipe_spec(args.recipe) if args.recipe else None

@@ -20,6 +20,8 @@ call in one time-embedding call before the loop and read once, so the loop itsel
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import torch
 
@@ -58,6 +60,13 @@ def _head(model, h, silu_temb, n_text: int, latent_shape):
     return model.head(h, silu_temb, n_text, latent_shape)
 
 
+def _own_copy(fn):
+    """``fn`` with a code object of its own. dynamo keeps compiled graphs on the code object, and it does not
+    guard on the forward hooks a LoRA adds, so regions compiled after a weight change would otherwise find
+    and run the graphs (with the frozen weights) of the regions before them."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 def relative_l1(a: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """mean|a - prev| / mean|prev| over every element (the whole batch), a 0-d fp32 tensor (the means
     accumulate in fp32 without an fp32 copy of the [B, S, D] inputs)."""
@@ -73,7 +82,7 @@ class Regions:
         fns = dict(embed_first_block=_embed_first_block, embed=_embed, blocks_after_first=_blocks_after_first,
                    all_blocks=_all_blocks, head=_head, change=relative_l1)
         if compile_mode:
-            fns = {k: compile_module(f, compile_mode, device, backend) for k, f in fns.items()}
+            fns = {k: compile_module(_own_copy(f), compile_mode, device, backend) for k, f in fns.items()}
         self._fns = fns
 
     def embed_first_block(self, latents, text, timestep, positions, ofs):

@@ -37,7 +37,6 @@ from ..models.tokenizer import PromptTokenizer
 from ..models.transformer import CogVideoXTransformer
 from ..models.vae import CogVideoXVAE
 from ..quantizing import resolve_quantization
-from ..runtime.compiling import compile_module
 from ..runtime.devices import resolve_device, resolve_dtype
 from .diffusers_models import CogVideoXPipelineOutput, check_from_pretrained_kwargs, component_dir, torch_dtype_of
 from .engine import Engine
@@ -151,10 +150,7 @@ class CogVideoXPipelineBase:
                 if m is not None:
                     m.to(dev)
             e.device, self._offload = dev, None
-            e._positions.clear()
-            if e._compiled is not None:
-                e._compiled = compile_module(e.transformer, e._compile_mode, dev, e._compile_backend)
-                e._warm.clear()
+            e.forward.to(dev)
         return self
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda") -> None:
@@ -182,7 +178,7 @@ class CogVideoXPipelineBase:
         if not transformer:
             return
         e = self.engine
-        with e._lock:
+        with e.lock:
             for blk in e.transformer.transformer_blocks:
                 a = blk.attn1
                 if a.to_qkv is None and not all(is_plain_linear(getattr(a, n)) for n in ("to_q", "to_k", "to_v")):
@@ -190,7 +186,7 @@ class CogVideoXPipelineBase:
                                      " fuse before quantizing (call it before quantize_)")
             e.transformer.fuse_qkv()
             e.lora.apply(e.transformer, e.dtype)  # side branches follow q/k/v onto the fused layer
-            e._weights_changed()
+            e.forward.weights_changed()
 
     def set_progress_bar_config(self, **kwargs) -> None:
         self._progress = dict(kwargs)
@@ -343,17 +339,17 @@ def _lora_call_scale(engine: Engine, scale: float):
     if scale == 1.0 or not engine.lora.active:
         yield
         return
-    with engine._lock:
+    with engine.lock:
         engine.lora.call_scale = scale
         engine.lora.apply(engine.transformer, engine.dtype)
-        engine._weights_changed()
+        engine.forward.weights_changed()
     try:
         yield
     finally:
-        with engine._lock:
+        with engine.lock:
             engine.lora.call_scale = 1.0
             engine.lora.apply(engine.transformer, engine.dtype)
-            engine._weights_changed()
+            engine.forward.weights_changed()
 
 
 @contextlib.contextmanager

@@ -25,35 +25,35 @@ from ..dev.random_model import random_components
 from ..io.checkpoint import resolve_model_dir
 from ..loading import load_components
 from ..models.config import TransformerConfig
-from ..models.positions import Positions, make_positions
+from ..models.positions import Positions
 from ..models.presets import get_preset
-from ..models.text_encoder import check_vocab, encode_ids
-from ..models.tokenizer import MAX_LENGTH, PromptTokenizer
+from ..models.text_encoder import check_vocab
+from ..models.tokenizer import PromptTokenizer
 from ..models.transformer import CogVideoXTransformer
 from ..parallel import check_mode, make_mesh, parallel_device
 from ..quantizing import quantize_text_encoder, quantize_transformer
-from ..runtime.compiling import check_compile_mode, compile_module, use_cache_dir
+from ..runtime.compiling import check_compile_mode, use_cache_dir
+from ..runtime.defaults import DEFAULTS, default_dtype
 from ..runtime.devices import resolve_device, resolve_dtype
 from ..runtime.profiling import PeakMemory, Profile, StepClock, export_trace, stage, tracer
-from .cached_denoiser import Regions
 from .conditioning import condition
 from .denoise import denoise
 from .guidance import Guidance, guidance_scales
 from .lora import LoraAdapters
+from .forward import Forward
+from .component_calls import ComponentCalls
 from .lora_methods import LoraMethods
-from .model_call import model_for
 from .offload import OffloadMethods, offload_plan
 from .output import GenerationResult, postprocess
 from .parallel import Parallel
 from .prompts import embed_prompts
-from .quantized_export import save_quantized
 from .request import ModelFacts, Request, plan_request, trace_path
 from .step_cache import StepCache, check_step_cache
 
 __all__ = ["Engine"]
 
 
-class Engine(LoraMethods, OffloadMethods):
+class Engine(LoraMethods, OffloadMethods, ComponentCalls):
     """A loaded CogVideoX model: text-to-video (and video-to-video on the same checkpoint),
     image-to-video, or Fun-Control, as ``model_index.json`` says.
 
@@ -67,8 +67,7 @@ class Engine(LoraMethods, OffloadMethods):
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
-        self.device = device
-        self.dtype = dtype
+        self.forward = Forward(transformer, device, dtype)  # the transformer call: kernels, compile, positions
         self.model_dir = model_dir
         self.vae = vae
         self.recipes = dict(recipes or {})  # component -> quantization recipe name
@@ -78,20 +77,43 @@ class Engine(LoraMethods, OffloadMethods):
         # Every CogVideoX VAE compresses 4x in time and 8x in space.
         self.temporal_compression = int(vae.config.temporal_compression_ratio) if vae is not None else 4
         self.spatial_compression = vae.config.spatial_scale if vae is not None else 8
-        self._positions: dict[tuple, Positions] = {}
-        self.kernels, self._backend = "torch", "torch"
-        self._compiled = None  # the compiled transformer forward, when Engine.load(compile=...)
-        self._warm: set[tuple] = set()  # shapes the compiled forward has already been compiled for
-        self._regions = Regions(transformer)  # the forward in pieces, for step caching (compiled by compile())
-        self._lock = threading.RLock()
+        # Serializes the model work of concurrent calls (compiled graphs and kernel switches are not
+        # thread-safe) and every change of weights or placement.
+        self.lock = threading.RLock()
         self.lora = LoraAdapters()  # LoRA adapters: load_lora, set_adapters, fuse_lora, unfuse_lora
-        self.parallel: Parallel | None = None  # set by Engine.load(parallel=...)
         if tokenizer is not None and text_encoder is not None:
             check_vocab(tokenizer, text_encoder)
 
     @property
     def config(self) -> TransformerConfig:
         return self.transformer.config
+
+    @property
+    def device(self) -> torch.device:
+        """Where the transformer call (and every stage) runs."""
+        return self.forward.device
+
+    @device.setter
+    def device(self, value: torch.device) -> None:
+        self.forward.to(value)  # the caller moves the modules
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.forward.dtype
+
+    @dtype.setter
+    def dtype(self, value: torch.dtype) -> None:
+        self.forward.dtype = value
+
+    @property
+    def parallel(self) -> Parallel | None:
+        """The parallel side when loaded with ``parallel=``, else None."""
+        return self.forward.parallel
+
+    @property
+    def kernels(self) -> str:
+        """The kernels asked for at load: "auto", "triton" or "torch"."""
+        return self.forward.kernels
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -153,7 +175,7 @@ class Engine(LoraMethods, OffloadMethods):
                                                  lora=[(str(p_), float(s_)) for p_, s_ in lora or []],
                                                  vae_dtype=str(vae_dtype)),
                                             dev, model)
-        dt = resolve_dtype(dtype or _default_dtype(dev), dev)
+        dt = resolve_dtype(dtype or default_dtype(dev), dev)
         vae_dt = None if vae_dtype is None else resolve_dtype(vae_dtype, dev)  # bad input fails before the weights load
         model_dir = resolve_model_dir(model) if mesh is None else model_dir
         check_compile_mode(compile)
@@ -201,7 +223,7 @@ class Engine(LoraMethods, OffloadMethods):
             Parallel.agree_load(dict(preset=preset, device=dev.type, dtype=dtype, recipe=recipe, kernels=kernels,
                                      compile=compile, text_encoder=text_encoder, vae=vae, seed=seed,
                                      parallel=parallel), dev)
-        dt = resolve_dtype(dtype or (p.dtype if dev.type == "cuda" else torch.float32), dev)
+        dt = resolve_dtype(dtype or default_dtype(dev, p.dtype), dev)
         backend = resolve_backend(kernels, dev)
         check_compile_mode(compile)
         if compile:
@@ -217,12 +239,9 @@ class Engine(LoraMethods, OffloadMethods):
         return cls(**parts, device=dev, dtype=dt)._finish(backend, kernels, compile, compile_cache_dir, mesh)
 
     def _finish(self, backend: str, kernels: str, compile, compile_cache_dir, mesh=None) -> "Engine":
-        # "auto" starts with SDPA for attention and switches per shape where a recorded benchmark on
-        # this GPU found the fused RoPE flash attention faster (cogvx.kernels.attention_for).
-        self.transformer.set_kernel_backend(backend, "flash" if kernels == "triton" else "sdpa")
-        self.kernels, self._backend = kernels, backend
+        self.forward.set_kernels(kernels, backend)
         if mesh is not None:
-            self.parallel = Parallel(mesh, self.transformer)
+            self.forward.set_parallel(Parallel(mesh, self.transformer))
         if compile:
             self.compile(compile, compile_cache_dir)
         return self
@@ -238,12 +257,8 @@ class Engine(LoraMethods, OffloadMethods):
         """
         check_compile_mode(mode)
         use_cache_dir(cache_dir)
-        with self._lock:
-            net = self.transformer if self.parallel is None else self.parallel.net
-            self._compiled = compile_module(net, mode, self.device, backend)
-            self._regions = Regions(self.transformer, mode, self.device, backend)
-            self._compile_mode, self._compile_backend = mode, backend
-            self._warm.clear()
+        with self.lock:
+            self.forward.compile(mode, backend)
             if vae and self.vae is not None:
                 self.vae.compile_decoder(mode="max-autotune-no-cudagraphs" if mode == "max-autotune" else None)
 
@@ -264,10 +279,10 @@ class Engine(LoraMethods, OffloadMethods):
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         num_frames: int | None = None,
-        height: int = 480,
-        width: int = 720,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 6.0,
+        height: int = DEFAULTS.height,
+        width: int = DEFAULTS.width,
+        num_inference_steps: int = DEFAULTS.num_inference_steps,
+        guidance_scale: float = DEFAULTS.guidance_scale,
         use_dynamic_cfg: bool = False,
         num_videos_per_prompt: int = 1,
         seed: int | None = None,
@@ -331,7 +346,7 @@ class Engine(LoraMethods, OffloadMethods):
             args = dict(vars(req), profile_trace=profile_trace, check_finite=check_finite)
             plan, trace_file = checked() if par is None else par.plan(checked, args, req)
             schedule = self.scheduler.schedule(plan.steps)
-        with self._lock:
+        with self.lock:
             ctx = tracer(self.device) if trace_file is not None else contextlib.nullcontext()
             with ctx as trace, PeakMemory(self.device) as mem, self.residency.session(prof, self.device) as res:
                 res.stage("text_encoder" if prompt_embeds is None or plan.cfg and negative_prompt_embeds is None else None)
@@ -351,7 +366,7 @@ class Engine(LoraMethods, OffloadMethods):
                     par.comm.reset()
                 positions = self.positions(plan.shape[1], plan.shape[3], plan.shape[4])
                 res.stage("transformer")
-                model = model_for(self, plan, text, cond, guidance, positions, schedule, prof, step_cache)
+                model = self.forward.model_for(plan, text, cond, guidance, positions, schedule, prof, step_cache)
                 callback = model.watch(callback_on_step_end) if step_cache is not None else callback_on_step_end
                 clock = StepClock(self.device)
                 with stage(prof, "denoise", self.device):
@@ -360,7 +375,7 @@ class Engine(LoraMethods, OffloadMethods):
                                   check_finite=check_finite)
                 prof.steps = clock.seconds()
                 if par is not None:
-                    par.report_loop(prof, self._compiled is not None, len(run_ts))
+                    par.report_loop(prof, self.forward.compiled is not None, len(run_ts))
                 if step_cache is not None:
                     model.report(prof)
                 out = out[:, plan.extra:]
@@ -380,41 +395,6 @@ class Engine(LoraMethods, OffloadMethods):
                                 guidance_scales=list(guidance.scales), seed=plan.seed, task=plan.task, profile=prof,
                                 rank=0 if par is None else par.rank)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Denoised latents [B, F_lat, C, h, w] -> video [B, 3, F, 8h, 8w] in [-1, 1] (VAE decode,
-        frame-batched; tiled when ``engine.vae.enable_tiling()`` was called)."""
-        if self.vae is None:
-            raise ValueError("this engine was loaded without a VAE")
-        c = self.vae.config.latent_channels
-        if latents.ndim != 5 or latents.shape[2] != c:
-            raise ValueError(f"latents must be [B, F_lat, {c}, h, w] for this VAE (got {tuple(latents.shape)})")
-        with self.residency.use("vae"):
-            out = self.vae.decode(self.vae.decoder_input(latents)).to(self.dtype)  # the VAE may have its own dtype
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return out
-
-    def save_quantized(self, out_dir: str | os.PathLike, **kwargs) -> Path:
-        """Write this engine's (quantized) components as a diffusers-layout checkpoint that
-        ``Engine.load`` reads back without re-quantizing; atomic (a temporary directory renamed at the end).
-        kwargs: ``overwrite``, ``max_shard_bytes`` (``cogvx.engine.pipelines.quantized_export.save_quantized``)."""
-        return save_quantized(self, out_dir, **kwargs)
-
-    def encode(self, prompts: list[str], max_length: int = MAX_LENGTH) -> torch.Tensor:
-        """T5 embeddings [B, max_length, text_embed_dim] of prompts, in the engine dtype."""
-        if self.tokenizer is None or self.text_encoder is None:
-            raise ValueError("this engine has no text encoder; pass prompt_embeds")
-        with self.residency.use("text_encoder"):
-            return encode_ids(self.text_encoder, self.tokenizer(prompts, max_length=max_length).input_ids,
-                              self.device, self.dtype)
-
     def positions(self, latent_frames: int, latent_h: int, latent_w: int) -> Positions:
         """Position tables for a latent shape, computed once per shape and kept on the device."""
-        key = (latent_frames, latent_h, latent_w)
-        if key not in self._positions:
-            self._positions[key] = make_positions(self.config, latent_frames, latent_h, latent_w).to(self.device)
-        return self._positions[key]
-
-
-def _default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return self.forward.positions(latent_frames, latent_h, latent_w)

@@ -24,6 +24,7 @@ from cogvx.quantize.metrics import psnr, sqnr, ssim
 from ..io.atomic import atomic_directory
 from ..io.checkpoint import CheckpointError, read_json
 from ..io.safetensors import read_headers, read_tensors
+from ..runtime.defaults import DEFAULTS
 from .engine import Engine
 
 __all__ = ["EvalSettings", "VideoRun", "run_videos", "compare", "write_goldens", "read_goldens", "read_prompts",
@@ -42,10 +43,10 @@ class EvalSettings:
     prompts: list[str]
     seeds: list[int]
     num_frames: int | None = None
-    height: int = 480
-    width: int = 720
-    num_inference_steps: int = 50
-    guidance_scale: float = 6.0
+    height: int = DEFAULTS.height
+    width: int = DEFAULTS.width
+    num_inference_steps: int = DEFAULTS.num_inference_steps
+    guidance_scale: float = DEFAULTS.guidance_scale
     negative_prompt: str | None = None
 
     def videos(self) -> list[tuple[str, int]]:

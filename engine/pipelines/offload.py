@@ -78,9 +78,9 @@ class OffloadMethods:
         On a CPU every mode reads full-precision components from the checkpoint per stage (the engine must
         have been loaded from a checkpoint directory). ``engine.residency.events`` records every move.
         """
-        check_offload(mode, self.device, parallel=self.parallel, compile=self._compiled is not None,
+        check_offload(mode, self.device, parallel=self.parallel, compile=self.forward.compiled is not None,
                       offload_device=device)
-        with self._lock:
+        with self.lock:
             if mode is None:
                 plan = {n: Resident() for n in DEFERRABLE}
             elif self.device.type == "cpu":
@@ -130,6 +130,6 @@ class OffloadMethods:
         """Why the transformer's weights cannot be released now, or None."""
         if self.lora.fused:
             return "a LoRA is fused into its weights"
-        if self._compiled is not None and getattr(self, "_compile_backend", "inductor") == "inductor":
+        if self.forward.compiled is not None and self.forward.compile_backend == "inductor":
             return "compiled by inductor on the CPU, whose freezing folds the weights into the graph"
         return None

@@ -15,6 +15,7 @@ import torch
 
 from ..models.config import TransformerConfig, latent_frame_count
 from ..models.positions import latent_frames
+from ..runtime.defaults import DEFAULTS
 from .checks import (
     MAX_FRAMES,
     MAX_TEXT_LENGTH,
@@ -46,10 +47,10 @@ class Request:
     prompt: Any = None
     negative_prompt: Any = None
     num_frames: Any = None
-    height: Any = 480
-    width: Any = 720
-    num_inference_steps: Any = 50
-    guidance_scale: Any = 6.0
+    height: Any = DEFAULTS.height
+    width: Any = DEFAULTS.width
+    num_inference_steps: Any = DEFAULTS.num_inference_steps
+    guidance_scale: Any = DEFAULTS.guidance_scale
     use_dynamic_cfg: Any = False
     num_videos_per_prompt: Any = 1
     seed: Any = None
@@ -191,7 +192,7 @@ def plan_request(req: Request, facts: ModelFacts) -> Plan:
             num_frames = _frames_from_video(min(v.shape[1] for v in vids), cfg, facts.temporal)
             vids = [v[:, :num_frames] for v in vids]
         pixels = [v for v in vids for _ in range(k)]
-    num_frames = 49 if num_frames is None else num_frames
+    num_frames = DEFAULTS.num_frames if num_frames is None else num_frames
     f, height, width = check_video_shape(num_frames, *height_width, facts.temporal, facts.spatial * cfg.patch_size)
     if task == "i2v":
         pixels = [img for img in (load_image(x, height, width) for x in as_list(req.image, b, "image")) for _ in range(k)]
