@@ -18,7 +18,7 @@ import torch
 from cogvx.engine import Engine
 from cogvx.engine.dev.tiny import make_tiny_checkpoint
 from cogvx.engine.runtime.compiling import dynamo_counts
-from cogvx.engine.runtime.group_offload import BlockStreamer, block_units, leaf_units
+from cogvx.engine.runtime.group_offload import BlockStreamer, block_units
 from cogvx.engine.runtime.residency import Streamed
 from hostile_helpers import REPO
 from test_residency import WIDE_T5, WIDE_TRANSFORMER
@@ -33,36 +33,36 @@ def tiny(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "t")
 
 
-class _Counter:
-    """Which streamer units run, in order (a hook beside the streamer's own)."""
-
-    def __init__(self, units):
-        self.order = []
-        for i, unit in enumerate(units):
-            unit[0].register_forward_pre_hook(lambda m, a, i=i: self.order.append(i))
-
-
-@pytest.mark.parametrize("how", ["group", "layer"])
-def test_streaming_hooks_run_every_unit_and_leave_the_result_unchanged_on_the_cpu(tiny, how):
+def test_block_streaming_hooks_run_every_unit_and_leave_the_result_unchanged_on_the_cpu(tiny):
+    """The sequential placements (T5 and transformer one block at a time) with the CPU as the execution
+    device: every hook and swap runs, only the copies are trivial."""
     ref = Engine.load(tiny, device="cpu").generate(**GEN, output_type="latent").latents
     engine = Engine.load(tiny, device="cpu")
-    units = (lambda m: block_units(m.transformer_blocks, 1)) if how == "group" else leaf_units
-    streamer = BlockStreamer(units, torch.device("cpu"), use_stream=False, inputs_to_device=how == "layer", name=how)
-    engine.residency.place("transformer", Streamed(streamer))
-    engine.residency.events.clear()
+    cpu = torch.device("cpu")
+    t5 = BlockStreamer(lambda m: block_units(m.encoder.block, 1), cpu, use_stream=False)
+    blocks = BlockStreamer(lambda m: block_units(m.transformer_blocks, 1), cpu, use_stream=False)
+    engine.residency.place("text_encoder", Streamed(t5))
+    engine.residency.place("transformer", Streamed(blocks))
+    order = []
+    for unit in block_units(engine.transformer.transformer_blocks, 1):
+        unit[0].register_forward_pre_hook(lambda m, a, i=len(order): order.append(i))
+        order.append(None)
+    order.clear()
     seen = []
 
     def watch(e, i, t, kw):
-        seen.append((len(streamer.handles), dict(streamer.on_gpu)))
+        seen.append((len(blocks.handles), dict(blocks.on_gpu)))
 
     out = engine.generate(**GEN, output_type="latent", callback_on_step_end=watch)
     assert torch.equal(out.latents, ref)
-    assert list(engine.residency.events) == [("transformer", "in"), ("transformer", "out")]
-    n_units = len(streamer.units)
-    assert n_units == (engine.config.num_layers if how == "group" else n_units) and n_units > 1
+    assert list(engine.residency.events) == [("text_encoder", "in"), ("text_encoder", "out"), ("transformer", "in"),
+                                             ("transformer", "out")]
+    n = engine.config.num_layers
+    assert len(blocks.units) == n > 1 and len(t5.units) == len(engine.text_encoder.encoder.block)
+    assert order == list(range(n)) * GEN["num_inference_steps"]  # every block, in order, each step
     # hooked during the stage, and after each step no unit is left on the device (no prefetch without a stream)
-    assert all(h == 2 * n_units and not present for h, present in seen)
-    assert not streamer.handles  # unhooked at the stage's end
+    assert all(h == 2 * n and not present for h, present in seen)
+    assert not blocks.handles and not t5.handles  # unhooked at the stage's end
 
 
 def test_group_units_are_groups_of_consecutive_blocks():

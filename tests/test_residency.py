@@ -77,6 +77,17 @@ def test_stages_that_need_no_component_read_none(ckpt, reference):
     assert torch.equal(out.latents, reference.latents)
 
 
+def test_a_vae_in_its_own_dtype_is_read_in_that_dtype(ckpt):
+    plain = Engine.load(ckpt, device="cpu", vae_dtype="bfloat16")
+    plain.vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16)
+    ref = plain.generate(**GEN)
+    engine = Engine.load(ckpt, device="cpu", vae_dtype="bfloat16", offload="model")
+    engine.vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16)  # kept across releases
+    out = engine.generate(**GEN)
+    assert engine.vae.use_tiling and next(engine.vae.parameters()).dtype == torch.bfloat16
+    assert (out.frames == ref.frames).all()
+
+
 def test_image_to_video_reads_the_vae_for_the_image_then_again_for_decoding(tmp_path):
     d = make_tiny_checkpoint(tmp_path / "i2v", task="i2v")
     args = dict(prompt="a fox", num_frames=9, height=96, width=128, num_inference_steps=2, seed=0,

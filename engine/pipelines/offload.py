@@ -4,7 +4,8 @@ maps onto the placements of the engine's :class:`~cogvx.engine.runtime.residency
     on CUDA    "model"       each component on the offload device (CPU), moved whole to the GPU for its stage
                "group"       the transformer's blocks streamed in groups (next group prefetched on a side
                              stream from pinned memory); T5 and the VAE as "model"
-               "sequential"  every component layer by layer: the smallest footprint, the slowest
+               "sequential"  T5 and the transformer one block at a time (no overlap), the VAE as "model":
+                             the smallest footprint, the slowest
     on a CPU   any mode      every full-precision component read from the checkpoint's safetensors for its
                              stage and released after: peak memory about the largest stage, not the sum
 
@@ -26,7 +27,7 @@ import torch
 
 from ..loading import DEFERRABLE, reloader
 from ..models.lora import branch_of
-from ..runtime.group_offload import BlockStreamer, block_units, leaf_units
+from ..runtime.group_offload import BlockStreamer, block_units
 from ..runtime.residency import OFFLOAD_MODES, Materialized, Moved, Residency, Resident, Streamed
 
 __all__ = ["OffloadMethods", "check_offload", "offload_plan"]
@@ -97,11 +98,13 @@ class OffloadMethods:
         if mode == "model":
             return {n: Moved(dev, cpu) for n in DEFERRABLE}
         if mode == "group":
-            blocks = BlockStreamer(lambda m: block_units(m.transformer_blocks, group_size), dev, use_stream=use_stream,
-                                   name="group")
+            blocks = BlockStreamer(lambda m: block_units(m.transformer_blocks, group_size), dev, use_stream=use_stream)
             return {"text_encoder": Moved(dev, cpu), "transformer": Streamed(blocks), "vae": Moved(dev, cpu)}
-        return {n: Streamed(BlockStreamer(leaf_units, dev, use_stream=False, inputs_to_device=True, name="layer"))
-                for n in DEFERRABLE}
+        # sequential: T5 and the transformer one block at a time, no overlap; the VAE whole (its convolutions
+        # read their weights in functional calls: see runtime/group_offload.py)
+        t5 = BlockStreamer(lambda m: block_units(m.encoder.block, 1), dev, use_stream=False)
+        blocks = BlockStreamer(lambda m: block_units(m.transformer_blocks, 1), dev, use_stream=False)
+        return {"text_encoder": Streamed(t5), "transformer": Streamed(blocks), "vae": Moved(dev, cpu)}
 
     def _cpu_placements(self, mode: str) -> dict:
         if mode != "model":

@@ -1,13 +1,18 @@
 """Streaming a module's weights onto the GPU while it runs: by groups of blocks, the next group's copy
 overlapped on a side CUDA stream from pinned memory (diffusers' ``enable_group_offload(...,
-use_stream=True)``), or layer by layer with no overlap (sequential offload, the smallest footprint).
+use_stream=True)``), or one block at a time with no overlap (sequential offload, the smallest footprint).
 
-A *unit* is a list of modules whose tensors (parameters and buffers, of every submodule) come onto the
-GPU together: a group of transformer blocks, or one leaf layer. Between uses a unit's tensors live in
-pinned CPU memory (one copy, made once); on the GPU they exist only while the unit runs, plus the one
-unit prefetched ahead. Parameter objects are kept: only ``.data`` is swapped, so a module holding a
-reference to its weight keeps it. The parts of the module outside every unit (the transformer's patch
-embedding, time embedding and head) stay on the GPU for the whole stage.
+A *unit* is a list of consecutive blocks whose tensors (parameters and buffers, of every submodule) come
+onto the GPU together. Between uses a unit's tensors live in pinned CPU memory (one copy, made once); on
+the GPU they exist only while the unit runs, plus the one unit prefetched ahead. Parameter objects are
+kept: only ``.data`` is swapped, so a module holding a reference to its weight keeps it. The parts of the
+module outside every unit (the transformer's patch embedding, time embedding and head; T5's embedding and
+final norm) stay on the GPU for the whole stage.
+
+Units are whole blocks, not single layers (diffusers' sequential offload hooks every leaf module): a
+block's forward reads some of its layers' weights without calling those layers (the adaptive LayerNorm
+kernel takes ``norm.weight``, the QK-norm + RoPE kernel ``norm_q.weight``; the VAE's causal convolutions
+call ``F.conv3d`` with ``conv.weight``), which a per-layer hook never sees.
 
 Hooks swap tensors on the host side of the stream, so this does not combine with ``torch.compile`` of the
 streamed module (the compiled graph would have to trace the copies); the engine refuses that pairing.
@@ -20,7 +25,7 @@ import contextlib
 import torch
 from torch import nn
 
-__all__ = ["BlockStreamer", "leaf_units", "block_units"]
+__all__ = ["BlockStreamer", "block_units"]
 
 
 def block_units(blocks: nn.ModuleList, group_size: int) -> list[list[nn.Module]]:
@@ -30,21 +35,17 @@ def block_units(blocks: nn.ModuleList, group_size: int) -> list[list[nn.Module]]
     return [list(blocks[i:i + group_size]) for i in range(0, len(blocks), group_size)]
 
 
-def leaf_units(module: nn.Module) -> list[list[nn.Module]]:
-    """One unit per submodule that owns tensors directly (Linear, Conv, LayerNorm, Embedding...)."""
-    return [[m] for m in module.modules()
-            if any(True for _ in m.named_parameters(recurse=False)) or any(True for _ in m.named_buffers(recurse=False))]
+def _tensors(owner: nn.Module):
+    """(name, tensor, is_param) of the tensors ``owner`` holds itself (not its submodules')."""
+    yield from ((n, p, True) for n, p in owner.named_parameters(recurse=False))
+    yield from ((n, b, False) for n, b in owner.named_buffers(recurse=False) if b is not None)
 
 
-def _direct(m: nn.Module, recurse: bool):
-    """(owner, name, tensor, is_param) of a unit module's tensors."""
-    mods = m.modules() if recurse else [m]
-    for owner in mods:
-        for name, p in owner.named_parameters(recurse=False):
-            yield owner, name, p, True
-        for name, b in owner.named_buffers(recurse=False):
-            if b is not None:
-                yield owner, name, b, False
+def _direct(m: nn.Module):
+    """(owner, name, tensor, is_param) of every tensor of a unit's module and its submodules."""
+    for owner in m.modules():
+        for name, t, is_param in _tensors(owner):
+            yield owner, name, t, is_param
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:
@@ -58,17 +59,13 @@ def _pinned(t: torch.Tensor) -> torch.Tensor:
 class BlockStreamer:
     """Streams ``units(module)`` of a module onto ``device`` as the module runs.
 
-    units: module -> list of units (``block_units`` over the transformer blocks, or ``leaf_units``);
+    units: module -> list of units (``block_units`` over the transformer's or T5's blocks);
     use_stream: prefetch the next unit on a side CUDA stream while the current one computes (the units
-    must run in order, as transformer blocks do); inputs_to_device: move each unit's tensor arguments to
-    ``device`` first (sequential offload, where a caller may have placed its input by another layer's
-    weight, still on the CPU).
+    run in order, as blocks do; after the last, the first is fetched for the next step).
     """
 
-    def __init__(self, units, device: torch.device, *, use_stream: bool = True, inputs_to_device: bool = False,
-                 name: str = "group"):
-        self.units_of, self.device = units, torch.device(device)
-        self.use_stream, self.inputs_to_device, self.name = use_stream, inputs_to_device, name
+    def __init__(self, units, device: torch.device, *, use_stream: bool = True):
+        self.units_of, self.device, self.use_stream = units, torch.device(device), use_stream
         self.units: list[list[nn.Module]] = []
         self.slots: list[list[tuple]] = []  # per unit: (owner, name, is_param, pinned cpu tensor)
         self.on_gpu: dict[int, list[torch.Tensor]] = {}  # unit -> its GPU tensors while present
@@ -78,28 +75,27 @@ class BlockStreamer:
         self.pinned: dict[tuple[int, str], torch.Tensor] = {}  # (id(owner), name) -> the one pinned copy
 
     def describe(self) -> str:
-        how = "prefetched on a side CUDA stream" if self.use_stream else "one at a time"
-        return f"streamed to {self.device} by {self.name} ({len(self.units)} units, {how})"
+        how = "the next prefetched on a side CUDA stream" if self.use_stream else "one at a time"
+        return f"streamed to {self.device} by groups of blocks ({len(self.units)} groups, {how})"
 
     # ------------------------------------------------------------------ stage boundaries
     def attach(self, module: nn.Module) -> None:
         """Put the parts outside the units on the device, the units' tensors in pinned CPU memory, and
         hook the units. Tensors added since the last stage (a LoRA side branch) are picked up here."""
         self.units = self.units_of(module)
-        inside = {id(m) for unit in self.units for u in unit for m in (u.modules() if self._recurse else [u])}
+        inside = {id(m) for unit in self.units for u in unit for m in u.modules()}
         for owner in module.modules():
             if id(owner) not in inside:
-                for name, t, is_param in [(n, p, True) for n, p in owner.named_parameters(recurse=False)] + \
-                                         [(n, b, False) for n, b in owner.named_buffers(recurse=False) if b is not None]:
+                for name, t, is_param in _tensors(owner):
                     _swap(owner, name, t, t.detach().to(self.device), is_param)
         self.slots = []
         for unit in self.units:
             slots = []
             for u in unit:
-                for owner, name, t, is_param in _direct(u, self._recurse):
+                for owner, name, t, is_param in _direct(u):
                     key = (id(owner), name)
                     cpu = self.pinned.get(key)
-                    if cpu is None or t is not cpu and t.data_ptr() != cpu.data_ptr():
+                    if cpu is None or not _same(t, cpu):
                         cpu = self.pinned[key] = _pinned(t)
                     _swap(owner, name, t, cpu, is_param)
                     slots.append((owner, name, is_param, cpu))
@@ -123,17 +119,10 @@ class BlockStreamer:
         inside = {id(owner) for slots in self.slots for owner, *_ in slots}
         for owner in module.modules():
             if id(owner) not in inside:
-                for name, p in owner.named_parameters(recurse=False):
-                    p.data = p.data.to("cpu")
-                for name, b in owner.named_buffers(recurse=False):
-                    if b is not None:
-                        setattr(owner, name, b.to("cpu"))
+                for name, t, is_param in _tensors(owner):
+                    _swap(owner, name, t, t.detach().to("cpu"), is_param)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    @property
-    def _recurse(self) -> bool:
-        return self.name == "group"
 
     # ------------------------------------------------------------------ per unit
     def _onload(self, i: int, stream) -> None:
@@ -169,8 +158,6 @@ class BlockStreamer:
             nxt = (i + 1) % n
             if self.stream is not None and nxt != i and nxt not in self.on_gpu:
                 self._onload(nxt, self.stream)  # the next unit's copy overlaps this unit's compute
-            if self.inputs_to_device:
-                return tuple(a.to(self.device) if isinstance(a, torch.Tensor) else a for a in args)
             return None
         return hook
 
@@ -183,6 +170,19 @@ class BlockStreamer:
 
 def _swap(owner: nn.Module, name: str, current: torch.Tensor, new: torch.Tensor, is_param: bool) -> None:
     if is_param:
-        current.data = new  # the Parameter object stays: only its data changes device
-    else:
-        setattr(owner, name, new)
+        try:
+            current.data = new  # the Parameter object stays: only its data changes device
+            return
+        except RuntimeError:  # a quantized tensor subclass whose data cannot be swapped in place
+            new = nn.Parameter(new, requires_grad=False)
+    setattr(owner, name, new)
+
+
+def _same(t: torch.Tensor, cpu: torch.Tensor) -> bool:
+    """Whether ``t`` still holds the pinned copy ``cpu`` (so it need not be pinned again)."""
+    if t is cpu:
+        return True
+    try:
+        return t.device.type == "cpu" and t.data_ptr() == cpu.data_ptr()
+    except RuntimeError:  # a wrapper tensor subclass has no storage of its own
+        return False

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import threading
 from collections import deque
 from typing import Callable, Iterator
 
@@ -158,6 +159,7 @@ class Residency:
         self.mode: str | None = None
         self.events: deque[tuple[str, str]] = deque(maxlen=512)  # (component, "in" | "out" | "kept")
         self._count = {n: 0 for n in COMPONENTS}
+        self._mutex = threading.RLock()  # a component comes in (or goes out) once, whichever thread asks
 
     def moves(self, name: str) -> bool:
         """Whether ``name`` ever moves (its placement is not :class:`Resident`)."""
@@ -171,6 +173,7 @@ class Residency:
         one puts it where it waits between stages. Not while a stage uses it."""
         if self._count[name]:
             raise RuntimeError(f"{name} is in use by a stage; change its placement between generate calls")
+        # (the engine's lock, held by every generate and by enable_offload, keeps stages out meanwhile)
         module = self.component(name)
         if module is not None:
             self.placements[name].restore(module)
@@ -203,24 +206,30 @@ class Residency:
             s.stage()
 
     def enter(self, name: str) -> None:
+        """Bring ``name`` to its execution device unless a stage or a use already holds it."""
         module, placement = self.component(name), self.placements[name]
         if module is None:
             return
-        if self._count[name] == 0:
-            placement.bring(module)
-            if placement.records:
-                self.events.append((name, "in"))
-        self._count[name] += 1
+        with self._mutex:
+            if self._count[name] == 0:
+                placement.bring(module)
+                if placement.records:
+                    self.events.append((name, "in"))
+            self._count[name] += 1
 
     def leave(self, name: str) -> None:
+        """Let ``name`` go back where it waits, once nothing holds it any more."""
         module, placement = self.component(name), self.placements[name]
-        if module is None or self._count[name] == 0:
+        if module is None:
             return
-        self._count[name] -= 1
-        if self._count[name] == 0:
-            kept = placement.release(module)
-            if placement.records:
-                self.events.append((name, "kept" if kept else "out"))
+        with self._mutex:
+            if self._count[name] == 0:
+                return
+            self._count[name] -= 1
+            if self._count[name] == 0:
+                kept = placement.release(module)
+                if placement.records:
+                    self.events.append((name, "kept" if kept else "out"))
 
 
 class Stages:
