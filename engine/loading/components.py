@@ -202,8 +202,8 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *
     if "transformer" in requested:
         merged, lora = merge_loras(transformer, lora), []
         # a calibrated recipe runs the text encoder: a deferred one is read for this and dropped
-        calib = load_text_encoder(model_dir / "text_encoder", device, te_dtype) if "text_encoder" in lazy \
-            else text_encoder
+        calib = load_text_encoder(model_dir / "text_encoder", device, te_dtype) \
+            if "text_encoder" in lazy and requested["transformer"].needs_calibration else text_encoder
         quantize_transformer(transformer, requested["transformer"], tokenizer, calib, dtype)
         del calib
     recipes = {c: info["recipe"]["name"] for c, info in saved.items()}
