@@ -1,15 +1,18 @@
 """The transformer call's owner (``cogvx.engine.pipelines.forward.Forward``): one rebuild rule after a weight
 change. A LoRA loaded on an engine that was compiled and already ran the step cache's regions gives the
 latents of an engine that had the LoRA from the start (a compiled graph freezes the weights it saw, so a
-region left un-rebuilt would run the weights without the LoRA)."""
+region left un-rebuilt would run the weights without the LoRA). The tasks are one table."""
 
 from __future__ import annotations
 
+import diffusers
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from cogvx.engine import Engine, StepCache
+from cogvx.engine.models.tasks import INPUTS, KINDS, PIPELINE_CLASSES, TASKS, tasks_of_kind
+from cogvx.engine.pipelines.conditioning import CONDITIONING
 from helpers import rel_l2
 
 KW = dict(prompt="a fox in the snow", negative_prompt="blurry", num_frames=9, height=48, width=80,
@@ -56,3 +59,15 @@ def test_forward_rebuilds_by_one_rule(ckpt_factory):
     assert fwd.regions is not regions and not fwd.warm_shapes
     engine.device = torch.device("cpu")
     assert engine.positions(3, 6, 10) is not pos and engine.forward.device == torch.device("cpu")
+
+
+def test_tasks_are_one_table():
+    """Every task has its conditioning, every diffusers CogVideoX pipeline class names a task, and the
+    checkpoint kinds are the tasks that need no other checkpoint."""
+    assert set(CONDITIONING) == set(TASKS)
+    theirs = {n for n in dir(diffusers) if n.startswith("CogVideoX") and n.endswith("Pipeline")}
+    assert theirs and theirs == set(PIPELINE_CLASSES)
+    assert set(KINDS) == {"t2v", "i2v", "control"} and INPUTS == ("image", "video", "control_video")
+    assert [t.name for t in tasks_of_kind("t2v")] == ["t2v", "v2v"]
+    for kind in KINDS:
+        assert all(t.kind == kind for t in tasks_of_kind(kind)) and tasks_of_kind(kind)[0].name == kind

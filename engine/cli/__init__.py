@@ -13,6 +13,7 @@ import importlib
 import shutil
 import sys
 
+from ..models.tasks import KINDS
 from ..runtime.defaults import DEFAULTS, DEMO_DEFAULTS
 
 __all__ = ["main", "build_parser"]
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("make-tiny", help="write a small random-weight checkpoint in the diffusers layout")
     t.add_argument("--out", required=True, help="directory to create")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--task", choices=["t2v", "i2v", "control"], default="t2v",
+    t.add_argument("--task", choices=KINDS, default="t2v",
                    help="t2v: text-to-video (and video-to-video); i2v: image-to-video; control: Fun-Control")
     r = sub.add_parser("recipes", help="list quantization recipes and whether this machine runs them")
     r.add_argument("--device", default=None, help="device to check (default: cuda if available, else cpu)")

@@ -19,6 +19,7 @@ from ..io.atomic import apply_umask, atomic_directory, umask_mode
 from ..io.cache import cache_root
 from ..models.presets import PRESETS
 from ..models.schedulers import SchedulerConfig
+from ..models.tasks import KINDS, TASKS, class_of_kind
 from ..models.transformer import build_transformer
 from ..models.vae import CogVideoXVAE
 from .tiny_tokenizer import make_tiny_tokenizer
@@ -27,10 +28,6 @@ __all__ = ["make_tiny_checkpoint", "default_tiny_dir", "ensure_tiny_checkpoint",
 
 TINY_VERSION = 2  # bump when the tiny model's layout changes, so stale caches are rebuilt
 _DIFFUSERS_VERSION = "0.32.0"  # the oldest diffusers whose CogVideoX classes read these configs
-
-
-# task -> the diffusers pipeline class model_index.json names
-TASKS = {"t2v": "CogVideoXPipeline", "i2v": "CogVideoXImageToVideoPipeline", "control": "CogVideoXFunControlPipeline"}
 
 
 def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, task: str = "t2v", *,
@@ -45,8 +42,8 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, task: str = 
     transformer / t5: fields that override the tiny TransformerConfig / T5Config (wider test models,
     e.g. the residency memory test's; T5's d_model follows the transformer's text_embed_dim).
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)} (got {task!r})")
+    if task not in KINDS:
+        raise ValueError(f"task must be one of {', '.join(KINDS)} (got {task!r})")
     out = Path(out_dir).expanduser()
     with atomic_directory(out) as tmp:
         _write_all(tmp, seed, task, transformer or {}, t5 or {})
@@ -63,7 +60,7 @@ def _write_all(d: Path, seed: int, task: str, t_over: dict, t5_over: dict) -> No
     torch.manual_seed(seed)
     preset = PRESETS["tiny"]
     tcfg = dataclasses.replace(preset.transformer, **t_over)
-    if task != "t2v":
+    if TASKS[task].concat_channels:
         tcfg = dataclasses.replace(tcfg, in_channels=2 * tcfg.out_channels_)
     # transformer
     transformer = build_transformer(tcfg, device="cpu", dtype=torch.float32)
@@ -92,7 +89,7 @@ def _write_all(d: Path, seed: int, task: str, t_over: dict, t5_over: dict) -> No
     sched = {"_class_name": preset.scheduler, "_diffusers_version": _DIFFUSERS_VERSION, **SchedulerConfig().to_dict()}
     (d / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
     index = {
-        "_class_name": TASKS[task],
+        "_class_name": class_of_kind(task),
         "_diffusers_version": _DIFFUSERS_VERSION,
         "_cogvx_tiny_version": TINY_VERSION,
         "scheduler": ["diffusers", preset.scheduler],

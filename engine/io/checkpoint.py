@@ -9,8 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CheckpointError", "resolve_model_dir", "read_model_index", "read_json", "check_file_name",
-           "PIPELINE_CLASSES"]
+__all__ = ["CheckpointError", "resolve_model_dir", "read_model_index", "read_json", "check_file_name"]
 
 
 MAX_JSON_BYTES = 64 * 2**20
@@ -18,16 +17,6 @@ MAX_JSON_BYTES = 64 * 2**20
 
 class CheckpointError(ValueError):
     """A checkpoint directory or file is missing, incomplete, malformed or does not match the model."""
-
-
-# model_index.json's _class_name -> the task the checkpoint serves (text-to-video checkpoints also serve
-# video-to-video). Fun-Control checkpoints take control latents concatenated to the noise.
-PIPELINE_CLASSES = {
-    "CogVideoXPipeline": "t2v",
-    "CogVideoXVideoToVideoPipeline": "t2v",
-    "CogVideoXImageToVideoPipeline": "i2v",
-    "CogVideoXFunControlPipeline": "control",
-}
 
 
 def read_json(path: Path, what: str, expect: type = dict) -> Any:
@@ -99,18 +88,19 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
     )
 
 
-def read_model_index(model_dir: Path, components: dict[str, str | None]) -> dict:
+def read_model_index(model_dir: Path, components: dict[str, str | None], classes) -> dict:
     """model_index.json, after checking that each needed component directory and file exists.
 
-    components: {folder: file it must hold (or None)}. The index must name a CogVideoX pipeline class.
+    components: {folder: file it must hold (or None)}. classes: the pipeline classes accepted as its
+    ``_class_name`` (``cogvx.engine.models.tasks.PIPELINE_CLASSES``).
     """
     index = read_json(model_dir / "model_index.json",
                       "model_index.json of a diffusers-layout checkpoint (a JSON object naming _class_name)")
     cls = index.get("_class_name")
-    if not isinstance(cls, str) or cls not in PIPELINE_CLASSES:
+    if not isinstance(cls, str) or cls not in classes:
         raise CheckpointError(
             f"{model_dir / 'model_index.json'}: _class_name {cls!r} is not a CogVideoX pipeline; accepted: "
-            f"{', '.join(PIPELINE_CLASSES)}"
+            f"{', '.join(classes)}"
         )
     for name, needed in components.items():
         d = model_dir / name

@@ -17,7 +17,7 @@ from torch import nn
 from cogvx.quantize import QUANTIZABLE
 from cogvx.quantize.torchao_format import cat_rows
 
-from ..io.checkpoint import CheckpointError, PIPELINE_CLASSES, read_json, read_model_index
+from ..io.checkpoint import CheckpointError, read_json, read_model_index
 from ..io.lora import read_lora
 from ..io.safetensors import (
     check_filled,
@@ -31,6 +31,7 @@ from ..io.safetensors import (
 from ..models.config import ConfigError, TransformerConfig, VAEConfig
 from ..models.lora import LoraError, is_plain_linear, merge_into_weight, pairs_by_layer, resolve_targets
 from ..models.schedulers import SCHEDULERS, make_scheduler
+from ..models.tasks import PIPELINE_CLASSES, TASKS, kind_of_class
 from ..models.text_encoder import build_text_encoder, text_encoder_dtype, tie_embedding
 from ..models.transformer import CogVideoXTransformer, build_transformer
 from ..models.vae import CogVideoXVAE
@@ -166,8 +167,8 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *
     recipes are checked for ``device``.
     """
     run_device, device = device, device if load_device is None else torch.device(load_device)
-    index = read_model_index(model_dir, _REQUIRED)
-    task = PIPELINE_CLASSES[index["_class_name"]]
+    index = read_model_index(model_dir, _REQUIRED, PIPELINE_CLASSES)
+    task = kind_of_class(index["_class_name"])
     t_cfg = read_config(TransformerConfig, model_dir / "transformer" / "config.json")
     _check_task(task, t_cfg, model_dir)
     te_cfg = t5_config(model_dir / "text_encoder")
@@ -227,12 +228,12 @@ def merge_loras(transformer: torch.nn.Module, specs) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def _check_task(task: str, cfg: TransformerConfig, model_dir: Path) -> None:
-    takes_latents = cfg.image_to_video
-    if task == "t2v" and takes_latents:
-        raise CheckpointError(f"{model_dir}: model_index.json names a text-to-video pipeline but the transformer "
+def _check_task(kind: str, cfg: TransformerConfig, model_dir: Path) -> None:
+    t = TASKS[kind]
+    if not t.concat_channels and cfg.image_to_video:
+        raise CheckpointError(f"{model_dir}: model_index.json names a {t.label} pipeline but the transformer "
                               f"takes {cfg.in_channels} input channels (conditioning latents): the index and the "
                               "transformer come from different checkpoints")
-    if task in ("i2v", "control") and cfg.in_channels == cfg.out_channels_:
-        raise CheckpointError(f"{model_dir}: model_index.json names an image-to-video / control pipeline but the "
+    if t.concat_channels and cfg.in_channels == cfg.out_channels_:
+        raise CheckpointError(f"{model_dir}: model_index.json names a {t.label} pipeline but the "
                               f"transformer takes no conditioning channels (in_channels={cfg.in_channels})")

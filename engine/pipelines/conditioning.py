@@ -20,10 +20,11 @@ import torch
 
 from ..models.noise import randn_like_diffusers
 from ..models.schedulers import Schedule
+from ..models.tasks import TASKS
 from ..models.vae import CogVideoXVAE, scale_latents
 from .request import Plan
 
-__all__ = ["Conditioned", "condition", "first_step"]
+__all__ = ["Conditioned", "CONDITIONING", "condition", "first_step"]
 
 
 @dataclass
@@ -47,10 +48,10 @@ class Conditioned:
 
 
 def first_step(schedule: Schedule, task: str, strength: float) -> int:
-    """The schedule index the loop starts at: 0, or for video-to-video diffusers' ``get_timesteps``
-    (``n - min(int(n * strength), n)``)."""
+    """The schedule index the loop starts at: 0, or for a task that takes a strength (video-to-video)
+    diffusers' ``get_timesteps`` (``n - min(int(n * strength), n)``)."""
     n = schedule.num_inference_steps
-    return n - min(int(n * strength), n) if task == "v2v" else 0
+    return n - min(int(n * strength), n) if TASKS[task].takes_strength else 0
 
 
 def _encode(vae: CogVideoXVAE, pixels: list[torch.Tensor], generator, sample: bool, dtype) -> torch.Tensor:
@@ -67,32 +68,43 @@ def _encode(vae: CogVideoXVAE, pixels: list[torch.Tensor], generator, sample: bo
     return torch.cat(out).to(dtype).permute(0, 2, 1, 3, 4)
 
 
+def _text_to_video(plan, vae, scheduler, schedule, start, noise, latents, generator, device, dtype):
+    return (noise() if latents is None else latents.to(device, dtype)), None
+
+
+def _image_to_video(plan, vae, scheduler, schedule, start, noise, latents, generator, device, dtype):
+    shape = plan.shape
+    img = scale_latents(_encode(vae, plan.pixels, generator, True, dtype), vae.config)  # [N, 1, C, h, w]
+    pad = torch.zeros((shape[0], shape[1] - 1, *img.shape[2:]), device=device, dtype=dtype)
+    concat = torch.cat([img.to(device), pad], dim=1)
+    return (noise() if latents is None else latents.to(device, dtype)), concat
+
+
+def _video_to_video(plan, vae, scheduler, schedule, start, noise, latents, generator, device, dtype):
+    if latents is not None:
+        return latents.to(device, dtype), None
+    # diffusers multiplies by the scaling factor here for every version (no invert_scale_latents)
+    init = _encode(vae, plan.pixels, generator, True, dtype).to(device) * vae.config.scaling_factor
+    return scheduler.add_noise(init, noise(), schedule.timesteps_host[start]), None
+
+
+def _control_video(plan, vae, scheduler, schedule, start, noise, latents, generator, device, dtype):
+    x = noise() if latents is None else latents.to(device, dtype)
+    return x, (_encode(vae, plan.pixels, None, False, dtype) * vae.config.scaling_factor).to(device)
+
+
+# task name (cogvx.engine.models.tasks.TASKS) -> (initial latents, concatenated channels or None)
+CONDITIONING = {"t2v": _text_to_video, "i2v": _image_to_video, "v2v": _video_to_video, "control": _control_video}
+
+
 def condition(plan: Plan, *, vae: CogVideoXVAE | None, scheduler, schedule: Schedule, generator,
               latents: torch.Tensor | None, ofs_dim: int | None, device: torch.device, dtype: torch.dtype) -> Conditioned:
     """Build the loop inputs of a checked plan (encodes conditioning pixels with the VAE)."""
-    shape = plan.shape
     start = first_step(schedule, plan.task, plan.strength)
-    concat = None
     ofs = torch.full((1,), 2.0, device=device, dtype=dtype) if ofs_dim else None
 
     def noise() -> torch.Tensor:
-        return randn_like_diffusers(shape, generator, device, dtype)
+        return randn_like_diffusers(plan.shape, generator, device, dtype)
 
-    if plan.task == "i2v":
-        img = scale_latents(_encode(vae, plan.pixels, generator, True, dtype), vae.config)  # [N, 1, C, h, w]
-        pad = torch.zeros((shape[0], shape[1] - 1, *img.shape[2:]), device=device, dtype=dtype)
-        concat = torch.cat([img.to(device), pad], dim=1)
-        x = noise() if latents is None else latents.to(device, dtype)
-    elif plan.task == "v2v":
-        if latents is None:
-            # diffusers multiplies by the scaling factor here for every version (no invert_scale_latents)
-            init = _encode(vae, plan.pixels, generator, True, dtype).to(device) * vae.config.scaling_factor
-            x = scheduler.add_noise(init, noise(), schedule.timesteps_host[start])
-        else:
-            x = latents.to(device, dtype)
-    elif plan.task == "control":
-        x = noise() if latents is None else latents.to(device, dtype)
-        concat = (_encode(vae, plan.pixels, None, False, dtype) * vae.config.scaling_factor).to(device)
-    else:
-        x = noise() if latents is None else latents.to(device, dtype)
+    x, concat = CONDITIONING[plan.task](plan, vae, scheduler, schedule, start, noise, latents, generator, device, dtype)
     return Conditioned(latents=x * scheduler.init_noise_sigma, concat=concat, ofs=ofs, start=start)

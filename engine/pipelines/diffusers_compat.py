@@ -21,7 +21,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from ..io.checkpoint import PIPELINE_CLASSES, read_model_index
+from ..io.checkpoint import read_model_index
 from ..loading import (
     load_scheduler,
     load_text_encoder,
@@ -32,6 +32,7 @@ from ..loading import (
     required_components,
 )
 from ..models.lora import is_plain_linear
+from ..models.tasks import PIPELINE_CLASSES, kind_of_class, tasks_of_kind
 from ..models.text_encoder import text_encoder_dtype
 from ..models.tokenizer import PromptTokenizer
 from ..models.transformer import CogVideoXTransformer
@@ -74,12 +75,11 @@ class CogVideoXPipelineBase:
         torch_dtype = torch_dtype_of(torch_dtype, kwargs)
         check_from_pretrained_kwargs(kwargs, f"{cls.__name__}.from_pretrained")
         d = component_dir(pretrained_model_name_or_path, None)
-        index = read_model_index(d, {k: None for k in required_components()})
-        task = PIPELINE_CLASSES[index["_class_name"]]
+        index = read_model_index(d, {k: None for k in required_components()}, PIPELINE_CLASSES)
+        task = kind_of_class(index["_class_name"])
         if task != cls._task:
-            names = {"t2v": "CogVideoXPipeline or CogVideoXVideoToVideoPipeline", "i2v": "CogVideoXImageToVideoPipeline",
-                     "control": "CogVideoXFunControlPipeline"}
-            raise ValueError(f"{d} is a {index['_class_name']} checkpoint: load it with {names[task]}")
+            names = " or ".join(c for t in tasks_of_kind(task) for c in t.pipeline_classes)
+            raise ValueError(f"{d} is a {index['_class_name']} checkpoint: load it with {names}")
         _check_component("transformer", transformer, CogVideoXTransformer, "CogVideoXTransformer3DModel")
         _check_component("vae", vae, CogVideoXVAE, "AutoencoderKLCogVideoX")
         if tokenizer is not None and not isinstance(tokenizer, PromptTokenizer):

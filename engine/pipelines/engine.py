@@ -27,6 +27,7 @@ from ..loading import load_components
 from ..models.config import TransformerConfig
 from ..models.positions import Positions
 from ..models.presets import get_preset
+from ..models.tasks import TASKS
 from ..models.text_encoder import check_vocab
 from ..models.tokenizer import PromptTokenizer
 from ..models.transformer import CogVideoXTransformer
@@ -353,8 +354,8 @@ class Engine(LoraMethods, OffloadMethods, ComponentCalls):
                 text = embed_prompts(plan, self.tokenizer, self.text_encoder, prompt, negative_prompt, prompt_embeds,
                                      negative_prompt_embeds, device=self.device, dtype=self.dtype, profile=prof)
                 gen = torch.Generator(device=self.device).manual_seed(plan.seed) if plan.seed is not None else generator
-                res.stage("vae" if plan.task != "t2v" else None)
-                with stage(prof, "encode" if plan.task != "t2v" else "prepare", self.device):
+                res.stage("vae" if TASKS[plan.task].vae_encodes else None)
+                with stage(prof, "encode" if TASKS[plan.task].vae_encodes else "prepare", self.device):
                     cond = condition(plan, vae=self.vae, scheduler=self.scheduler, schedule=schedule, generator=gen,
                                      latents=latents, ofs_dim=self.config.ofs_embed_dim, device=self.device,
                                      dtype=self.dtype)

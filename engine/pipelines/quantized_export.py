@@ -28,6 +28,7 @@ from ..io.atomic import atomic_directory, umask_mode
 from ..io.checkpoint import CheckpointError, read_model_index, resolve_model_dir
 from ..io.safetensors import save_shards
 from ..loading import load_text_encoder, load_tokenizer, load_transformer, read_quantization, required_components
+from ..models.tasks import PIPELINE_CLASSES
 from ..models.text_encoder import text_encoder_dtype
 from ..quantizing import quantize_text_encoder, quantize_transformer
 from ..runtime.devices import resolve_device, resolve_dtype
@@ -73,7 +74,7 @@ def export_quantized(model: str | os.PathLike, recipe, out_dir: str | os.PathLik
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     src, out = resolve_model_dir(model), Path(out_dir).expanduser()
-    read_model_index(src, required_components())
+    read_model_index(src, required_components(), PIPELINE_CLASSES)
     recipes = resolve_recipes(recipe, dev)
     if not recipes:
         raise ValueError("no recipe given: pass a recipe name (see `cogvx recipes`)")

@@ -15,6 +15,7 @@ import torch
 
 from ..models.config import TransformerConfig, latent_frame_count
 from ..models.positions import latent_frames
+from ..models.tasks import INPUTS, TASKS, tasks_of_kind
 from ..runtime.defaults import DEFAULTS
 from .checks import (
     MAX_FRAMES,
@@ -72,7 +73,7 @@ class ModelFacts:
     """What the checks need to know of the loaded model."""
 
     config: TransformerConfig
-    task: str  # the checkpoint's: "t2v" (also serves "v2v"), "i2v", "control"
+    task: str  # the checkpoint's kind (cogvx.engine.models.tasks.KINDS): "t2v" (also runs "v2v"), "i2v", "control"
     temporal: int
     spatial: int
     latent_channels: int
@@ -148,8 +149,9 @@ def plan_request(req: Request, facts: ModelFacts) -> Plan:
         raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))} (got {req.output_type!r})")
     if req.output_type != "latent" and not facts.has_vae:
         raise ValueError("this engine was loaded without a VAE: only output_type='latent' is available")
-    if task != "t2v" and not facts.has_vae:
-        raise ValueError(f"{_TASK_NAMES[task]} encodes its input with the VAE, which this engine was loaded without")
+    spec = TASKS[task]
+    if spec.vae_encodes and not facts.has_vae:
+        raise ValueError(f"{spec.label} encodes its input with the VAE, which this engine was loaded without")
     if req.seed is not None and req.generator is not None:
         raise ValueError("pass either seed or generator, not both")
     seed = None
@@ -163,10 +165,10 @@ def plan_request(req: Request, facts: ModelFacts) -> Plan:
         raise TypeError("callback_on_step_end must be callable as f(engine, step, timestep, {'latents': x})")
     max_length = _max_length(req, cfg)
     strength = 1.0
-    if req.strength is not None and task != "v2v":
+    if req.strength is not None and not spec.takes_strength:
         raise ValueError("strength applies to video-to-video only: pass video= (or the noised starting latents=) "
                          "with it")
-    if task == "v2v":
+    if spec.takes_strength:
         strength = as_number("strength", 0.8 if req.strength is None else req.strength, 0, 1,
                            "; strength is in (0, 1]: 1 replaces the video entirely, 0.8 is the usual value")
         if int(steps * strength) < 1:
@@ -179,13 +181,14 @@ def plan_request(req: Request, facts: ModelFacts) -> Plan:
     height_width = (req.height, req.width)
     num_frames = req.num_frames
     pixels = None
-    if task == "v2v" and req.video is None and num_frames is None and isinstance(req.latents, torch.Tensor) \
+    given = getattr(req, spec.input) if spec.input else None
+    if spec.input_is_video and given is None and num_frames is None and isinstance(req.latents, torch.Tensor) \
             and req.latents.ndim == 5:
         num_frames = (req.latents.shape[1] - 1) * facts.temporal + 1  # starting latents given instead of a video
-    elif task in ("v2v", "control"):
+    elif spec.input_is_video and given is not None:
         check_video_shape(1, *height_width, facts.temporal, facts.spatial * cfg.patch_size)
-        what = "video" if task == "v2v" else "control_video"
-        raw = as_list(req.video if task == "v2v" else req.control_video, b, what)
+        what = spec.input
+        raw = as_list(given, b, what)
         want = None if num_frames is None else as_int("num_frames", num_frames, 1, MAX_FRAMES)
         vids = [load_video(v, want, req.height, req.width, what) for v in raw]
         if num_frames is None:
@@ -194,15 +197,15 @@ def plan_request(req: Request, facts: ModelFacts) -> Plan:
         pixels = [v for v in vids for _ in range(k)]
     num_frames = DEFAULTS.num_frames if num_frames is None else num_frames
     f, height, width = check_video_shape(num_frames, *height_width, facts.temporal, facts.spatial * cfg.patch_size)
-    if task == "i2v":
-        pixels = [img for img in (load_image(x, height, width) for x in as_list(req.image, b, "image")) for _ in range(k)]
+    if spec.input is not None and not spec.input_is_video:
+        pixels = [img for img in (load_image(x, height, width) for x in as_list(given, b, spec.input)) for _ in range(k)]
     f_lat, extra = latent_frames(cfg, f, facts.temporal)
-    if extra and task in ("v2v", "control"):
+    if extra and spec.strict_latent_frames:
         ok = [x for x in range(1, 200, facts.temporal) if latent_frame_count(x, facts.temporal) % (cfg.patch_size_t or 1) == 0]
         near = sorted(ok, key=lambda x: abs(x - f))[:2]
         raise ValueError(f"num_frames={f} gives {latent_frame_count(f, facts.temporal)} latent frames; this model "
                          f"(patch_size_t={cfg.patch_size_t}) needs a multiple of {cfg.patch_size_t} for "
-                         f"{_TASK_NAMES[task]} (as diffusers); try num_frames {' or '.join(map(str, sorted(near)))}")
+                         f"{spec.label} (as diffusers); try num_frames {' or '.join(map(str, sorted(near)))}")
     if cfg.use_learned_positional_embeddings and (height // facts.spatial, width // facts.spatial) != \
             (cfg.sample_height, cfg.sample_width):
         raise ValueError(f"this checkpoint has learned positional embeddings for {cfg.sample_height * facts.spatial}x"
@@ -223,37 +226,29 @@ def plan_request(req: Request, facts: ModelFacts) -> Plan:
     return plan
 
 
-_TASK_NAMES = {"t2v": "text-to-video", "i2v": "image-to-video", "v2v": "video-to-video", "control": "control video"}
-
-
 def _task(req: Request, facts: ModelFacts) -> str:
-    given = {k for k in ("image", "video", "control_video") if getattr(req, k) is not None}
+    """The task of the checkpoint's kind whose input argument was given (cogvx.engine.models.tasks)."""
+    given = [k for k in INPUTS if getattr(req, k) is not None]
     if len(given) > 1:
-        raise ValueError(f"pass one of image=, video=, control_video= (got {', '.join(sorted(given))})")
-    kind = facts.task
-    if kind == "i2v":
-        if "image" not in given:
-            raise ValueError("this is an image-to-video checkpoint: pass image= (the first frame: a PIL image, a "
-                             "file path, an array [H, W, 3] or a tensor [3, H, W])"
-                             + (f"; {', '.join(given)} is not taken by it" if given else ""))
-        return "i2v"
-    if kind == "control":
-        if "control_video" not in given:
-            raise ValueError("this is a Fun-Control checkpoint: pass control_video= (a pose/depth/edge video)"
-                             + (f"; {', '.join(given)} is not taken by it" if given else ""))
-        return "control"
-    if "image" in given:
-        raise ValueError("image= needs an image-to-video checkpoint (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V); this "
-                         "checkpoint is text-to-video: pass video= for video-to-video, or load an I2V checkpoint")
-    if "control_video" in given:
-        raise ValueError("control_video= needs a Fun-Control checkpoint (CogVideoXFunControlPipeline); this "
-                         "checkpoint is text-to-video")
-    if "video" in given and req.latents is not None:
-        raise ValueError("pass either video= or latents= for video-to-video, not both (latents= with strength= are "
-                         "the already-noised starting latents, as diffusers takes them)")
-    if "video" in given or (req.strength is not None and req.latents is not None):
-        return "v2v"
-    return "t2v"
+        raise ValueError(f"pass one of {', '.join(f'{k}=' for k in INPUTS)} (got {', '.join(sorted(given))})")
+    runnable = tasks_of_kind(facts.task)
+    own = runnable[0]
+    wanted = given[0] if given else None
+    if wanted is None and req.strength is not None and req.latents is not None:
+        wanted = next((t.input for t in runnable if t.takes_strength), None)  # diffusers' noised starting latents
+    for t in runnable:
+        if t.input == wanted:
+            if t.takes_strength and given and req.latents is not None:
+                raise ValueError(f"pass either {wanted}= or latents= for {t.label}, not both (latents= with "
+                                 "strength= are the already-noised starting latents, as diffusers takes them)")
+            return t.name
+    if own.input is not None:  # the checkpoint's own task needs its input
+        raise ValueError(f"this is {own.checkpoint} checkpoint: pass {own.input}= ({own.input_help})"
+                         + (f"; {wanted} is not taken by it" if wanted else ""))
+    other = next(t for t in TASKS.values() if t.input == wanted)
+    hint = "; ".join(f"pass {t.input}= for {t.label}" for t in runnable if t.input)
+    raise ValueError(f"{wanted}= needs {other.checkpoint} checkpoint ({other.pipeline_classes[0]}); this checkpoint "
+                     f"is {own.label}" + (f": {hint}" if hint else ""))
 
 
 def _frames_from_video(have: int, cfg: TransformerConfig, temporal: int) -> int:
