@@ -100,6 +100,8 @@ class Streamed:
 
     def settle(self, module: nn.Module) -> None:
         module.to("cpu")
+        if self.streamer.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def describe(self) -> str:
         return self.streamer.describe()
