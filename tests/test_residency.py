@@ -23,6 +23,7 @@ from cogvx.engine.dev.tiny import make_tiny_checkpoint
 from cogvx.engine.pipelines.offload import check_offload
 from cogvx.engine.runtime.compiling import dynamo_counts
 from cogvx.engine.runtime.residency import is_released
+from cogvx.quantize import quantize_
 from test_lora import _make_lora
 
 GEN = dict(prompt="a fox in the snow", negative_prompt="blurry", num_frames=9, height=32, width=48,
@@ -132,6 +133,13 @@ def test_a_quantized_transformer_stays_and_the_rest_is_read_per_stage(ckpt, tmp_
     saved = engine.save_quantized(tmp_path / "q")  # every component read in for the export
     assert _released(engine) == dict(text_encoder=True, transformer=False, vae=True)
     assert torch.equal(Engine.load(saved, device="cpu").generate(**GEN, output_type="latent").latents, ref)
+
+
+def test_a_component_quantized_after_loading_is_kept_not_silently_reread(ckpt):
+    engine = Engine.load(ckpt, device="cpu", offload="model")
+    with engine.residency.use("transformer") as transformer:
+        quantize_(transformer, "int8wo")  # behind the engine's back: not in engine.recipes
+    assert list(engine.residency.events)[-1] == ("transformer", "kept") and not is_released(engine.transformer)
 
 
 def test_compiled_forward_is_not_rebuilt_by_a_release(ckpt, reference):

@@ -131,7 +131,7 @@ class Materialized:
         self.after(module)
 
     def release(self, module: nn.Module) -> str | None:
-        why = self.keep()
+        why = self.keep() or _not_from_checkpoint(module)
         if why:
             return why
         release_tensors(module)
@@ -298,6 +298,16 @@ def transplant(module: nn.Module, fresh: nn.Module) -> None:
                 nn.Parameter(t.detach().to(want), requires_grad=False) if isinstance(t, nn.Parameter) else t.to(want)
         owner, leaf = _slot(module, key)
         _put(owner, leaf, done[id(t)], isinstance(dst[key], nn.Parameter))
+
+
+def _not_from_checkpoint(module: nn.Module) -> str | None:
+    """A reason the module's weights are no longer what its checkpoint holds (quantized after loading:
+    a tensor subclass where a plain tensor was read), or None."""
+    for name, t in module.state_dict(keep_vars=True).items():
+        data = t.data if isinstance(t, nn.Parameter) else t
+        if type(data) is not torch.Tensor and not t.is_meta:
+            return f"{name} is a {type(data).__name__} (quantized after loading), which its checkpoint does not hold"
+    return None
 
 
 def trim_memory() -> None:
