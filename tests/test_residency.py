@@ -154,6 +154,11 @@ def test_compiled_forward_is_not_rebuilt_by_a_release(ckpt, reference):
     assert after["recompiles"] == before["recompiles"] and after["unique_graphs"] == before["unique_graphs"]
     assert torch.equal(first, reference.latents) and torch.equal(second, reference.latents)
     assert list(engine.residency.events)[-2:] == [("transformer", "in"), ("transformer", "out")]
+    engine.compile(True)  # inductor (nothing compiles until a call): its CPU freezing holds the weights
+    with pytest.warns(UserWarning, match="keeps the transformer in memory"):
+        with engine.residency.use("transformer"):
+            pass
+    assert list(engine.residency.events)[-1] == ("transformer", "kept")
 
 
 def test_bad_offload_requests_fail_before_loading(ckpt):

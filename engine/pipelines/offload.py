@@ -134,5 +134,8 @@ class OffloadMethods:
         if self.lora.fused:
             return "a LoRA is fused into its weights"
         if self.forward.compiled is not None and self.forward.compile_backend == "inductor":
-            return "compiled by inductor on the CPU, whose freezing folds the weights into the graph"
+            why = "compiled by inductor on the CPU, whose freezing folds the weights into the graph"
+            warnings.warn(f"offload on a CPU keeps the transformer in memory: it is {why}; without compile it is "
+                          "read per stage", UserWarning, stacklevel=2)
+            return why
         return None
