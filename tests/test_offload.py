@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 import torch
+from diffusers import CogVideoXPipeline
 
 from cogvx.engine import Engine
 from cogvx.engine.dev.tiny import make_tiny_checkpoint
@@ -22,6 +23,7 @@ from cogvx.engine.runtime.group_offload import BlockStreamer, block_units
 from cogvx.engine.runtime.residency import Streamed
 from helpers import rel_l2
 from hostile_helpers import REPO
+from test_lora import _make_lora
 from test_residency import WIDE_T5, WIDE_TRANSFORMER
 
 GEN = dict(prompt="a fox in the snow", negative_prompt="blurry", num_frames=9, height=96, width=128,
@@ -137,3 +139,16 @@ def test_group_offload_of_a_quantized_transformer(wide):
     _, streamed, _ = _run(wide, "group", recipe="int8wo")
     assert torch.equal(streamed.latents, moved.latents)
     assert rel_l2(streamed.latents, ref.latents) < 1e-3
+
+
+@pytest.mark.gpu
+@cuda
+def test_model_and_group_offload_with_a_lora(wide, tmp_path):
+    lora, _, _ = _make_lora(CogVideoXPipeline.from_pretrained(wide), "a", tmp_path / "a", 1)
+    _, ref, _ = _run(wide, None, lora=[(lora, 0.7)])
+    for mode in ("model", "group"):
+        engine, out, _ = _run(wide, mode, lora=[(lora, 0.7)])
+        assert torch.equal(out.latents, ref.latents), mode
+        engine.fuse_lora()  # merged into the weights where they wait (CPU), moved or streamed with them
+        fused = engine.generate(**GEN)
+        assert rel_l2(fused.latents, ref.latents) < 1e-4, mode
