@@ -3,7 +3,7 @@
 
 Configurations (each in its own process, so peaks do not mix), most important first:
   cogvx bf16 eager | diffusers bf16 eager | cogvx bf16 compiled | cogvx fp8dq-row compiled + Triton kernels |
-  diffusers bf16 compiled | cogvx int8wo compiled
+  diffusers bf16 compiled | cogvx int8wo compiled | cogvx bf16 compiled + Triton kernels + 8-bit attention
 Each runs a 1-step warm-up generate at the same shape without decoding (compiling where compiled;
 reported as compile time) and then the timed generate, from prompt to decoded frames. Reported: wall
 seconds (total and per stage), median step, peak CUDA memory (allocated and reserved), achieved TFLOP/s.
@@ -44,6 +44,7 @@ CONFIGS = {
     "cogvx-fp8dq-row-compiled": dict(impl="cogvx", recipe="fp8dq-row", compile=True, kernels="triton"),
     "diffusers-compiled": dict(impl="diffusers", compile=True),
     "cogvx-int8wo-compiled": dict(impl="cogvx", recipe="int8wo", compile=True, kernels="auto"),
+    "cogvx-int8attn-compiled": dict(impl="cogvx", recipe=None, compile=True, kernels="triton", int8_attention=True),
 }
 PROMPT = "A panda, dressed in a small red jacket and a tiny hat, sits on a wooden stool in a bamboo forest."
 FULL = dict(device="cuda", dtype="bfloat16", shape=dict(num_frames=49, height=480, width=720), steps=50,
@@ -53,8 +54,9 @@ SMOKE = dict(device="cpu", dtype="float32", shape=dict(num_frames=9, height=32, 
 MARGIN_S = 30  # left for writing results after the last configuration
 
 
-def _settings(smoke: bool) -> dict:
-    return SMOKE if smoke else FULL
+def _settings(smoke: bool, steps: int | None = None) -> dict:
+    s = SMOKE if smoke else FULL
+    return s if steps is None else dict(s, steps=steps)
 
 
 def skip_reason(name: str, device: str) -> str | None:
@@ -69,18 +71,20 @@ def skip_reason(name: str, device: str) -> str | None:
     return None
 
 
-def _child(model: str, name: str, smoke: bool) -> dict:
+def _child(model: str, name: str, smoke: bool, steps: int | None = None) -> dict:
     """Run one configuration in this process; returns its result row."""
     import torch
 
     from cogvx.engine import Engine
 
-    s, c = _settings(smoke), CONFIGS[name]
+    s, c = _settings(smoke, steps), CONFIGS[name]
     dtype = getattr(torch, s["dtype"])
     if c["impl"] == "diffusers":
         return _diffusers(model, name, s, dtype)
     t0 = time.perf_counter()
     engine = Engine.from_preset(model, s["device"], dtype, recipe=c["recipe"], kernels=c["kernels"])
+    if c.get("int8_attention"):  # the 8-bit attention without a weight recipe (fp8dq-row-int8attn has both)
+        engine.transformer.set_int8_gpu_attention(True)
     if c["compile"]:
         engine.compile(True, backend=s["compile_backend"])
     load_s = time.perf_counter() - t0
@@ -153,18 +157,19 @@ def _diffusers(model: str, name: str, s: dict, dtype) -> dict:
                 memory=mem.result, frames_shape=list(frames.shape))
 
 
-def _run_config(model: str, name: str, smoke: bool, in_process: bool, timeout: float) -> dict:
+def _run_config(model: str, name: str, smoke: bool, in_process: bool, timeout: float, steps: int | None) -> dict:
     """One configuration's row: its results, or its error (a failure never stops the run)."""
     if in_process:
         try:
             import torch._dynamo
 
             torch._dynamo.reset()  # each configuration compiles afresh, as in its own process
-            return _child(model, name, smoke)
+            return _child(model, name, smoke, steps)
         except Exception as e:
             return dict(config=name, model=model, error=f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}")
     try:
-        return run_child(__file__, model, name, *(["--smoke"] if smoke else []), timeout=timeout)
+        return run_child(__file__, model, name, *(["--smoke"] if smoke else []),
+                         *(["--steps", str(steps)] if steps else []), timeout=timeout)
     except RuntimeError as e:  # the time budget, or the configuration failed
         return dict(config=name, model=model, error=str(e)[-2000:])
 
@@ -177,18 +182,19 @@ def main(argv=None) -> int:
     p.add_argument("--subprocess", action="store_true", help="with --smoke: each configuration in its own process "
                                                              "(always so without --smoke)")
     p.add_argument("--budget-min", type=float, default=25.0, help="time budget of the whole run in minutes")
+    p.add_argument("--steps", type=int, help="denoising steps of the timed generate (default 50; 2 with --smoke)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        child_result(_child(args.child[0], args.child[1], args.smoke))
+        child_result(_child(args.child[0], args.child[1], args.smoke, args.steps))
         return 0
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
         print("this benchmark needs a CUDA device (use --smoke to check it on the CPU)", file=sys.stderr)
         return 2
-    s = _settings(args.smoke)
+    s = _settings(args.smoke, args.steps)
     deadline = time.monotonic() + args.budget_min * 60
     models = ["tiny"] if args.smoke and args.models == p.get_default("models") else args.models
     commit, dirty = git_commit()
@@ -213,7 +219,7 @@ def main(argv=None) -> int:
                 rows.append(dict(config=name, model=model, skipped=why))
                 print(f"{model:5} {name:26} skipped: {why}", flush=True)
             else:
-                rows.append(_run_config(model, name, args.smoke, args.smoke and not args.subprocess, left))
+                rows.append(_run_config(model, name, args.smoke, args.smoke and not args.subprocess, left, args.steps))
                 r = rows[-1]
                 if "error" in r:
                     print(f"{model:5} {name:26} FAILED\n{r['error']}", file=sys.stderr, flush=True)

@@ -18,6 +18,7 @@ import torch
 from cogvx.engine.models.presets import PRESETS
 from cogvx.engine.models.transformer import build_transformer
 from cogvx.engine.models.positions import latent_frames, make_positions
+from cogvx.engine.runtime.defaults import default_dtype
 from cogvx.engine.runtime.profiling import transformer_flops
 from cogvx.engine.models.tokenizer import MAX_LENGTH
 
@@ -33,7 +34,7 @@ def _sync():
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_denoising_step(benchmark, compiled):
     p = PRESETS[PRESET]
-    cfg, dtype = p.transformer, (p.dtype if DEVICE.type == "cuda" else torch.float32)
+    cfg, dtype = p.transformer, default_dtype(DEVICE, p.dtype)
     torch.manual_seed(0)
     model = build_transformer(cfg, device=DEVICE, dtype=dtype)
     (f_lat, _), h, w = latent_frames(cfg, p.num_frames), p.height // 8, p.width // 8
@@ -64,7 +65,7 @@ def test_vae_decode(benchmark, tiled):
     from cogvx.engine.models.config import VAEConfig
     from cogvx.engine.models.vae import CogVideoXVAE
 
-    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    dtype = default_dtype(DEVICE)
     p = PRESETS[PRESET]
     cfg = VAEConfig.real("5b") if PRESET != "tiny" else VAEConfig.tiny()
     torch.manual_seed(0)

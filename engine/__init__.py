@@ -21,9 +21,10 @@ _PUBLIC = {
     "StepCache": f"{_PIPELINES}.step_cache",
     **dict.fromkeys(["CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline",
                      "CogVideoXFunControlPipeline"], f"{_PIPELINES}.diffusers_pipelines"),
-    **dict.fromkeys(["CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX", "CogVideoXDDIMScheduler",
+    **dict.fromkeys(["AutoModel", "CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX", "CogVideoXDDIMScheduler",
                      "CogVideoXDPMScheduler", "CogVideoXPipelineOutput", "export_to_video"],
                     f"{_PIPELINES}.diffusers_models"),
+    **dict.fromkeys(["TorchAoConfig", "PipelineQuantizationConfig"], f"{_PIPELINES}.diffusers_quant"),
 }
 __all__ = list(_PUBLIC)
 

@@ -15,6 +15,7 @@ from torch import nn
 from cogvx.quantize import DTYPES, get_recipe, quantize_, resolve_recipes
 from cogvx.quantize.calibration import CALIBRATION_PROMPTS, text_encoder_calibration
 from cogvx.quantize.recipes import check_runnable
+from cogvx.quantize.settings import Runtime
 
 from .io.checkpoint import CheckpointError
 from .models.positions import latent_frames, make_positions
@@ -25,35 +26,31 @@ __all__ = ["resolve_quantization", "quantize_transformer", "quantize_text_encode
            "apply_runtime_settings"]
 
 # Recipe settings that are not about weights: what the transformer runs in besides its linears.
-_ATTENTION_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def apply_runtime_settings(transformer, settings: dict[str, Any]) -> None:
-    """Apply a recipe's non-weight settings to a (quantized) transformer: ``attention_dtype`` runs SDPA in
-    that dtype; ``fused_gelu_quant`` runs the feed-forward's GELU and int8 quantization as one kernel;
-    ``attention_kernel="int8-cpu"`` attends on the CPU with the int8 kernel (a warning and SDPA
-    where it cannot run). Both are CPU kernels: a transformer on another device keeps the PyTorch
-    path, without a warning. ``fp8_activations`` feeds the adaLN kernel's per-row fp8 output straight into the fp8
-    q/k/v and feed-forward-up GEMMs. Called after quantizing and after loading a quantized checkpoint,
-    so both run alike."""
-    if settings.get("fp8_activations"):
+def apply_runtime_settings(transformer, runtime: Runtime) -> None:
+    """Apply a recipe's runtime knobs (``cogvx.quantize.settings.Runtime``) to a (quantized) transformer:
+    ``attention_dtype`` runs SDPA in that dtype; ``fused_gelu_quant`` runs the feed-forward's GELU and int8
+    quantization as one kernel; ``attention_kernel="int8-cpu"`` attends on the CPU with the int8 kernel (a
+    warning and SDPA where it cannot run). Those two are CPU kernels: a transformer on another device keeps
+    the PyTorch path, without a warning. ``attention_kernel="int8-cuda"`` attends with the 8-bit Triton
+    attention (``set_int8_gpu_attention``; its PyTorch reference off CUDA: the same numerics on every
+    device). ``fp8_activations`` feeds the adaLN kernel's per-row fp8 output straight into the fp8 q/k/v and
+    feed-forward-up GEMMs. Called after quantizing and after loading a quantized checkpoint, so both run
+    alike."""
+    if runtime.fp8_activations:
         transformer.set_fp8_activations(True)
     on_cpu = next(transformer.parameters()).device.type == "cpu"
-    if settings.get("fused_gelu_quant") and on_cpu:
+    if runtime.fused_gelu_quant and on_cpu:
         transformer.set_fused_gelu_quant(True)
-    kernel = settings.get("attention_kernel")
-    if kernel not in (None, "int8-cpu"):
-        raise ValueError(f"attention_kernel {kernel!r} is not 'int8-cpu'")
-    why = kernel and on_cpu and transformer.set_int8_cpu_attention(True)
+    if runtime.attention_kernel == "int8-cuda":  # the recipe's numerics on every device (the reference off CUDA)
+        transformer.set_int8_gpu_attention(True)
+    why = runtime.attention_kernel == "int8-cpu" and on_cpu and transformer.set_int8_cpu_attention(True)
     if why:
         warnings.warn(f"the recipe's int8 CPU attention does not run here: {why}; attention runs as SDPA "
                       "instead (the int8 linears still apply)", RuntimeWarning, stacklevel=2)
-    name = settings.get("attention_dtype")
-    if name is None:
-        return
-    if name not in _ATTENTION_DTYPES:
-        raise ValueError(f"attention_dtype {name!r} is not one of {', '.join(_ATTENTION_DTYPES)}")
-    transformer.set_attention_dtype(_ATTENTION_DTYPES[name])
+    if runtime.attention_dtype is not None:
+        transformer.set_attention_dtype(getattr(torch, runtime.attention_dtype))
 
 
 def resolve_quantization(recipe, saved: dict[str, dict[str, Any]], device: torch.device, dtype: torch.dtype,
@@ -125,7 +122,7 @@ def quantize_transformer(transformer, recipe, tokenizer: PromptTokenizer | None 
                                     transformer.config.max_text_seq_length, dtype=dtype)
         calibrate = transformer_calibration(embeds)
     quantize_(transformer, recipe, "transformer", calibrate=calibrate)
-    apply_runtime_settings(transformer, recipe.options)
+    apply_runtime_settings(transformer, recipe.runtime)
 
 
 def quantize_text_encoder(text_encoder, recipe, tokenizer: PromptTokenizer | None = None) -> None:

@@ -1,7 +1,8 @@
 """cogvx.kernels: the fused kernels of the transformer, each beside its plain-PyTorch reference.
 
 The model code imports only the names below; which file holds which op is this package's business:
-adaln.py, adaln_fp8.py, qk_norm_rope.py, rope_flash_attention.py (one op each), cpu_kernels.py (the
+adaln.py, adaln_fp8.py, qk_norm_rope.py, rope_flash_attention.py, sage_attention.py (one op each;
+sage_quant.py: its int8 quantization kernel), cpu_kernels.py (the
 C kernels for AVX-512 VNNI + BF16 CPUs: int8 attention, GELU + int8 quantization; built on first use),
 rope.py (the shared RoPE reference and table checks), policy.py (which implementation runs), aot.py
 (compile every kernel for sm_80/89/90 and check registers, spills and shared memory, no GPU needed).
@@ -13,6 +14,8 @@ them without importing triton, which the Triton kernels' modules import.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 _PUBLIC = {
     "adaptive_layernorm": ("adaln", "adaptive_layernorm"),
@@ -26,8 +29,24 @@ _PUBLIC = {
     "qk_norm_rope": ("qk_norm_rope", "qk_norm_rope"),
     "resolve_backend": ("policy", "resolve_backend"),
     "rope_attention": ("rope_flash_attention", "rope_attention"),
+    "sage_attention": ("sage_attention", "sage_attention"),
 }
 __all__ = list(_PUBLIC)
+
+
+class _Package(types.ModuleType):
+    """Two public names are also module names (qk_norm_rope, sage_attention): importing such a
+    submodule directly (``from cogvx.kernels.qk_norm_rope import ...``) would make the import system
+    set the package attribute to the module, and a later ``from cogvx.kernels import qk_norm_rope``
+    would get the module, not the function. The public name always means the function."""
+
+    def __setattr__(self, name, value):
+        if name in _PUBLIC and isinstance(value, types.ModuleType):
+            return  # the submodule stays reachable through sys.modules and importlib.import_module
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

@@ -38,6 +38,10 @@ from .qk_norm_rope import _qk_norm_rope_kernel
 from .qk_norm_rope import launch_plan as qk_plan
 from .rope_flash_attention import _rope_flash_attn_kernel, flash_configs
 from .rope_flash_attention import launch_plan as flash_plan
+from .sage_attention import _sage_attn_kernel, sage_configs
+from .sage_attention import launch_plan as sage_plan
+from .sage_quant import _sage_quant_kernel
+from .sage_quant import launch_plan as sage_quant_plan
 
 __all__ = ["MODELS", "SMEM_LIMITS", "jobs", "main"]
 
@@ -71,10 +75,10 @@ MODELS = {
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # adaln | adaln_fp8 | qk_norm_rope | rope_flash_attention
+    kernel: str  # adaln | adaln_fp8 | qk_norm_rope | rope_flash_attention | sage_quant | sage_attention
     model: str
     dtype: str
-    variant: str  # "delta"/"no delta" or "rope"/"no rope"
+    variant: str  # "delta"/"no delta", "rope"/"no rope", "q"/"k smoothed" (sage_quant), "int8" (sage_attention)
     config_index: int  # index into the launcher's configurations (flash attention), else 0
     target: int  # compute capability, e.g. 90
 
@@ -85,6 +89,10 @@ def _meta(*shape, dtype=torch.float32):
 
 def _flash_configs(target: int, has_rope: bool) -> list:
     return flash_configs((target // 10, target % 10), has_rope)
+
+
+def _sage_configs(target: int) -> list:
+    return sage_configs((target // 10, target % 10))
 
 
 def jobs(models, dtypes, targets) -> list[Job]:
@@ -103,6 +111,10 @@ def jobs(models, dtypes, targets) -> list[Job]:
                 variant = "rope" if m.rope else "no rope"
                 for i in range(len(_flash_configs(target, m.rope))):
                     out.append(Job("rope_flash_attention", name, dt, variant, i, target))
+                for variant in ("q", "k smoothed"):
+                    out.append(Job("sage_quant", name, dt, variant, 0, target))
+                for i in range(len(_sage_configs(target))):
+                    out.append(Job("sage_attention", name, dt, "int8", i, target))
     return out
 
 
@@ -133,6 +145,17 @@ def _launch(job: Job):
         _, args, kw = qk_plan(q, k, w, w, w, w, cos, sin, N_TEXT, 0, 1e-6, *outs, interpreted=False)
         return _qk_norm_rope_kernel, args, kw, f"BLOCK_S={kw['BLOCK_S']} w{kw['num_warps']}"
     qn, kn, out = (_meta(B, H, S, HEAD_DIM, dtype=dt) for _ in range(3))  # q, k: the QK kernel's outputs
+    if job.kernel == "sage_quant":  # of the QK kernel's contiguous output
+        mean = _meta(B, H, 1, HEAD_DIM) if job.variant == "k smoothed" else None
+        codes, scales = _meta(B, H, S, HEAD_DIM, dtype=torch.int8), _meta(B, H, S)
+        _, args, kw = sage_quant_plan(kn, mean, 0.18, codes, scales, interpreted=False)
+        return _sage_quant_kernel, args, kw, f"BLOCK_S={kw['BLOCK_S']} w{kw['num_warps']}"
+    if job.kernel == "sage_attention":
+        q8, k8 = _meta(B, H, S, HEAD_DIM, dtype=torch.int8), _meta(B, H, S, HEAD_DIM, dtype=torch.int8)
+        args, kw = sage_plan(q8, _meta(B, H, S), k8, _meta(B, H, S), v.transpose(1, 2), out)
+        cfg = _sage_configs(job.target)[job.config_index]
+        kw = dict(kw, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return _sage_attn_kernel, args, kw, f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
     args, kw = flash_plan(qn, kn, v.transpose(1, 2), cos, sin, N_TEXT, out)
     cfg = _flash_configs(job.target, rope)[job.config_index]
     kw = dict(kw, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -27,6 +27,7 @@ from torch import nn
 
 from .backends import backend_version, get_backend
 from .recipes import Recipe, RecipeError, get_recipe
+from .settings import Runtime, SettingsError, options_from_dict
 
 __all__ = [
     "FORMAT_VERSION", "QUANT_FILE", "QuantizedFormatError", "DTYPES", "export_component", "component_info", "check_info",
@@ -116,6 +117,14 @@ def check_info(info: Any, where: str) -> dict[str, Any]:
     if info["backend"] != recipe.backend:
         raise QuantizedFormatError(f"{where}: backend {info['backend']!r} does not match recipe {recipe.name!r} "
                                    f"({recipe.backend})")
+    settings = info["recipe"].get("settings", {})
+    try:  # every saved setting is a known one with an accepted value
+        if not isinstance(settings, dict):
+            raise SettingsError(f"settings must be a JSON object (got {type(settings).__name__})")
+        options_from_dict(recipe.backend, settings)
+        Runtime.from_dict(settings)
+    except SettingsError as e:
+        raise QuantizedFormatError(f"{where}: recipe {recipe.name!r}: {e}") from e
     for key in ("fused_qkv", "fuse_qkv"):
         if not isinstance(info.get(key, False), bool):
             raise QuantizedFormatError(f"{where}: {key} must be true or false")
@@ -131,7 +140,7 @@ def prepare_quantized(model: nn.Module, info: dict[str, Any], dtype: torch.dtype
     Returns ({fqn: quantized layer}, {stored tensor name: shape} of everything the files must hold).
     """
     backend = get_backend(info["backend"])
-    options = info["recipe"].get("settings", {})
+    options = options_from_dict(info["backend"], info["recipe"].get("settings", {}))
     expected: dict[str, tuple[int, ...]] = {}
     layers: dict[str, nn.Module] = {}
     for fqn, meta in info["layers"].items():

@@ -19,6 +19,7 @@ measured values in tests/quantize_accuracy.json).
     fp8wo         torchao  41.5 (38)         53.2 (50)         yes
     fp8dq         torchao  -                 -                 needs CUDA SM 8.9+
     fp8dq-row     torchao  -                 -                 needs CUDA SM 8.9+
+    fp8dq-row-int8attn torchao -             -                 needs CUDA SM 8.9+; not yet measured
     quanto-int8   quanto   53.7 (50)         67.4 (63)         yes
     quanto-fp8    quanto   41.5 (38)         53.2 (50)         yes
     quanto-w8a8   quanto   36.9 (33)         41.8 (38)         yes
@@ -48,13 +49,14 @@ activation dtype for the GEMM: no speedup over fp32 here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from .backends import backend_installed, backend_status
 from .filters import COMPONENTS, DEFAULT_FILTERS, ModuleFilter, default_filter
+from .settings import OPTION_TYPES, BackendOptions, BnbOptions, NativeOptions, QuantoOptions, Runtime, TorchaoOptions
 
 __all__ = [
     "Recipe", "RecipeError", "RECIPES", "get_recipe", "availability", "runnable_recipes", "check_runnable",
@@ -70,26 +72,36 @@ class RecipeError(ValueError):
 class Recipe:
     """One quantization recipe.
 
-    name: registry key (``int8wo``). backend: "torchao", "quanto" or "bnb".
-    settings: backend knobs as (key, value) pairs (a tuple keeps the dataclass hashable);
-        read them through :attr:`options`.
+    name: registry key (``int8wo``). options: the backend's typed options (``TorchaoOptions``,
+        ``QuantoOptions``, ``BnbOptions``, ``NativeOptions``); their type names the backend.
+    runtime: the engine's runtime knobs the recipe switches on (``Runtime``: attention kernel and dtype,
+        fused GELU + quantization, fp8 activations).
     filters: (component, ModuleFilter) pairs; components not listed use the default filter.
     needs_cuda_capability: minimum CUDA compute capability, or None when the CPU can run it.
     needs_calibration: activation scales are static and are measured on sample inputs at quantization time.
+    cpu_note / gpu_note: a caveat said with the recipe's availability on a CPU / on a CUDA device (the
+        gpu_note also where a CPU cannot run it).
     """
 
     name: str
-    backend: str
     description: str
-    settings: tuple[tuple[str, Any], ...] = ()
+    options: BackendOptions
+    runtime: Runtime = Runtime()
     filters: tuple[tuple[str, ModuleFilter], ...] = ()
     needs_cuda_capability: tuple[int, int] | None = None
     needs_calibration: bool = False
     cpu_note: str = ""
+    gpu_note: str = ""
 
     @property
-    def options(self) -> dict[str, Any]:
-        return dict(self.settings)
+    def backend(self) -> str:
+        """"torchao", "quanto", "bnb" or "native"."""
+        return next(b for b, t in OPTION_TYPES.items() if isinstance(self.options, t))
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The backend's options and the runtime knobs as one flat JSON object (saved with a checkpoint)."""
+        return {**asdict(self.options), **self.runtime.to_dict()}
 
     def filter_for(self, component: str) -> ModuleFilter:
         return dict(self.filters).get(component) or default_filter(component)
@@ -97,7 +109,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """JSON form, saved next to a quantized checkpoint."""
         return {
-            "name": self.name, "backend": self.backend, "settings": dict(self.settings),
+            "name": self.name, "backend": self.backend, "settings": self.settings,
             "filters": {c: self.filter_for(c).to_dict() for c in COMPONENTS},
         }
 
@@ -114,44 +126,44 @@ CPU_BF16_ATTN_NOTE = ("runs; int8dq-cpu with, compiled, short-sequence attention
                       "0.92x diffusers + torchao int8dq; long sequences keep SDPA")
 CPU_INT8_ATTN_NOTE = ("runs; the fastest here (AVX-512 VNNI + BF16): attention as int8 q k^T + bf16 p v in one C kernel, "
                       "step 0.16x (cpu-bench) / 0.23x (cpu-long) diffusers fp32, 0.65x / 0.38x diffusers + torchao int8dq")
+INT8_CUDA_ATTN_NOTE = ("GPU-only; not yet measured on a GPU (speed and end-to-end accuracy unknown; the attention "
+                       "kernel is tested under the Triton interpreter: 41 dB against float64 attention)")
 _INT8DQ_NOTE = "runs; VNNI makes it faster than fp32 here (cpu-bench step ~0.28x fp32 compiled)"
 _WO_NOTE = "runs; weight-only: the GEMM runs in the activation dtype, no faster than fp32 on a CPU"
+_NATIVE = NativeOptions(gemm_out="bfloat16")
+_FUSED = Runtime(fused_gelu_quant=True)
 _RECIPES = [
-    Recipe("int8wo", "torchao", "int8 weight-only, per-channel scales",
-           (("config", "Int8WeightOnlyConfig"),), cpu_note=_WO_NOTE),
-    Recipe("int8dq", "torchao", "int8 dynamic per-token activations + int8 per-channel weights",
-           (("config", "Int8DynamicActivationInt8WeightConfig"),),
-           cpu_note=_INT8DQ_NOTE),
-    Recipe("fp8wo", "torchao", "float8 e4m3 weight-only, per-channel scales",
-           (("config", "Float8WeightOnlyConfig"),)),
-    Recipe("fp8dq", "torchao", "float8 e4m3 dynamic activations + weights, per-tensor scales",
-           (("config", "Float8DynamicActivationFloat8WeightConfig"), ("granularity", "PerTensor")),
-           _fp8_filters(), needs_cuda_capability=_SM89),
-    Recipe("fp8dq-row", "torchao", "float8 e4m3 dynamic activations + weights, per-row scales; the adaLN kernel "
+    Recipe("int8wo", "int8 weight-only, per-channel scales", TorchaoOptions("Int8WeightOnlyConfig"), cpu_note=_WO_NOTE),
+    Recipe("int8dq", "int8 dynamic per-token activations + int8 per-channel weights",
+           TorchaoOptions("Int8DynamicActivationInt8WeightConfig"), cpu_note=_INT8DQ_NOTE),
+    Recipe("fp8wo", "float8 e4m3 weight-only, per-channel scales", TorchaoOptions("Float8WeightOnlyConfig")),
+    Recipe("fp8dq", "float8 e4m3 dynamic activations + weights, per-tensor scales",
+           TorchaoOptions("Float8DynamicActivationFloat8WeightConfig", "PerTensor"),
+           filters=_fp8_filters(), needs_cuda_capability=_SM89),
+    Recipe("fp8dq-row", "float8 e4m3 dynamic activations + weights, per-row scales; the adaLN kernel "
            "quantizes the q/k/v and feed-forward-up inputs",
-           (("config", "Float8DynamicActivationFloat8WeightConfig"), ("granularity", "PerRow"),
-            ("fp8_activations", True)),
-           _fp8_filters(), needs_cuda_capability=_SM89),
-    Recipe("quanto-int8", "quanto", "optimum-quanto int8 weights, per-channel scales",
-           (("weights", "qint8"), ("activations", None))),
-    Recipe("quanto-fp8", "quanto", "optimum-quanto float8 e4m3 weights, per-channel scales",
-           (("weights", "qfloat8"), ("activations", None))),
-    Recipe("quanto-w8a8", "quanto", "optimum-quanto int8 weights + int8 activations (static scales, calibrated)",
-           (("weights", "qint8"), ("activations", "qint8")), needs_calibration=True),
-    Recipe("bnb-int8", "bnb", "bitsandbytes LLM.int8 (int8 weights, fp16 outlier columns above 6.0)",
-           (("kind", "int8"), ("threshold", 6.0))),
-    Recipe("int8dq-cpu", "native",
-           "int8 dynamic per-token activations + int8 per-channel weights, oneDNN u8 x s8 VNNI GEMM writing bf16",
-           (("gemm_out", "bfloat16"), ("fused_gelu_quant", True)), cpu_note=CPU_FAST_NOTE),
-    Recipe("int8dq-cpu-bf16attn", "native", "int8dq-cpu with attention in bf16",
-           (("gemm_out", "bfloat16"), ("fused_gelu_quant", True), ("attention_dtype", "bfloat16")),
-           cpu_note=CPU_BF16_ATTN_NOTE),
-    Recipe("int8dq-cpu-int8attn", "native", "int8dq-cpu with int8 q k^T and bf16 p v attention (SageAttention-style "
-           "C kernel for AVX-512 VNNI + BF16 CPUs; SDPA elsewhere)",
-           (("gemm_out", "bfloat16"), ("fused_gelu_quant", True), ("attention_kernel", "int8-cpu")),
-           cpu_note=CPU_INT8_ATTN_NOTE),
-    Recipe("bnb-nf4", "bnb", "bitsandbytes 4-bit NormalFloat, blocks of 64, double-quantized scales",
-           (("kind", "nf4"), ("blocksize", 64), ("compress_statistics", True))),
+           TorchaoOptions("Float8DynamicActivationFloat8WeightConfig", "PerRow"), Runtime(fp8_activations=True),
+           filters=_fp8_filters(), needs_cuda_capability=_SM89),
+    Recipe("fp8dq-row-int8attn", "fp8dq-row with 8-bit attention: k smoothed by its mean, q and k int8 per token, "
+           "int8 q k^T and fp16 p v (SageAttention-style Triton kernel, cogvx.kernels.sage_attention)",
+           TorchaoOptions("Float8DynamicActivationFloat8WeightConfig", "PerRow"),
+           Runtime(fp8_activations=True, attention_kernel="int8-cuda"),
+           filters=_fp8_filters(), needs_cuda_capability=_SM89, gpu_note=INT8_CUDA_ATTN_NOTE),
+    Recipe("quanto-int8", "optimum-quanto int8 weights, per-channel scales", QuantoOptions("qint8")),
+    Recipe("quanto-fp8", "optimum-quanto float8 e4m3 weights, per-channel scales", QuantoOptions("qfloat8")),
+    Recipe("quanto-w8a8", "optimum-quanto int8 weights + int8 activations (static scales, calibrated)",
+           QuantoOptions("qint8", "qint8"), needs_calibration=True),
+    Recipe("bnb-int8", "bitsandbytes LLM.int8 (int8 weights, fp16 outlier columns above 6.0)",
+           BnbOptions("int8", threshold=6.0)),
+    Recipe("int8dq-cpu", "int8 dynamic per-token activations + int8 per-channel weights, oneDNN u8 x s8 VNNI GEMM "
+           "writing bf16", _NATIVE, _FUSED, cpu_note=CPU_FAST_NOTE),
+    Recipe("int8dq-cpu-bf16attn", "int8dq-cpu with attention in bf16", _NATIVE,
+           Runtime(fused_gelu_quant=True, attention_dtype="bfloat16"), cpu_note=CPU_BF16_ATTN_NOTE),
+    Recipe("int8dq-cpu-int8attn", "int8dq-cpu with int8 q k^T and bf16 p v attention (SageAttention-style "
+           "C kernel for AVX-512 VNNI + BF16 CPUs; SDPA elsewhere)", _NATIVE,
+           Runtime(fused_gelu_quant=True, attention_kernel="int8-cpu"), cpu_note=CPU_INT8_ATTN_NOTE),
+    Recipe("bnb-nf4", "bitsandbytes 4-bit NormalFloat, blocks of 64, double-quantized scales",
+           BnbOptions("nf4", blocksize=64, compress_statistics=True)),
 ]
 RECIPES: dict[str, Recipe] = {r.name: r for r in _RECIPES}
 
@@ -179,12 +191,13 @@ def availability(recipe: str | Recipe, device: str | torch.device = "cpu", *,
     if r.needs_cuda_capability is not None:
         need = "%d.%d" % r.needs_cuda_capability
         if dev.type != "cuda":
-            return False, f"needs a CUDA GPU with compute capability >= {need} (device is {dev})"
+            note = f"; {r.gpu_note}" if r.gpu_note else ""
+            return False, f"needs a CUDA GPU with compute capability >= {need} (device is {dev}){note}"
         cap = torch.cuda.get_device_capability(dev)
         if cap < r.needs_cuda_capability:
             return False, (f"needs CUDA compute capability >= {need}; {torch.cuda.get_device_name(dev)} "
                            f"is {cap[0]}.{cap[1]}")
-    return True, (r.cpu_note if dev.type == "cpu" else "")
+    return True, (r.cpu_note if dev.type == "cpu" else r.gpu_note)
 
 
 def runnable_recipes(device: str | torch.device = "cpu") -> list[str]:

@@ -209,3 +209,18 @@ def test_no_module_reads_another_modules_private_attributes():
                 continue
             bad.append(f"{path.relative_to(REPO)}:{n.lineno}: {ast.unparse(n)}")
     assert not bad, "reads of another module's private attributes (give them a public name):\n" + "\n".join(bad)
+
+
+def test_readme_layout_and_drawing_match_the_house():
+    """The README's Layout table names every part of the house, and its drawing is what
+    ``python -P tests/structure.py`` prints from the code today."""
+    readme = (REPO / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    parts = sorted({name.split(".")[2] for name, _, _ in _modules() if name.count(".") >= 2
+                    and name.startswith("cogvx.engine.")})
+    for part in parts:
+        folder = f"`engine/{part}/`" if (REPO / "engine" / part).is_dir() else f"`engine/{part}.py`"
+        assert folder in layout, f"the README's Layout table does not name {folder}"
+    drawn = subprocess.run([sys.executable, "-P", str(REPO / "tests" / "structure.py")], capture_output=True,
+                           text=True, timeout=120, check=True).stdout.strip()
+    assert drawn and drawn in layout, "the README's drawing is out of date: paste `python -P tests/structure.py`"

@@ -18,6 +18,7 @@ from cogvx.engine.quantizing import apply_runtime_settings, quantize_transformer
 from cogvx.engine.runtime.compiling import compile_module, dynamo_counts
 from cogvx.kernels import cpu_kernels, gelu_quant_rows, int8_attention, cpu_kernels_unavailable
 from cogvx.quantize.metrics import sqnr
+from cogvx.quantize.settings import Runtime
 from helpers import attention_float64
 from tiny_transformer import tiny_quantized_transformer
 
@@ -108,7 +109,7 @@ def test_machines_that_cannot_run_it_say_why_and_keep_sdpa(monkeypatch, tmp_path
             why.startswith("needs x86-64 Linux")
         model = build_transformer(PRESETS["tiny"].transformer, device="cpu")
         with pytest.warns(RuntimeWarning, match="int8 CPU attention does not run here: .*attention runs as SDPA"):
-            apply_runtime_settings(model, {"attention_kernel": "int8-cpu"})
+            apply_runtime_settings(model, Runtime(attention_kernel="int8-cpu"))
         assert not any(b.attn1.int8_cpu for b in model.transformer_blocks)
         quantize_transformer(model, "int8dq-cpu")  # the feed-forward keeps inductor's unfused GELU + quantization
         assert model.set_fused_gelu_quant(True) == 0
@@ -122,8 +123,8 @@ def test_machines_that_cannot_run_it_say_why_and_keep_sdpa(monkeypatch, tmp_path
             assert cpu_kernels_unavailable().startswith("building cpu_kernels.c with false failed")
     finally:
         cpu_kernels._library.cache_clear()
-    with pytest.raises(ValueError, match="attention_kernel 'int4' is not 'int8-cpu'"):
-        apply_runtime_settings(build_transformer(PRESETS["tiny"].transformer, device="cpu"), {"attention_kernel": "int4"})
+    with pytest.raises(ValueError, match="attention_kernel 'int4' is not one of 'int8-cpu'"):
+        Runtime(attention_kernel="int4")
 
 
 @needs_kernel
@@ -145,7 +146,7 @@ def test_recipe_attends_with_the_kernel_compiled_with_no_graph_break():
             sum(n for key, n in keys.items() if "scaled_dot_product" in key)
 
     sdpa, _, _ = calls(model)
-    apply_runtime_settings(model, {"attention_kernel": "int8-cpu"})
+    apply_runtime_settings(model, Runtime(attention_kernel="int8-cpu"))
     eager, n_op, n_sdpa = calls(model)
     assert (n_op, n_sdpa) == (cfg.num_layers, 0)
     torch._dynamo.reset()
@@ -206,5 +207,5 @@ def test_other_devices_keep_the_pytorch_path_quietly():
     model = build_transformer(PRESETS["tiny"].transformer, device="meta")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        apply_runtime_settings(model, {"attention_kernel": "int8-cpu", "fused_gelu_quant": True})
+        apply_runtime_settings(model, Runtime(attention_kernel="int8-cpu", fused_gelu_quant=True))
     assert not any(b.attn1.int8_cpu or b.ff.fused_gelu_quant for b in model.transformer_blocks)

@@ -97,10 +97,11 @@ def test_fp8_path_traces_as_one_graph():
 def test_recipe_turns_it_on_and_plain_weights_are_refused():
     fused, _ = _models(fuse_qkv=True)
     fused.set_fp8_activations(False)
-    apply_runtime_settings(fused, RECIPES["fp8dq-row"].options)
+    apply_runtime_settings(fused, RECIPES["fp8dq-row"].runtime)
     assert all(b.fp8_activations for b in fused.transformer_blocks)
-    assert RECIPES["fp8dq-row"].options["fp8_activations"] is True
-    assert not any("fp8_activations" in RECIPES[n].options for n in RECIPES if n != "fp8dq-row")
+    assert RECIPES["fp8dq-row"].runtime.fp8_activations is True
+    assert not any(RECIPES[n].runtime.fp8_activations for n in RECIPES
+                   if n not in ("fp8dq-row", "fp8dq-row-int8attn"))
     plain = build_transformer(PRESETS["tiny"].transformer, device="cpu")
     with pytest.raises(ValueError, match="has no per-row float8 weight"):
         plain.set_fp8_activations(True)

@@ -15,7 +15,7 @@ from hostile_helpers import REPO, cli_env
 
 SCRIPT = REPO / "benchmarks" / "gpu_pipeline.py"
 CONFIGS = ["cogvx-eager", "diffusers-eager", "cogvx-compiled", "cogvx-fp8dq-row-compiled", "diffusers-compiled",
-           "cogvx-int8wo-compiled"]
+           "cogvx-int8wo-compiled", "cogvx-int8attn-compiled"]
 
 
 def _run(tmp_path, *args, timeout=600):

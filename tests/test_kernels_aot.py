@@ -2,9 +2,9 @@
 needed) without register spills and within shared memory, at the configurations the launchers pick.
 
 The test runs the module's ``--quick`` subset (every kernel, every target and every configuration the
-launchers offer for CogVideoX-5b (RoPE) and -2b (no RoPE), bfloat16 only: 53 compiles, about a minute
+launchers offer for CogVideoX-5b (RoPE) and -2b (no RoPE), bfloat16 only: 81 compiles, about two minutes
 on 2 cores with a cold Triton cache, seconds with a warm one). The full matrix (+ 1.5-5b, + float16:
-160 compiles) is ``python -P -m cogvx.kernels.aot``; its table is in benchmarks/results/aot-*.md.
+244 compiles) is ``python -P -m cogvx.kernels.aot``; its table is in benchmarks/results/aot-*.md.
 """
 
 import json
@@ -30,12 +30,14 @@ def _expected(targets, models, dtypes):
     launchers' own configuration tables (imported in a child: this process interprets the kernels)."""
     code = (
         "import json, sys\n"
-        "from cogvx.kernels.aot import jobs, _flash_configs\n"
+        "from cogvx.kernels.aot import jobs, _flash_configs, _sage_configs\n"
         f"out = [[j.kernel, j.model, j.variant, j.config_index, j.target]\n"
         f"       for j in jobs({models}, {dtypes}, {targets})]\n"
         "tiles = {str(t): {str(r): [f\"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}\"\n"
         "                           for c in _flash_configs(t, r)] for r in (True, False)} for t in (80, 89, 90)}\n"
-        "print(json.dumps({'jobs': out, 'tiles': tiles}))\n"
+        "sage = {str(t): [f\"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}\"\n"
+        "                 for c in _sage_configs(t)] for t in (80, 89, 90)}\n"
+        "print(json.dumps({'jobs': out, 'tiles': tiles, 'sage': sage}))\n"
     )
     proc = _aot(code=code)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -49,7 +51,7 @@ def test_every_kernel_compiles_spill_free_for_sm80_89_90(tmp_path):
     data = json.loads(out.read_text())
     rows = data["rows"]
     expected = _expected([80, 89, 90], ["5b", "2b"], ["bfloat16"])
-    assert len(rows) == len(expected["jobs"]) == 53, (len(rows), len(expected["jobs"]))
+    assert len(rows) == len(expected["jobs"]) == 81, (len(rows), len(expected["jobs"]))
     for r in rows:
         where = f"{r['kernel']} {r['model']} {r['variant']} {r['config']} sm_{r['target']}"
         assert r["status"] == "ok", f"{where}: {r['status']} {r.get('error', '')}"
@@ -57,7 +59,8 @@ def test_every_kernel_compiles_spill_free_for_sm80_89_90(tmp_path):
         assert 0 <= r["smem"] <= r["smem_limit"] == {80: 166912, 89: 101376, 90: 232448}[r["target"]], where
     kernels = {(r["kernel"], r["target"]) for r in rows}
     for t in (80, 89, 90):
-        assert {("adaln", t), ("qk_norm_rope", t), ("rope_flash_attention", t)} <= kernels
+        assert {("adaln", t), ("qk_norm_rope", t), ("rope_flash_attention", t), ("sage_quant", t),
+                ("sage_attention", t)} <= kernels
     # fp8 conversion needs sm_89+: the fp8 adaLN exists exactly where its dispatcher launches it.
     assert {t for k, t in kernels if k == "adaln_fp8"} == {89, 90}
     # Exactly the flash-attention configurations the launcher offers on each target, no more, no less.
@@ -67,9 +70,17 @@ def test_every_kernel_compiles_spill_free_for_sm80_89_90(tmp_path):
             got = [r["config"] for r in rows if r["kernel"] == "rope_flash_attention" and r["target"] == t
                    and r["variant"] == variant]  # fmt: skip
             assert got == expected["tiles"][str(t)][str(rope)], (t, variant, got)
+    # And the 8-bit attention's, per target and model; its quantization kernel for q and for smoothed k.
+    for t in (80, 89, 90):
+        for model in ("5b", "2b"):
+            got = [r["config"] for r in rows if r["kernel"] == "sage_attention" and r["target"] == t
+                   and r["model"] == model]  # fmt: skip
+            assert got == expected["sage"][str(t)], (t, model, got)
+            assert sorted(r["variant"] for r in rows if r["kernel"] == "sage_quant" and r["target"] == t
+                          and r["model"] == model) == ["k smoothed", "q"]  # fmt: skip
     # The printed table has one line per compile.
     table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ") and "sm_" in ln]
-    assert len(table) == 53 and "53 compiles (53 ok)" in proc.stdout, proc.stdout[-2000:]
+    assert len(table) == 81 and "81 compiles (81 ok)" in proc.stdout, proc.stdout[-2000:]
     assert "spill st/ld" in proc.stdout and "smem" in proc.stdout
 
 

@@ -18,6 +18,7 @@ from cogvx.quantize import RECIPES, availability, quantize_
 from cogvx.quantize.backends import native
 from cogvx.quantize.backends.native import Int8DynamicLinear, int8_linear_reference
 from cogvx.quantize.metrics import sqnr
+from cogvx.quantize.settings import Runtime
 from helpers import attention_float64
 from tiny_transformer import tiny_quantized_transformer
 
@@ -88,10 +89,10 @@ def test_quantize_replaces_the_filtered_linears():
 
 def test_attention_dtype_setting_reaches_every_block():
     model = build_transformer(PRESETS["tiny"].transformer, device="cpu")
-    apply_runtime_settings(model, RECIPES["int8dq-cpu-bf16attn"].options)
+    apply_runtime_settings(model, RECIPES["int8dq-cpu-bf16attn"].runtime)
     assert all(b.attn1.sdpa_dtype == torch.bfloat16 for b in model.transformer_blocks)
-    with pytest.raises(ValueError, match="attention_dtype 'float16' is not one of bfloat16, float32"):
-        apply_runtime_settings(model, {"attention_dtype": "float16"})
+    with pytest.raises(ValueError, match="attention_dtype 'float16' is not one of 'bfloat16', 'float32'"):
+        Runtime(attention_dtype="float16")
 
 
 def test_bad_settings_and_stored_tensors_are_clear_errors():

@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_quantize_accuracy import sqnr, transformer_out
 
-ALL = {"int8wo", "int8dq", "fp8wo", "fp8dq", "fp8dq-row", "quanto-int8", "quanto-fp8", "quanto-w8a8", "bnb-int8",
-       "bnb-nf4", "int8dq-cpu", "int8dq-cpu-bf16attn", "int8dq-cpu-int8attn"}
+ALL = {"int8wo", "int8dq", "fp8wo", "fp8dq", "fp8dq-row", "fp8dq-row-int8attn", "quanto-int8", "quanto-fp8",
+       "quanto-w8a8", "bnb-int8", "bnb-nf4", "int8dq-cpu", "int8dq-cpu-bf16attn", "int8dq-cpu-int8attn"}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -56,7 +56,7 @@ def test_registry_holds_the_recipes_as_frozen_data():
     r = RECIPES["fp8dq-row"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.name = "x"
-    assert r.backend == "torchao" and r.options["granularity"] == "PerRow"
+    assert r.backend == "torchao" and r.options.granularity == "PerRow"
     assert {RECIPES[n].backend for n in ("quanto-int8", "quanto-fp8", "quanto-w8a8")} == {"quanto"}
     assert {RECIPES[n].backend for n in ("bnb-int8", "bnb-nf4")} == {"bnb"}
     assert {RECIPES[n].backend for n in ("int8dq-cpu", "int8dq-cpu-bf16attn", "int8dq-cpu-int8attn")} == {"native"}

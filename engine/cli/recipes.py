@@ -26,7 +26,7 @@ def recipes_table(device: str | torch.device | None = None) -> list[dict]:
     rows = []
     for r in RECIPES.values():
         ok, why = availability(r, dev, import_backend=False)
-        if ok and dev.type == "cpu" and r.options.get("attention_kernel") == "int8-cpu":
+        if ok and dev.type == "cpu" and r.runtime.attention_kernel == "int8-cpu":
             missing = cpu_kernels_unavailable(build=False)
             if missing:  # the recipe still runs: its int8 linears, with SDPA for attention
                 why = f"runs with SDPA attention: its int8 attention kernel cannot run here ({missing})"

@@ -175,9 +175,13 @@ def _module(mod: str, p: dict[str, torch.Tensor], cfg: dict[str, Any], f: Path) 
                               f"{'lora_A' if down is None else 'lora_B'} weight; the file is incomplete")
     if "lora_A.bias" in p:
         raise CheckpointError(f"{where} has a lora_A bias, which no LoRA format defines")
+    if down.ndim > 2 and up.ndim == down.ndim and all(s == 1 for s in up.shape[2:]):
+        # a convolution's LoRA (peft: lora_A [r, C_in, *kernel], lora_B a 1x1 [C_out, r, 1, ...]), kept flat
+        down, up = down.flatten(1), up.flatten(1)
     if down.ndim != 2 or up.ndim != 2:
-        raise CheckpointError(f"{where}: lora_A {tuple(down.shape)} / lora_B {tuple(up.shape)} are not matrices "
-                              "(LoRA on convolution layers is not supported)")
+        raise CheckpointError(f"{where}: lora_A {tuple(down.shape)} / lora_B {tuple(up.shape)} are neither matrices "
+                              "(a Linear's LoRA) nor a convolution's (lora_A [r, C_in, *kernel], lora_B [C_out, r, "
+                              "1, ...])")
     if down.shape[0] != up.shape[1] or down.shape[0] == 0:
         raise CheckpointError(f"{where}: lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)} disagree on the "
                               "rank (lora_A must be [r, in], lora_B [out, r])")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from cogvx.quantize import QUANTIZABLE
+from cogvx.quantize.settings import Runtime
 from cogvx.quantize.torchao_format import cat_rows
 
 from ..io.checkpoint import CheckpointError, read_json, read_model_index
@@ -36,7 +37,7 @@ from ..models.text_encoder import build_text_encoder, text_encoder_dtype, tie_em
 from ..models.transformer import CogVideoXTransformer, build_transformer
 from ..models.vae import CogVideoXVAE
 from ..quantizing import apply_runtime_settings, quantize_text_encoder, quantize_transformer, resolve_quantization
-from .quantized import _load_quantized, checked_headers, read_quantization
+from .quantized import checked_headers, load_quantized, read_quantization
 from .text import load_text_encoder, load_tokenizer, t5_config
 
 
@@ -83,13 +84,13 @@ def load_transformer(transformer_dir: str | Path, device: str | torch.device = "
                 "load time; load it with fuse_qkv=False, or export from an engine loaded with fuse_qkv=True")
         if info.get("fused_qkv"):
             model.fuse_qkv()  # on the meta device: only the module structure changes
-        _load_quantized(model, d, info, headers, device, dtype)
+        load_quantized(model, d, info, headers, device, dtype)
         if fuse_after:  # torchao per-row weights: their stored parts are joined
             try:
                 model.fuse_qkv(cat=cat_rows)
             except ValueError as e:
                 raise CheckpointError(f"{d}: {e}; load it with fuse_qkv=False") from e
-        apply_runtime_settings(model, info["recipe"].get("settings", {}))
+        apply_runtime_settings(model, Runtime.from_dict(info["recipe"].get("settings", {})))
     else:
         check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, headers, d / "config.json")
         load_into(model, dict(read_tensors(files, device)), where=f"transformer checkpoint {d}", dtype=dtype,

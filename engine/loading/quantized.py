@@ -75,7 +75,7 @@ def _listed_files(d: Path, info: dict[str, Any]) -> list[Path]:
     return files
 
 
-def _load_quantized(model: torch.nn.Module, d: Path, info: dict[str, Any], headers: dict[str, TensorInfo],
+def load_quantized(model: torch.nn.Module, d: Path, info: dict[str, Any], headers: dict[str, TensorInfo],
                     device, dtype: torch.dtype) -> None:
     """Fill a meta-built component from a quantized folder: the recorded layers become the backend's
     quantized modules, every stored tensor is checked against the headers, then assigned."""

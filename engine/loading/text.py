@@ -14,7 +14,7 @@ from ..io.checkpoint import CheckpointError, read_json
 from ..io.safetensors import check_filled, check_shapes, load_into, read_tensors
 from ..models.text_encoder import build_text_encoder, tie_embedding
 from ..models.tokenizer import MAX_EXTRA_IDS, PromptTokenizer, TokenizerError
-from .quantized import _load_quantized, checked_headers, read_quantization
+from .quantized import checked_headers, load_quantized, read_quantization
 
 
 # Sizes no T5 encoder comes near; a hostile config.json must not make the meta build run for minutes.
@@ -65,7 +65,7 @@ def load_text_encoder(text_encoder_dir: str | Path, device: str | torch.device =
     files, headers = checked_headers(d, info, "encoder.block", config.num_layers)
     model = build_text_encoder(config)
     if info is not None:
-        _load_quantized(model, d, info, headers, device, dtype)
+        load_quantized(model, d, info, headers, device, dtype)
     else:
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         check_shapes(expected, headers, d / "config.json")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cogvx.kernels import attention, int8_attention, qk_norm_rope, rope_attention
+from cogvx.kernels import attention, int8_attention, qk_norm_rope, rope_attention, sage_attention
 
 from .config import TransformerConfig
 from .fp8_linear import fp8_linear
@@ -79,6 +79,10 @@ class Attention(nn.Module):
         self.sdpa_dtype: torch.dtype | None = None
         # int8 q k^T + bf16 p v on the CPU (cogvx.kernels.int8_attention; a recipe's attention_kernel).
         self.int8_cpu = False
+        # int8 q k^T + fp16 p v Triton attention (cogvx.kernels.sage_attention; a recipe's attention_kernel
+        # "int8-cuda"). A flag, not a value of ``attention``: kernels="auto" rewrites that per shape, and
+        # this choice changes the numerics, so only the recipe may make it.
+        self.int8_gpu = False
 
     @torch.no_grad()
     def fuse_qkv(self, cat=torch.cat) -> None:
@@ -123,6 +127,9 @@ class Attention(nn.Module):
         count h) of the whole [text; video] sequence -> [B, h, S, Dh]."""
         cos, sin = rope if rope is not None else (None, None)
         norms = (self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias)
+        if self.int8_gpu:  # norm + RoPE kernel, then int8 quantization and attention (its own numerics)
+            q, k = qk_norm_rope(q, k, *norms, cos, sin, n_text, self.norm_q.eps, backend=self.backend)
+            return sage_attention(q, k, v.transpose(1, 2), backend=self.backend)  # "torch": the same numerics
         if self.attention == "flash":  # RoPE applied inside the attention kernel, on its Q/K tiles
             q, k = qk_norm_rope(q, k, *norms, None, None, n_text, self.norm_q.eps, backend=self.backend)
             return rope_attention(q, k, v.transpose(1, 2), cos, sin, n_text, backend="triton")

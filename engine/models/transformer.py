@@ -252,6 +252,14 @@ class CogVideoXTransformer(nn.Module):
             blk.attn1.int8_cpu = on and not why
         return why
 
+    def set_int8_gpu_attention(self, on: bool = True) -> None:
+        """Attend with ``cogvx.kernels.sage_attention`` (k smoothed, q and k int8 per token, int8 q k^T,
+        fp16 p v): with the "triton" kernel backend its Triton kernels on CUDA (sm_80+) and under
+        TRITON_INTERPRET=1, elsewhere (and with "torch") its PyTorch reference of the same numerics.
+        Survives ``set_kernel_backend`` (a recipe's choice)."""
+        for blk in self.transformer_blocks:
+            blk.attn1.int8_gpu = on
+
     def set_fp8_activations(self, on: bool = True) -> None:
         """Feed the adaptive LayerNorm's per-row fp8 output straight into the q/k/v and feed-forward-up
         projections (their weights must be per-row float8: the fp8dq-row recipe); False: the plain path."""

@@ -1,16 +1,16 @@
 """What diffusers' CogVideoX pipeline classes share, on the cogvx engine (the classes themselves:
-``diffusers_pipelines``). A diffusers script runs by changing its
-``from diffusers import ...`` line to ``from cogvx.engine import ...``.
+``diffusers_pipelines``). A diffusers script runs by changing its ``from diffusers import ...`` line to
+``from cogvx.engine import ...``:
 
-    pipe = CogVideoXPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)
-    pipe.enable_model_cpu_offload(); pipe.vae.enable_tiling()
+    pipe = CogVideoXPipeline.from_pretrained(path, torch_dtype=torch.bfloat16)        # or
+    pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=t5, vae=vae, transformer=transformer, scheduler=sched)
     video = pipe(prompt=prompt, num_frames=49, guidance_scale=6, generator=torch.Generator().manual_seed(42)).frames[0]
 
-Every argument of diffusers' ``__call__`` is accepted. What cogvx cannot honour is refused with a
-ValueError (custom ``timesteps``, which diffusers' CogVideoX schedulers refuse too; step-callback tensors
-other than "latents"; ``attention_kwargs`` other than the LoRA "scale"; ``control_video_latents``) or,
-where the result is unchanged, said once as a warning (model CPU offload on a machine without a GPU).
-``eta`` is accepted and, as in diffusers, changes nothing: neither CogVideoX scheduler uses it.
+Components may be diffusers' or cogvx's modules, a transformers ``T5EncoderModel`` and tokenizer, any
+diffusers scheduler (``diffusers_components``). The call follows diffusers step for step
+(``diffusers_loop``); loading and saving are cogvx's (strict, safetensors only: ``diffusers_files``).
+What cogvx cannot honour is refused with a clear error, or, where the result is unchanged, said once as a
+warning (model CPU offload on a machine without a GPU).
 """
 
 from __future__ import annotations
@@ -19,33 +19,22 @@ import contextlib
 import warnings
 
 import torch
-from tqdm.auto import tqdm
 
-from ..io.checkpoint import read_model_index
-from ..loading import (
-    load_scheduler,
-    load_text_encoder,
-    load_tokenizer,
-    load_transformer,
-    load_vae,
-    read_quantization,
-    required_components,
-)
 from ..models.lora import is_plain_linear
-from ..models.tasks import PIPELINE_CLASSES, kind_of_class, tasks_of_kind
-from ..models.text_encoder import text_encoder_dtype
+from ..models.text_encoder import encode_ids
 from ..models.tokenizer import PromptTokenizer
-from ..models.transformer import CogVideoXTransformer
-from ..models.vae import CogVideoXVAE
-from ..quantizing import resolve_quantization
-from ..runtime.devices import resolve_device, resolve_dtype
-from .diffusers_models import CogVideoXPipelineOutput, check_from_pretrained_kwargs, component_dir, torch_dtype_of
+from ..runtime.devices import resolve_device
+from .diffusers_components import as_scheduler, as_transformer, as_vae, check_given, token_ids
+from .diffusers_lora import LoraPipelineMethods, lora_call_scale, lora_scale
+from .diffusers_loop import CALLBACK_TENSOR_INPUTS, run_call
+from .diffusers_models import CogVideoXPipelineOutput
+from .diffusers_pipeline_files import PipelineFiles
 from .engine import Engine
 from .output import postprocess
 
 __all__ = ["CogVideoXPipelineBase"]
 
-_CALLBACK_TENSORS = ("latents", "prompt_embeds", "negative_prompt_embeds")  # what diffusers allows
+_COMPONENTS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
 _warned: set[str] = set()
 
 
@@ -55,103 +44,103 @@ def _say_once(key: str, message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=3)
 
 
-class CogVideoXPipelineBase:
-    _task = "t2v"  # the checkpoint task (model_index.json) this class serves
+class CogVideoXPipelineBase(PipelineFiles, LoraPipelineMethods):
+    checkpoint_task = "t2v"  # the checkpoint task (model_index.json) this class serves
+    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
+    _optional_components: list[str] = []
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, tokenizer=None, text_encoder=None, vae=None, transformer=None, scheduler=None):
+        """diffusers' constructor: each component diffusers' or cogvx's (or None: a pipeline without a
+        transformer can still ``encode_prompt``)."""
+        check_given(dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer))
+        self._parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=as_vae(vae),
+                           transformer=as_transformer(transformer), scheduler=as_scheduler(scheduler))
         self._offload: torch.device | None = None
-        self._progress = {}
+        self.progress_bar_config: dict = {}
         self._guidance_scale, self._num_timesteps, self._interrupt = 6.0, 0, False
-        self._attention_kwargs = None
+        self._attention_kwargs, self._current_timestep = None, None
+        self.engine = self._make_engine()
 
-    # ------------------------------------------------------------------ loading
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, *, transformer=None, text_encoder=None,
-                        vae=None, tokenizer=None, scheduler=None, **kwargs):
-        """Load a diffusers-layout checkpoint on the CPU (as diffusers does; then ``.to("cuda")`` or
-        ``enable_model_cpu_offload()``); components passed in are used as they are (a transformers
-        ``T5EncoderModel``, cogvx's transformer and VAE, quantized by torchao's ``quantize_`` or not)."""
-        torch_dtype = torch_dtype_of(torch_dtype, kwargs)
-        check_from_pretrained_kwargs(kwargs, f"{cls.__name__}.from_pretrained")
-        d = component_dir(pretrained_model_name_or_path, None)
-        index = read_model_index(d, {k: None for k in required_components()}, PIPELINE_CLASSES)
-        task = kind_of_class(index["_class_name"])
-        if task != cls._task:
-            names = " or ".join(c for t in tasks_of_kind(task) for c in t.pipeline_classes)
-            raise ValueError(f"{d} is a {index['_class_name']} checkpoint: load it with {names}")
-        _check_component("transformer", transformer, CogVideoXTransformer, "CogVideoXTransformer3DModel")
-        _check_component("vae", vae, CogVideoXVAE, "AutoencoderKLCogVideoX")
-        if tokenizer is not None and not isinstance(tokenizer, PromptTokenizer):
-            raise TypeError("tokenizer=: pass cogvx's tokenizer (cogvx.engine.loading.load_tokenizer(path / "
-                            "'tokenizer')) or leave it out: the checkpoint's is loaded")
-        given = {c for c, m in (("transformer", transformer), ("text_encoder", text_encoder)) if m is not None}
-        dev = _module_device(transformer) if transformer is not None else torch.device("cpu")
-        dt = resolve_dtype(torch_dtype if torch_dtype is not None else _module_dtype(transformer), dev)
-        saved = {c: info for c in ("transformer", "text_encoder") if c not in given
-                 and (info := read_quantization(d / c)) is not None}
-        resolve_quantization(None, saved, dev, dt, d)  # a saved quantized component loads in its dtype only
-        if text_encoder is None:
-            text_encoder = load_text_encoder(d / "text_encoder", dev, text_encoder_dtype(dt, dev),
-                                             info=saved.get("text_encoder"))
-        if tokenizer is None:
-            tokenizer = load_tokenizer(d / "tokenizer", vocab_limit=text_encoder.config.vocab_size)
-        vae = vae if vae is not None else load_vae(d / "vae", dev, dt)
-        if transformer is None:
-            transformer = load_transformer(d / "transformer", dev, dt, info=saved.get("transformer"))
-        scheduler = scheduler if scheduler is not None else load_scheduler(d / "scheduler")
-        recipes = {c: info["recipe"]["name"] for c, info in saved.items()}
-        return cls(Engine(transformer=transformer, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder,
-                          vae=vae, device=dev, dtype=dt, model_dir=d, recipes=recipes, task=task))
+    def _make_engine(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Engine | None:
+        p = self._parts
+        tr = p["transformer"]
+        if tr is None:
+            return None
+        ours = isinstance(p["tokenizer"], PromptTokenizer)  # the engine's own prompt path takes cogvx's tokenizer
+        return Engine(transformer=tr, scheduler=p["scheduler"], tokenizer=p["tokenizer"] if ours else None,
+                      text_encoder=p["text_encoder"] if ours else None, vae=p["vae"],
+                      device=device or tr.device, dtype=dtype or tr.dtype, task=self.checkpoint_task)
 
     # ------------------------------------------------------------------ components and devices
-    transformer = property(lambda self: self.engine.transformer)
-    vae = property(lambda self: self.engine.vae)
-    text_encoder = property(lambda self: self.engine.text_encoder)
-    tokenizer = property(lambda self: self.engine.tokenizer)
-    device = property(lambda self: self.engine.device)
-    dtype = property(lambda self: self.engine.dtype)
+    transformer = property(lambda self: self._parts["transformer"])
+    vae = property(lambda self: self._parts["vae"])
+    text_encoder = property(lambda self: self._parts["text_encoder"])
+    tokenizer = property(lambda self: self._parts["tokenizer"])
     guidance_scale = property(lambda self: self._guidance_scale)
     do_classifier_free_guidance = property(lambda self: self._guidance_scale > 1)
     num_timesteps = property(lambda self: self._num_timesteps)
     interrupt = property(lambda self: self._interrupt)
     attention_kwargs = property(lambda self: self._attention_kwargs)
-    vae_scale_factor_spatial = property(lambda self: self.engine.spatial_compression)
-    vae_scale_factor_temporal = property(lambda self: self.engine.temporal_compression)
+    current_timestep = property(lambda self: self._current_timestep)
+    vae_scale_factor_spatial = property(lambda self: self.engine.spatial_compression if self.engine else 8)
+    vae_scale_factor_temporal = property(lambda self: self.engine.temporal_compression if self.engine else 4)
+
+    @property
+    def device(self) -> torch.device:
+        if self.engine is not None:
+            return self.engine.device
+        te = self._parts["text_encoder"]
+        return te.device if te is not None else torch.device("cpu")
+
+    _execution_device = device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self.engine is not None:
+            return self.engine.dtype
+        te = self._parts["text_encoder"]
+        return te.dtype if te is not None else torch.float32
 
     @property
     def scheduler(self):
-        return self.engine.scheduler
+        return self._parts["scheduler"]
 
     @scheduler.setter
     def scheduler(self, value) -> None:
-        if not hasattr(value, "schedule"):
-            raise TypeError("pipe.scheduler must be a cogvx scheduler: use CogVideoXDPMScheduler.from_config("
-                            "pipe.scheduler.config) imported from cogvx.engine")
-        self.engine.scheduler = value
+        self._parts["scheduler"] = as_scheduler(value)
+        if self.engine is not None:
+            self.engine.scheduler = self._parts["scheduler"]
 
     @property
     def components(self) -> dict:
-        e = self.engine
-        return dict(transformer=e.transformer, vae=e.vae, text_encoder=e.text_encoder, tokenizer=e.tokenizer,
-                    scheduler=e.scheduler)
+        return dict(self._parts)
 
-    def to(self, device=None, dtype=None):
-        """Move every component to ``device`` (a dtype other than the pipeline's is refused: reload with torch_dtype)."""
-        if isinstance(device, torch.dtype):
-            device, dtype = None, device
-        if dtype is not None and dtype != self.engine.dtype:
-            raise ValueError(f"cogvx pipelines keep the dtype they were loaded in ({self.engine.dtype}); reload with "
-                             f"from_pretrained(..., torch_dtype={dtype})")
-        if device is not None:
-            dev = resolve_device(device)
-            e = self.engine
-            for m in (e.transformer, e.text_encoder, e.vae):
-                if m is not None:
-                    m.to(dev)
-            e.device, self._offload = dev, None
-            e.forward.to(dev)
+    def to(self, *args, **kwargs):
+        """``to(device)``, ``to(dtype)``, ``to(device, dtype)`` or ``to(device=, dtype=)``: every module moves."""
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        if kwargs:
+            raise TypeError(f"to() got unsupported argument(s) {sorted(kwargs)}")
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            else:
+                device = a
+        dev = resolve_device(device) if device is not None else None
+        for name in ("transformer", "text_encoder", "vae"):
+            m = self._parts[name]
+            if m is not None:
+                m.to(device=dev, dtype=dtype)
+        e = self.engine
+        if e is not None:
+            with e.lock:
+                if dtype is not None:
+                    e.dtype = dtype
+                if dev is not None:
+                    e.device, self._offload = dev, None
+                e.forward.weights_changed()
         return self
+
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda") -> None:
         """Keep the components on the CPU and move each to the GPU only for its stage (text encoding,
@@ -175,7 +164,7 @@ class CogVideoXPipelineBase:
 
     def fuse_qkv_projections(self, transformer: bool = True, vae: bool = False) -> None:
         """Fuse each attention's q/k/v projections into one GEMM (full-precision weights only)."""
-        if not transformer:
+        if not transformer or self.engine is None:
             return
         e = self.engine
         with e.lock:
@@ -184,100 +173,75 @@ class CogVideoXPipelineBase:
                 if a.to_qkv is None and not all(is_plain_linear(getattr(a, n)) for n in ("to_q", "to_k", "to_v")):
                     raise ValueError("fuse_qkv_projections(): the q/k/v weights are quantized and cannot be concatenated;"
                                      " fuse before quantizing (call it before quantize_)")
-            e.transformer.fuse_qkv()
+            e.transformer.fuse_qkv_projections()
             e.lora.apply(e.transformer, e.dtype)  # side branches follow q/k/v onto the fused layer
             e.forward.weights_changed()
 
+    def unfuse_qkv_projections(self, transformer: bool = True, vae: bool = False) -> None:
+        """Undo :meth:`fuse_qkv_projections` (three projections again)."""
+        if not transformer or self.engine is None:
+            return
+        e = self.engine
+        with e.lock:
+            if e.lora.names:
+                raise ValueError("unfuse_qkv_projections(): unload the LoRA adapters first (unload_lora_weights())")
+            e.transformer.unfuse_qkv_projections()
+            e.forward.weights_changed()
+
+    def enable_attention_slicing(self, slice_size="auto") -> None:
+        """Accepted, and changes nothing: cogvx's attention (SDPA / flash) never holds the full score matrix."""
+
+    def disable_attention_slicing(self) -> None:
+        """See :meth:`enable_attention_slicing`."""
+
     def set_progress_bar_config(self, **kwargs) -> None:
-        self._progress = dict(kwargs)
+        self.progress_bar_config = dict(kwargs)
 
-    # ------------------------------------------------------------------ LoRA (diffusers' names)
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
-                          weight_name: str | None = None, **kwargs) -> None:
-        if isinstance(pretrained_model_name_or_path_or_dict, dict):
-            raise TypeError("load_lora_weights: pass the LoRA's .safetensors file or directory (cogvx reads LoRAs "
-                            "from safetensors files, with their metadata)")
-        path = component_dir(pretrained_model_name_or_path_or_dict, kwargs.pop("subfolder", None))
-        if kwargs:
-            raise TypeError(f"load_lora_weights got unsupported argument(s) {sorted(kwargs)}")
-        self.engine.load_lora(path / weight_name if weight_name else path, adapter_name)
+    # ------------------------------------------------------------------ prompts
+    def encode_prompt(self, prompt, negative_prompt=None, do_classifier_free_guidance: bool = True,
+                      num_videos_per_prompt: int = 1, prompt_embeds=None, negative_prompt_embeds=None,
+                      max_sequence_length: int = 226, device=None, dtype=None):
+        """diffusers' ``encode_prompt``: (prompt_embeds, negative_prompt_embeds) [B * k, L, D] (the second
+        None without guidance), from the text encoder without attention mask, as diffusers does."""
+        device = device or self.device
+        prompt = [prompt] if isinstance(prompt, str) else prompt
+        batch_size = len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if prompt_embeds is None:
+            prompt_embeds = self._t5_embeds(prompt, num_videos_per_prompt, max_sequence_length, device, dtype)
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negative_prompt = negative_prompt or ""
+            negative_prompt = batch_size * [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+            if prompt is not None and type(prompt) is not type(negative_prompt):
+                raise TypeError(f"`negative_prompt` should be the same type to `prompt`, but got "
+                                f"{type(negative_prompt)} != {type(prompt)}.")
+            if batch_size != len(negative_prompt):
+                raise ValueError(f"`negative_prompt` has batch size {len(negative_prompt)}, but `prompt` has batch "
+                                 f"size {batch_size}; they must match")
+            negative_prompt_embeds = self._t5_embeds(negative_prompt, num_videos_per_prompt, max_sequence_length,
+                                                     device, dtype)
+        return prompt_embeds, negative_prompt_embeds
 
-    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
-        self.engine.set_adapters(adapter_names, adapter_weights)
-
-    def fuse_lora(self, components=("transformer",), lora_scale: float = 1.0, safe_fusing: bool = False,
-                  adapter_names=None) -> None:
-        self.engine.fuse_lora(lora_scale, adapter_names)
-
-    def unfuse_lora(self, components=("transformer",)) -> None:
-        self.engine.unfuse_lora()
-
-    def delete_adapters(self, adapter_names) -> None:
-        self.engine.delete_adapters(adapter_names)
-
-    def get_active_adapters(self) -> list[str]:
-        return list(self.engine.lora.active)
-
-    def unload_lora_weights(self) -> None:
-        self.engine.unfuse_lora()
-        self.engine.delete_adapters(self.engine.lora.names)
+    def _t5_embeds(self, prompt, k: int, max_length: int, device, dtype) -> torch.Tensor:
+        te, tok = self._parts["text_encoder"], self._parts["tokenizer"]
+        if te is None or tok is None:
+            raise ValueError("this pipeline has no text encoder and tokenizer: pass prompt_embeds (and "
+                             "negative_prompt_embeds under guidance)")
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        embeds = encode_ids(te, token_ids(tok, prompt, max_length), device, dtype or self.dtype)
+        return embeds.repeat_interleave(k, dim=0) if k > 1 else embeds
 
     # ------------------------------------------------------------------ generation
-    def _call(self, *, prompt, negative_prompt, height, width, num_frames, num_inference_steps, timesteps,
-              guidance_scale, use_dynamic_cfg, num_videos_per_prompt, eta, generator, latents, prompt_embeds,
-              negative_prompt_embeds, output_type, return_dict, attention_kwargs, callback_on_step_end,
-              callback_on_step_end_tensor_inputs, max_sequence_length, strength=None, **task):
-        e, cfg = self.engine, self.engine.config
-        if timesteps is not None:
-            raise ValueError("custom timesteps are not supported: CogVideoX's schedulers set their own (diffusers "
-                             "refuses them for these schedulers too); pass num_inference_steps")
-        if task.pop("control_video_latents", None) is not None:
-            raise ValueError("control_video_latents is not supported; pass control_video (frames) instead")
-        scale = _lora_scale(attention_kwargs)
-        if hasattr(callback_on_step_end, "tensor_inputs"):  # diffusers' PipelineCallback objects
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        wanted = list(callback_on_step_end_tensor_inputs or ())
-        bad = [k for k in wanted if k not in _CALLBACK_TENSORS]
-        if bad:
-            raise ValueError(f"callback_on_step_end_tensor_inputs has to be in {list(_CALLBACK_TENSORS)}, but found {bad}")
-        if callback_on_step_end is not None and any(k != "latents" for k in wanted):
-            raise ValueError("cogvx passes only 'latents' to step callbacks; callback_on_step_end_tensor_inputs="
-                             f"{wanted} asks for prompt embeddings too")
-        height = height or cfg.sample_height * e.spatial_compression
-        width = width or cfg.sample_width * e.spatial_compression
-        if num_frames is None and self._task in ("t2v", "i2v") and "video" not in task:
-            num_frames = cfg.sample_frames
-        self._guidance_scale, self._interrupt, self._attention_kwargs = guidance_scale, False, attention_kwargs
-        run = num_inference_steps if strength is None else min(int(num_inference_steps * strength), num_inference_steps)
-        self._num_timesteps = run
-        bar = tqdm(total=run, **self._progress)
-
-        def step(_, i, t, kw):
-            out = callback_on_step_end(self, i, torch.tensor(t), kw) if callback_on_step_end is not None else None
-            if isinstance(out, dict) and set(out) - {"latents"}:
-                raise ValueError(f"the step callback returned {sorted(set(out) - {'latents'})}; cogvx step callbacks "
-                                 "can replace only 'latents'")
-            if self._interrupt:
-                _say_once("interrupt", "pipe._interrupt was set in a step callback: cogvx cannot stop the loop early; "
-                                       "the remaining steps ran")
-            bar.update()
-            return out
-
-        args = dict(prompt=prompt, negative_prompt=negative_prompt, num_frames=num_frames, height=height, width=width,
-                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                    use_dynamic_cfg=use_dynamic_cfg, num_videos_per_prompt=num_videos_per_prompt, generator=generator,
-                    latents=latents, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                    callback_on_step_end=step, max_sequence_length=max_sequence_length, strength=strength, **task)
-        try:
-            with _lora_call_scale(e, scale):
-                if self._offload is None:
-                    result = e.generate(**args, output_type=output_type)
-                    frames = result.latents if output_type == "latent" else result.frames
-                else:
-                    frames = self._generate_offloaded(args, output_type)
-        finally:
-            bar.close()
-        return CogVideoXPipelineOutput(frames=frames) if return_dict else (frames,)
+    def _call(self, *, num_videos_per_prompt, return_dict, attention_kwargs, **args):
+        """diffusers' CogVideoX pipelines force num_videos_per_prompt to 1 (one video per prompt, whatever is
+        passed); so do these."""
+        self._attention_kwargs = attention_kwargs
+        task = "v2v" if "video" in args else self.checkpoint_task
+        with lora_call_scale(self.engine, lora_scale(attention_kwargs)):
+            if self._offload is None:
+                frames = run_call(self, task, **args)
+            else:
+                frames = self._generate_offloaded(_engine_args(args), args["output_type"])
+        return CogVideoXPipelineOutput(frames) if return_dict else (frames,)
 
     def _generate_offloaded(self, args: dict, output_type: str):
         """Text encoding, denoising and decoding, each with only its own component on the GPU."""
@@ -304,52 +268,15 @@ class CogVideoXPipelineBase:
             return postprocess(e.decode(latents), output_type)
 
 
+
 # ---------------------------------------------------------------------------------------- helpers
-def _check_component(name: str, module, cls, factory: str) -> None:
-    if module is not None and not isinstance(module, cls):
-        raise TypeError(f"{name}=: got a {type(module).__module__}.{type(module).__name__}; pass cogvx's "
-                        f"({factory}.from_pretrained from cogvx.engine)")
-
-
-def _module_device(m) -> torch.device:
-    return next(m.parameters()).device
-
-
-def _module_dtype(m) -> torch.dtype:
-    if m is None:
-        return torch.float32
-    p = next((p for p in m.parameters() if p.is_floating_point()), None)
-    return p.dtype if p is not None else torch.float32
-
-
-def _lora_scale(attention_kwargs) -> float:
-    if attention_kwargs is None:
-        return 1.0
-    if not isinstance(attention_kwargs, dict) or set(attention_kwargs) - {"scale"}:
-        raise ValueError(f"attention_kwargs: cogvx honours only {{'scale': <LoRA scale>}} (got {attention_kwargs!r})")
-    s = attention_kwargs.get("scale", 1.0)
-    if isinstance(s, bool) or not isinstance(s, (int, float)):
-        raise ValueError(f"attention_kwargs['scale'] must be a number (got {s!r})")
-    return float(s)
-
-
-@contextlib.contextmanager
-def _lora_call_scale(engine: Engine, scale: float):
-    """diffusers scales every LoRA layer by attention_kwargs["scale"] for one call."""
-    if scale == 1.0 or not engine.lora.active:
-        yield
-        return
-    with engine.lock:
-        engine.lora.call_scale = scale
-        engine.lora.apply(engine.transformer, engine.dtype)
-        engine.forward.weights_changed()
-    try:
-        yield
-    finally:
-        with engine.lock:
-            engine.lora.call_scale = 1.0
-            engine.lora.apply(engine.transformer, engine.dtype)
-            engine.forward.weights_changed()
+def _engine_args(args: dict) -> dict:
+    """The engine's generate arguments for the offloaded path (cogvx's schedulers, 4k+1 frames)."""
+    out = {k: v for k, v in args.items() if k not in ("timesteps", "eta", "callback_on_step_end_tensor_inputs",
+                                                      "output_type", "control_video_latents")}
+    if args.get("timesteps") is not None:
+        raise ValueError("custom timesteps are not supported with enable_model_cpu_offload()")
+    return out
 
 
 @contextlib.contextmanager

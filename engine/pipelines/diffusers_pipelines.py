@@ -32,7 +32,7 @@ class CogVideoXPipeline(CogVideoXPipelineBase):
 class CogVideoXImageToVideoPipeline(CogVideoXPipelineBase):
     """diffusers' ``CogVideoXImageToVideoPipeline`` on cogvx: the first frame given as ``image``."""
 
-    _task = "i2v"
+    checkpoint_task = "i2v"
 
     def __call__(self, image, prompt=None, negative_prompt=None, height=None, width=None, num_frames=49,
                  num_inference_steps=50, timesteps=None, guidance_scale=6, use_dynamic_cfg=False,
@@ -62,7 +62,7 @@ class CogVideoXVideoToVideoPipeline(CogVideoXPipelineBase):
 class CogVideoXFunControlPipeline(CogVideoXPipelineBase):
     """diffusers' ``CogVideoXFunControlPipeline`` on cogvx: a pose / depth / edge ``control_video``."""
 
-    _task = "control"
+    checkpoint_task = "control"
 
     def __call__(self, prompt=None, negative_prompt=None, control_video=None, height=None, width=None,
                  num_inference_steps=50, timesteps=None, guidance_scale=6, use_dynamic_cfg=False,
@@ -70,7 +70,11 @@ class CogVideoXFunControlPipeline(CogVideoXPipelineBase):
                  prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
                  attention_kwargs=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                  max_sequence_length=226):
-        return self._call(num_frames=None, **_locals(locals()))
+        if control_video_latents is not None:
+            raise ValueError("control_video_latents is not supported; pass control_video (frames) instead")
+        args = _locals(locals())
+        del args["control_video_latents"]
+        return self._call(num_frames=None, **args)
 
     __call__.__doc__ = _call_signature("control video")
 

@@ -28,6 +28,7 @@ from ..models.lora import (
     branch_of,
     detach_branch,
     is_plain_linear,
+    layer_features,
     merge_into_weight,
     pairs_by_layer,
     resolve_targets,
@@ -157,7 +158,7 @@ class LoraAdapters:
             detach_branch(layer)
         for layer, pairs in per_layer.items():
             dev, dt = _device_dtype(layer, dtype)
-            attach_branch(layer, LoraBranch(*stack_low_rank(pairs, layer.out_features, dt, dev)))
+            attach_branch(layer, LoraBranch(*stack_low_rank(pairs, layer_features(layer)[1], dt, dev)))
 
     def _pairs(self, model: nn.Module, weights: dict[str, float]) -> dict[nn.Module, list[LowRank]]:
         out: dict[nn.Module, list[LowRank]] = {}

@@ -20,8 +20,9 @@ __all__ = ["BACKENDS", "Backend", "get_backend", "backend_status", "backend_inst
 class Backend(Protocol):
     """What every backend module provides."""
 
-    def quantize(self, module: nn.Module, fqns: list[str], options: dict[str, Any], calibrate=None) -> None:
-        """Quantize the named Linear layers of ``module`` in place, on real weights."""
+    def quantize(self, module: nn.Module, fqns: list[str], options, calibrate=None) -> None:
+        """Quantize the named Linear layers of ``module`` in place, on real weights. ``options``: the
+        backend's typed options (``cogvx.quantize.settings``)."""
 
     def is_quantized(self, layer: nn.Module) -> bool:
         """Whether ``layer`` is one this backend quantized."""
@@ -29,10 +30,10 @@ class Backend(Protocol):
     def export_layer(self, layer: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(plain tensors keyed by the suffix after the layer's name, JSON-able metadata)."""
 
-    def empty_layer(self, linear: nn.Linear, options: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    def empty_layer(self, linear: nn.Linear, options, dtype: torch.dtype) -> nn.Module:
         """The quantized module form of ``linear`` on the meta device."""
 
-    def expected_shapes(self, linear: nn.Linear, options: dict[str, Any], meta: dict[str, Any]) -> dict:
+    def expected_shapes(self, linear: nn.Linear, options, meta: dict[str, Any]) -> dict:
         """{suffix: shape} of the stored tensors, checked before anything is built."""
 
     def load_layer(self, layer: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any], device):

@@ -17,15 +17,17 @@ import torch
 from bitsandbytes.nn import Int8Params, Linear4bit, Linear8bitLt, Params4bit
 from torch import nn
 
+from ..settings import BnbOptions
 
-def empty_layer(linear: nn.Linear, options: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+
+def empty_layer(linear: nn.Linear, options: BnbOptions, dtype: torch.dtype) -> nn.Module:
     bias = linear.bias is not None
-    if options["kind"] == "int8":
+    if options.kind == "int8":
         return Linear8bitLt(linear.in_features, linear.out_features, bias, has_fp16_weights=False,
-                            threshold=float(options["threshold"]), device="meta")
+                            threshold=float(options.threshold), device="meta")
     q = Linear4bit(linear.in_features, linear.out_features, bias, compute_dtype=dtype, quant_type="nf4",
-                   compress_statistics=bool(options["compress_statistics"]), device="meta")
-    if linear.out_features % 32 or linear.in_features % int(options["blocksize"]):
+                   compress_statistics=bool(options.compress_statistics), device="meta")
+    if linear.out_features % 32 or linear.in_features % int(options.blocksize):
         # On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight at its first eval forward, in blocks
         # of 32 output rows and whole scale blocks per row, and fails on any other shape: such layers
         # keep the generic 4-bit path.
@@ -33,20 +35,20 @@ def empty_layer(linear: nn.Linear, options: dict[str, Any], dtype: torch.dtype) 
     return q
 
 
-def quantize(module: nn.Module, fqns: list[str], options: dict[str, Any], calibrate=None) -> None:
+def quantize(module: nn.Module, fqns: list[str], options: BnbOptions, calibrate=None) -> None:
     for fqn in fqns:
         lin = module.get_submodule(fqn)
         w = lin.weight.detach()
         q = empty_layer(lin, options, w.dtype)
-        if options["kind"] == "int8":
+        if options.kind == "int8":
             cb, scb, _ = bnb.functional.int8_vectorwise_quant(w.to(torch.float16).contiguous())
             q.weight = Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
         else:
             data, state = bnb.functional.quantize_4bit(
-                w.contiguous(), blocksize=int(options["blocksize"]),
-                compress_statistics=bool(options["compress_statistics"]), quant_type="nf4")
-            q.weight = Params4bit(data, requires_grad=False, quant_state=state, blocksize=int(options["blocksize"]),
-                                  compress_statistics=bool(options["compress_statistics"]), quant_type="nf4",
+                w.contiguous(), blocksize=int(options.blocksize),
+                compress_statistics=bool(options.compress_statistics), quant_type="nf4")
+            q.weight = Params4bit(data, requires_grad=False, quant_state=state, blocksize=int(options.blocksize),
+                                  compress_statistics=bool(options.compress_statistics), quant_type="nf4",
                                   module=q, bnb_quantized=True)
             q.quant_state = state
         q.bias = lin.bias
@@ -73,9 +75,9 @@ def export_layer(layer: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     return out, {"kind": "nf4"}
 
 
-def expected_shapes(linear: nn.Linear, options: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+def expected_shapes(linear: nn.Linear, options: BnbOptions, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     n, k = linear.out_features, linear.in_features
-    if options["kind"] == "int8":
+    if options.kind == "int8":
         return {"weight": (n, k), "SCB": (n,)}
     return {"weight": ((n * k + 1) // 2, 1)}
 

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..settings import NativeOptions
+
 __all__ = ["Int8DynamicLinear", "int8_linear", "int8_linear_reference", "quantize_rows"]
 
 _EPS = 1e-12
@@ -153,10 +155,10 @@ class Int8DynamicLinear(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the Backend protocol
-def quantize(module: nn.Module, fqns: list[str], options: dict[str, Any], calibrate=None) -> None:
+def quantize(module: nn.Module, fqns: list[str], options: NativeOptions, calibrate=None) -> None:
     for fqn in fqns:
         module.set_submodule(fqn, Int8DynamicLinear.from_linear(module.get_submodule(fqn),
-                                                                options.get("gemm_out", "bfloat16")))
+                                                                options.gemm_out))
 
 
 def is_quantized(layer: nn.Module) -> bool:
@@ -168,12 +170,12 @@ def export_layer(layer: Int8DynamicLinear) -> tuple[dict[str, torch.Tensor], dic
              "weight_scale": layer.weight_scale.detach().contiguous()}, {"gemm_out": layer.gemm_out})
 
 
-def empty_layer(linear: nn.Linear, options: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+def empty_layer(linear: nn.Linear, options: NativeOptions, dtype: torch.dtype) -> nn.Module:
     return Int8DynamicLinear(linear.in_features, linear.out_features, linear.bias is not None, dtype, "meta",
-                             options.get("gemm_out", "bfloat16"))
+                             options.gemm_out)
 
 
-def expected_shapes(linear: nn.Linear, options: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+def expected_shapes(linear: nn.Linear, options: NativeOptions, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {"weight_int8": (linear.out_features, linear.in_features), "weight_scale": (linear.out_features,)}
 
 

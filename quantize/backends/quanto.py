@@ -20,6 +20,8 @@ import torch
 from optimum.quanto import Calibration, QLinear, WeightQBytesTensor, qtypes
 from torch import nn
 
+from ..settings import QuantoOptions
+
 _ALIASES = {"qfloat8": "qfloat8_e4m3fn"}
 
 
@@ -27,15 +29,15 @@ def _qtype(name: str | None):
     return None if name is None else qtypes[_ALIASES.get(name, name)]
 
 
-def empty_layer(linear: nn.Linear, options: dict[str, Any], dtype: torch.dtype) -> QLinear:
+def empty_layer(linear: nn.Linear, options: QuantoOptions, dtype: torch.dtype) -> QLinear:
     q = QLinear(linear.in_features, linear.out_features, linear.bias is not None, dtype=dtype, device="meta",
-                weights=_qtype(options["weights"]), activations=_qtype(options.get("activations")),
+                weights=_qtype(options.weights), activations=_qtype(options.activations),
                 quantize_input=True)
     q.disable_output_quantization()
     return q
 
 
-def quantize(module: nn.Module, fqns: list[str], options: dict[str, Any],
+def quantize(module: nn.Module, fqns: list[str], options: QuantoOptions,
              calibrate: Callable[[nn.Module], None] | None = None) -> None:
     new = []
     for fqn in fqns:
@@ -48,7 +50,7 @@ def quantize(module: nn.Module, fqns: list[str], options: dict[str, Any],
         q.train(lin.training)
         module.set_submodule(fqn, q)
         new.append(q)
-    if options.get("activations") is not None:
+    if options.activations is not None:
         if calibrate is None:
             raise ValueError("quanto W8A8 uses static activation scales: pass calibrate(module), a function "
                              "that runs sample inputs through the module")
@@ -74,7 +76,7 @@ def export_layer(layer: QLinear) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return {k: v.detach().contiguous() for k, v in out.items()}, meta
 
 
-def expected_shapes(linear: nn.Linear, options: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+def expected_shapes(linear: nn.Linear, options: QuantoOptions, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {"weight._data": (linear.out_features, linear.in_features), "weight._scale": (linear.out_features, 1),
             "input_scale": (), "output_scale": ()}
 

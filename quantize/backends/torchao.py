@@ -25,6 +25,8 @@ from torchao.quantization import (
 )
 from torchao.utils import TorchAOBaseTensor
 
+from ..settings import TorchaoOptions
+
 _CONFIGS = {
     "Int8WeightOnlyConfig": Int8WeightOnlyConfig,
     "Int8DynamicActivationInt8WeightConfig": Int8DynamicActivationInt8WeightConfig,
@@ -35,15 +37,15 @@ _GRANULARITY = {"PerTensor": PerTensor, "PerRow": PerRow}
 _KEY = "L.weight"  # torchao's flattening wants "<module>.<param>" names
 
 
-def config_for(options: dict[str, Any]):
-    """The torchao config object of a recipe's settings."""
-    cls = _CONFIGS[options["config"]]
-    if "granularity" in options:
-        return cls(granularity=_GRANULARITY[options["granularity"]]())
+def config_for(options: TorchaoOptions):
+    """The torchao config object of a recipe's typed options."""
+    cls = _CONFIGS[options.config]
+    if options.granularity is not None:
+        return cls(granularity=_GRANULARITY[options.granularity]())
     return cls()
 
 
-def quantize(module: nn.Module, fqns: list[str], options: dict[str, Any], calibrate=None) -> None:
+def quantize(module: nn.Module, fqns: list[str], options: TorchaoOptions, calibrate=None) -> None:
     wanted = set(fqns)
     quantize_(module, config_for(options), filter_fn=lambda m, fqn: fqn in wanted)
 
@@ -57,11 +59,11 @@ def export_layer(layer: nn.Linear) -> tuple[dict[str, torch.Tensor], dict[str, A
     return {k[2:]: v.contiguous() for k, v in data.items()}, json.loads(meta[_KEY])
 
 
-def empty_layer(linear: nn.Linear, options: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+def empty_layer(linear: nn.Linear, options: TorchaoOptions, dtype: torch.dtype) -> nn.Module:
     return linear  # the subclass weight goes into a plain nn.Linear
 
 
-def expected_shapes(linear: nn.Linear, options: dict[str, Any], meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+def expected_shapes(linear: nn.Linear, options: TorchaoOptions, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {"_weight_qdata": (linear.out_features, linear.in_features)}
 
 
