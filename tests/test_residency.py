@@ -161,6 +161,19 @@ def test_compiled_forward_is_not_rebuilt_by_a_release(ckpt, reference):
     assert list(engine.residency.events)[-1] == ("transformer", "kept")
 
 
+def test_offload_can_be_turned_off_and_on_again(ckpt, reference):
+    engine = Engine.load(ckpt, device="cpu", offload="model")
+    engine.enable_offload(None)  # every component read back and kept
+    assert _released(engine) == dict(text_encoder=False, transformer=False, vae=False)
+    engine.residency.events.clear()
+    assert torch.equal(engine.generate(**GEN).latents, reference.latents)
+    assert not engine.residency.events  # nothing moves
+    engine.enable_offload("model")
+    assert _released(engine) == dict(text_encoder=True, transformer=True, vae=True)
+    assert torch.equal(engine.generate(**GEN).latents, reference.latents)
+    assert list(engine.residency.events) == SCHEDULE
+
+
 def test_bad_offload_requests_fail_before_loading(ckpt):
     with pytest.raises(ValueError, match="offload must be None, 'model', 'group' or 'sequential'"):
         Engine.load(ckpt, device="cpu", offload="layers")
