@@ -248,6 +248,7 @@ def test_peak_memory_is_about_the_largest_component(tmp_path):
     grown = {m: r["peak"] - r["base"] for m, r in runs.items()}
     ratio = grown["model"] / grown["none"]
     print(f"\npeak RSS above the imports: none {grown['none'] / 1e6:.0f} MB, model {grown['model'] / 1e6:.0f} MB "
-          f"(ratio {ratio:.2f}); whole process {runs['none']['peak'] / 1e6:.0f} / {runs['model']['peak'] / 1e6:.0f} MB; "
+          f"(ratio {ratio:.2f}); whole process {runs['none']['peak'] / 1e6:.0f} / "
+          f"{runs['model']['peak'] / 1e6:.0f} MB; "
           f"components {sizes['text_encoder'] / 1e6:.0f} + {sizes['transformer'] / 1e6:.0f} MB")
     assert ratio <= 0.6, grown

@@ -350,7 +350,8 @@ class Engine(LoraMethods, OffloadMethods, ComponentCalls):
         with self.lock:
             ctx = tracer(self.device) if trace_file is not None else contextlib.nullcontext()
             with ctx as trace, PeakMemory(self.device) as mem, self.residency.session(prof, self.device) as res:
-                res.stage("text_encoder" if prompt_embeds is None or plan.cfg and negative_prompt_embeds is None else None)
+                encodes = prompt_embeds is None or plan.cfg and negative_prompt_embeds is None
+                res.stage("text_encoder" if encodes else None)
                 text = embed_prompts(plan, self.tokenizer, self.text_encoder, prompt, negative_prompt, prompt_embeds,
                                      negative_prompt_embeds, device=self.device, dtype=self.dtype, profile=prof)
                 gen = torch.Generator(device=self.device).manual_seed(plan.seed) if plan.seed is not None else generator

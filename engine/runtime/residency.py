@@ -8,8 +8,9 @@ placement:
     Moved         lives on the offload device (CPU) and moves whole to the execution device for its stage
                   (diffusers' ``enable_model_cpu_offload``); Parameter objects are kept, only their data
                   moves, so a compiled forward sees the same inputs again and does not recompile
-    Streamed      parts of it go to the execution device by group or by layer while it runs
-                  (``group_offload.BlockStreamer``: diffusers' ``enable_group_offload`` / sequential offload)
+    Streamed      its blocks go to the execution device a group at a time while it runs, the rest for the
+                  whole stage (``group_offload.BlockStreamer``: diffusers' ``enable_group_offload``, and
+                  sequential offload with groups of one block and no overlap)
     Materialized  on a CPU: its weights are read from the checkpoint when its stage starts and released
                   (to the meta device, then ``malloc_trim``) when it ends, so peak memory is about the
                   largest stage, not the sum; the module object (its config, hooks, LoRA side branches,
@@ -33,7 +34,7 @@ from torch import nn
 from .profiling import Profile, stage
 
 __all__ = ["Residency", "Resident", "Moved", "Streamed", "Materialized", "release_tensors", "transplant",
-           "trim_memory", "OFFLOAD_MODES"]
+           "trim_memory", "is_released", "OFFLOAD_MODES", "COMPONENTS"]
 
 OFFLOAD_MODES = ("model", "group", "sequential")
 COMPONENTS = ("text_encoder", "transformer", "vae")
