@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def _run_case(case: dict, rank: int, out: Path) -> None:
             th, tw = case["tiling"]
             engine.vae.enable_tiling(tile_sample_min_height=th, tile_sample_min_width=tw)
         kw = dict(generate_kwargs(case), **over.get("generate", {}))
+        _maybe_freeze(case, rank, kw)
         before = dynamo_counts()
         result = engine.generate(**kw)
         record["first"] = dynamo_counts()
@@ -121,6 +123,25 @@ def _run_case(case: dict, rank: int, out: Path) -> None:
     (out / f"{case['name']}.rank{rank}.json").write_text(json.dumps(record, default=str))
 
 
+def _freeze(*_):
+    os.kill(os.getpid(), signal.SIGSTOP)  # a stalled rank: alive, holding its sockets, answering nothing
+
+
+def _maybe_freeze(case: dict, rank: int, kw: dict) -> None:
+    """``"freeze": {"rank": r, "at": "generate" | "step"}``: rank r stops itself (SIGSTOP) before its
+    generate call, or at the end of its first denoising step (every rank passes a callback, as the ranks
+    must agree on whether one is given)."""
+    spec = case.get("freeze")
+    if not spec:
+        return
+    me = spec["rank"] == rank
+    if spec["at"] == "step":
+        kw["callback_on_step_end"] = lambda engine, step, t, d: _freeze() if me and step == 0 else None
+    elif me:
+        (Path(case["out"]) / f"frozen.rank{rank}").write_text(str(time.time()))
+        _freeze()
+
+
 def main(job_path: str) -> None:
     torch.set_num_threads(1)
     job = json.loads(Path(job_path).read_text())
@@ -130,7 +151,7 @@ def main(job_path: str) -> None:
     (out / f"started.rank{rank}").write_text(str(time.perf_counter()))
     try:
         for case in job["cases"]:
-            _run_case(case, rank, out)
+            _run_case(dict(case, out=str(out)), rank, out)
     finally:
         dist.destroy_process_group()
 

@@ -233,8 +233,13 @@ def test_existing_output_is_refused_unless_overwrite(int8_engine, tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         int8_engine.save_quantized(tmp_path / "q")
     assert (tmp_path / "q" / "keep.txt").is_file()
-    serialization.save_quantized(int8_engine, tmp_path / "q", overwrite=True)
-    assert not (tmp_path / "q" / "keep.txt").exists() and (tmp_path / "q" / "transformer").is_dir()
+    with pytest.raises(FileExistsError, match="not what this command writes"):  # not a checkpoint: never replaced
+        serialization.save_quantized(int8_engine, tmp_path / "q", overwrite=True)
+    assert (tmp_path / "q" / "keep.txt").is_file()
+    (tmp_path / "q" / "keep.txt").unlink()
+    serialization.save_quantized(int8_engine, tmp_path / "q")  # an empty folder is filled
+    serialization.save_quantized(int8_engine, tmp_path / "q", overwrite=True)  # its own checkpoint is replaced
+    assert (tmp_path / "q" / "transformer").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
 
 

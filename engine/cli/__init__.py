@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
 import shutil
 import sys
 
@@ -148,17 +150,52 @@ def _eval_parser(sub) -> None:
     e.add_argument("--record", default=None, metavar="DIR", help="write this run's outputs as goldens to DIR")
     e.add_argument("--compare", default=None, metavar="DIR", help="compare this run with goldens recorded in DIR "
                                                                    "(exit status 1 when a figure is under its floor)")
-    e.add_argument("--min-psnr", type=float, default=70.0, help="frame PSNR floor for --compare, dB (default 70)")
-    e.add_argument("--min-ssim", type=float, default=0.9999, help="frame SSIM floor for --compare (default 0.9999)")
-    e.add_argument("--min-sqnr", type=float, default=60.0, help="latent SQNR floor for --compare, dB (default 60)")
+    e.add_argument("--min-psnr", type=_finite, default=70.0, help="frame PSNR floor for --compare, dB (default 70)")
+    e.add_argument("--min-ssim", type=_finite, default=0.9999, help="frame SSIM floor for --compare (default 0.9999)")
+    e.add_argument("--min-sqnr", type=_finite, default=60.0, help="latent SQNR floor for --compare, dB (default 60)")
     e.add_argument("--overwrite", action="store_true", help="replace --record DIR if it exists")
+
+
+def _stdout_closed() -> bool:
+    """True when stdout is a pipe whose reader has gone (poll reports an error on its write end); stdout
+    then points at /dev/null so that the interpreter's exit does not complain again."""
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        closed = any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+    if closed:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+    return closed
+
+
+def _finite(text: str) -> float:
+    """A float flag that must be a finite number: NaN compares false with everything, so a NaN floor would
+    pass every video."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number (got {text!r})") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text!r}): a NaN or infinite floor "
+                                         "cannot judge a figure; e.g. 70 (dB) or 0.9999 (SSIM)")
+    return v
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         runner = importlib.import_module(_RUNNERS[args.command])
-        return runner.run(args)
+        rc = runner.run(args)
+        sys.stdout.flush()  # a closed pipe (`cogvx recipes | head`) shows here, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        if _stdout_closed():
+            return 0  # the reader stopped reading (head, less): nothing more to say
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

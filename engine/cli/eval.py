@@ -21,6 +21,7 @@ from ..pipelines.evaluate import (
     DEFAULT_PROMPTS,
     EvalSettings,
     compare,
+    not_goldens,
     read_goldens,
     read_prompts,
     run_videos,
@@ -68,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--reference none measures nothing: add --compare DIR (goldens) or --record DIR")
     if args.record and Path(args.record).expanduser().exists() and not args.overwrite:
         raise ValueError(f"--record {args.record} exists; choose a new folder or pass --overwrite")
+    record = Path(args.record).expanduser() if args.record else None
+    if record is not None and record.is_dir() and any(record.iterdir()) and not_goldens(record):
+        raise ValueError(f"--record {record} is not a goldens folder ({not_goldens(record)}); --overwrite replaces only "
+                         "goldens that `cogvx eval --record` wrote: choose a new folder")
     if args.reference != "none" and read_quantization(model / "transformer") is not None:
         raise ValueError(f"{model} is already quantized: it cannot be its own reference; pass the full-precision "
                          "checkpoint with --recipe, or --reference none with --compare")
@@ -107,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
                                 "recorded_dtype": goldens_doc.get("dtype"), "floors": floors, "videos": rows,
                                 "worst": worst(rows), "passed": passed, "failures": failed}
     pairs = ref_runs if ref_runs is not None else goldens
-    names = (f"reference {args.reference}" if ref_runs is not None else f"golden {goldens_doc.get('recipe')}", label)
+    names = (f"reference {args.reference}" if ref_runs is not None
+             else f"golden {goldens_doc.get('recipe')}" if goldens_doc is not None else "", label)
     sheet_rows = [(f"{r.prompt[:60]!r} seed {r.seed}", [p.frames, r.frames] if pairs else [r.frames])
                   for r, p in zip(runs, pairs or [None] * len(runs))]
     report["contact_sheet"] = str(contact_sheet(sheet_rows, out / "contact_sheet.png",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from cogvx.quantize import parse_recipe_spec
 from tqdm import tqdm
 
 from ..dev.tiny import ensure_tiny_checkpoint
+from ..io.atomic import atomic_file
 from ..io.lora import find_lora_file
 from ..io.video import VideoWriteError, check_fps, check_output_path
 from ..parallel import init_from_env
@@ -32,8 +34,16 @@ def _check_paths(args: argparse.Namespace) -> Path:
     check_fps(args.fps)
     for flag in ("profile_json", "profile_trace"):
         path = getattr(args, flag)
-        if path is not None and (Path(path).is_dir() or not Path(path).expanduser().parent.is_dir()):
-            raise ValueError(f"--{flag.replace('_', '-')} {path} must be a file in an existing directory")
+        if path is None:
+            continue
+        p, name = Path(path).expanduser(), f"--{flag.replace('_', '-')} {path}"
+        if p.is_dir() or not p.parent.is_dir():
+            raise ValueError(f"{name} must be a file in an existing directory")
+        if (p.exists() and not os.access(p, os.W_OK)) or not os.access(p.parent, os.W_OK | os.X_OK):
+            raise ValueError(f"{name} cannot be written (read-only file or directory); choose another path")
+    if args.compile_cache_dir is not None and args.compile is None:
+        raise ValueError("--compile-cache-dir applies with --compile only (it is inductor's cache); add --compile or "
+                         "leave it out")
     for flag in ("image", "video", "control_video"):
         path = getattr(args, flag)
         if path is not None and not Path(path).expanduser().is_file():
@@ -140,6 +150,7 @@ def _generate(args, out, demo, frames, height, width, steps, recipe, loras, devi
     if args.profile:
         print(result.profile.table())
     if args.profile_json:
-        result.profile.to_json(args.profile_json)
+        with atomic_file(Path(args.profile_json).expanduser()) as tmp:  # a full disk leaves no empty file
+            result.profile.to_json(tmp)
         print(f"profile written to {args.profile_json}")
     return 0

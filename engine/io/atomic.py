@@ -14,6 +14,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Callable
 
 __all__ = ["atomic_directory", "atomic_file", "umask_mode", "apply_umask", "temporary_sibling"]
 
@@ -62,15 +63,31 @@ class atomic_directory:
     Without ``overwrite`` an existing non-empty ``out`` is refused up front, and again atomically at
     the rename (another writer may have finished first)."""
 
-    def __init__(self, out: Path, overwrite: bool = False):
+    def __init__(self, out: Path, overwrite: bool = False, replaceable: Callable[[Path], str | None] | None = None):
         self.out = Path(out)
         self.overwrite = overwrite
+        self.replaceable = replaceable
+        here = Path.cwd().resolve()
+        if self.out.resolve() == here or self.out.resolve() in here.parents:
+            raise ValueError(f"{self.out} is the current directory{' or above it' if self.out.resolve() != here else ''}, "
+                             f"which cannot be replaced; name a new directory such as {self.out / 'checkpoint'}")
         if self.out.exists() and not self.out.is_dir():
             raise FileExistsError(f"{self.out} exists and is a file; choose a directory path")
         if self.out.exists() and any(self.out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{self.out} already exists and is not empty; choose a new directory or pass "
-                                  "overwrite=True (--overwrite)")
+            how = " or pass overwrite=True (--overwrite)" if replaceable is not None else " (or remove this one)"
+            raise FileExistsError(f"{self.out} already exists and is not empty; choose a new directory{how}")
+        self._check_replaceable()
         self.tmp = temporary_sibling(self.out)
+
+    def _check_replaceable(self) -> None:
+        """overwrite replaces only an empty folder or one that ``replaceable`` recognises as this tool's."""
+        if not (self.overwrite and self.replaceable is not None and self.out.is_dir() and any(self.out.iterdir())):
+            return
+        why = self.replaceable(self.out)
+        if why is not None:
+            raise FileExistsError(f"{self.out} is not empty and not what this command writes ({why}); overwrite "
+                                  "replaces only an empty folder or one this command wrote, so nothing was changed: "
+                                  "choose a new directory, or empty or remove this one yourself")
 
     def __enter__(self) -> Path:
         parent = self.out.parent
@@ -86,6 +103,11 @@ class atomic_directory:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        try:
+            self._check_replaceable()  # again: the folder may have been filled while this one was written
+        except FileExistsError:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         old = None
         try:
             if self.overwrite and self.out.exists():

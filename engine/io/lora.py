@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,13 @@ from safetensors import safe_open
 
 from .checkpoint import CheckpointError
 
-__all__ = ["LoraWeights", "LoraFile", "read_lora", "find_lora_file", "PICKLE_SUFFIXES", "LORA_FILE_NAME"]
+__all__ = ["LoraWeights", "LoraFile", "read_lora", "find_lora_file", "PICKLE_SUFFIXES", "LORA_FILE_NAME",
+           "SAVED_LORA_DIR", "write_saved_adapters", "read_saved_adapters"]
 
 LORA_FILE_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SAVED_LORA_DIR = "lora"  # in a quantized checkpoint: the adapters that were side branches when it was saved
+_SAVED_INDEX = "adapters.json"
 _PREFIX = "transformer."
 _OTHER_COMPONENTS = ("text_encoder.", "text_encoder_2.", "unet.", "vae.")
 _KEY = re.compile(r"^(?P<module>.+)\.(?:(?P<part>lora_A|lora_B)\.(?P<leaf>weight|bias)|(?P<alpha>alpha))$")
@@ -205,3 +209,34 @@ def _module(mod: str, p: dict[str, torch.Tensor], cfg: dict[str, Any], f: Path) 
         raise CheckpointError(f"{where}: alpha {alpha!r} is not a number")
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     return LoraWeights(down, up, bias, float(scale))
+
+
+def write_saved_adapters(out_dir: Path, adapters: list[tuple[str, Path, float]]) -> None:
+    """Copy LoRA files ((name, file, weight) each) into ``out_dir`` (a checkpoint's ``lora/`` folder) with
+    an ``adapters.json`` listing them, so that loading the checkpoint attaches them again (as side
+    branches at the same weights)."""
+    out_dir.mkdir()
+    rows = []
+    for i, (name, src, weight) in enumerate(adapters):
+        file = f"adapter_{i}.safetensors"
+        shutil.copyfile(src, out_dir / file)
+        rows.append({"name": name, "file": file, "weight": float(weight)})
+    (out_dir / _SAVED_INDEX).write_text(json.dumps({"cogvx_saved_lora": 1, "adapters": rows}, indent=1) + "\n")
+
+
+def read_saved_adapters(lora_dir: Path) -> list[tuple[Path, float]]:
+    """(file, weight) of each adapter ``write_saved_adapters`` saved in ``lora_dir`` (none when the folder
+    or its adapters.json is absent); a damaged list is a CheckpointError."""
+    index = lora_dir / _SAVED_INDEX
+    if not index.is_file():
+        return []
+    try:
+        rows = json.loads(index.read_text(encoding="utf-8"))["adapters"]
+        out = [(lora_dir / Path(r["file"]).name, float(r["weight"])) for r in rows]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is damaged ({type(e).__name__}: {e}); save the checkpoint again") from e
+    for f, w in out:
+        if not f.is_file() or not math.isfinite(w):
+            raise CheckpointError(f"{index} lists {f.name} (weight {w}), which is missing or not finite; save the "
+                                  "checkpoint again")
+    return out

@@ -73,14 +73,15 @@ def weight_files(component_dir: str | Path) -> list[Path]:
     d = Path(component_dir)
     if not d.is_dir():
         raise CheckpointError(f"checkpoint component directory {d} does not exist")
+    _check_inside(d, d.parent, "component folder")
     indexes = sorted(d.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         raise CheckpointError(f"{d} holds several index files ({', '.join(i.name for i in indexes)}); keep one")
     if indexes:
-        return _index_shards(indexes[0])
+        return [_check_inside(f, d, "weight file") for f in _index_shards(indexes[0])]
     files = sorted(p for p in d.glob("*.safetensors") if not p.name.startswith("."))
     if len(files) == 1:
-        return files
+        return [_check_inside(files[0], d, "weight file")]
     if len(files) > 1:
         raise CheckpointError(
             f"{d} holds several .safetensors files ({_few([f.name for f in files])}) but no "
@@ -93,6 +94,27 @@ def weight_files(component_dir: str | Path) -> list[Path]:
         else ""
     )
     raise CheckpointError(f"no *.safetensors weights in {d}{hint}")
+
+
+def _is_hub_blob(target: Path) -> bool:
+    """A Hugging Face cache blob (``models--org--name/blobs/<hash>``): where the cache's snapshot links point."""
+    return target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
+
+
+def _check_inside(p: Path, folder: Path, what: str) -> Path:
+    """``p`` itself, when it is inside ``folder`` after following links, or a link to a Hugging Face cache
+    blob; a link out of the checkpoint elsewhere is refused (a broken link is left to the reader's error)."""
+    if not (p.is_symlink() or any(q.is_symlink() for q in p.parents if folder in q.parents or q == folder)):
+        return p
+    try:
+        target = p.resolve()
+    except (RuntimeError, OSError):  # a link loop: the reader says so
+        return p
+    if not (target.is_file() or target.is_dir()) or folder.resolve() in target.parents or _is_hub_blob(target):
+        return p
+    raise CheckpointError(f"the {what} {p} is a symbolic link to {target}, outside {folder}; a checkpoint is read "
+                          "only from inside its own folders (and Hugging Face cache blobs): copy the file in, or "
+                          "load the checkpoint the link points into")
 
 
 def _index_shards(index_path: Path) -> list[Path]:
@@ -259,6 +281,10 @@ def load_into(
             t = t.to(dtype)
         if device is not None:
             t = t.to(device)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # one pass, on the target device
+            raise CheckpointError(f"{where}: tensor {k!r} holds NaN or inf values (after the cast to {t.dtype}); "
+                                  "the checkpoint is damaged or was saved from a diverged run: fetch or export it "
+                                  "again")
         out[k] = t
     module.load_state_dict(out, strict=True, assign=True)
 

@@ -3,11 +3,14 @@ videos that condition a generation (PNG/JPEG/... through PIL, mp4/gif/webm throu
 
 from __future__ import annotations
 
+import errno
 import itertools
 import math
 import os
+import re
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ import torch
 from .atomic import atomic_file, umask_mode
 
 __all__ = ["VIDEO_SUFFIXES", "VideoWriteError", "check_output_path", "check_video_name", "check_fps", "to_uint8", "write_mp4",
-           "read_video", "read_image", "MediaError"]
+           "read_video", "iter_video", "read_image", "MediaError", "MAX_INPUT_SIDE"]
 
 VIDEO_SUFFIXES = (".mp4",)  # what `write_mp4` writes: H.264 in an mp4 container, nothing else
 MAX_FPS = 1000
@@ -124,8 +127,18 @@ def write_mp4(path: str | os.PathLike, frames, fps: float = 8) -> Path:
     except Exception as e:
         fallback = _fallback_save(u8, fps, p.stem)
         where = f"The video was saved to {fallback} instead" if fallback else \
-            "No fallback file could be written either; the frames are still in the result object"
-        raise VideoWriteError(f"could not write {p}: {e}. {where}", fallback) from e
+            (f"No fallback file could be written in {tempfile.gettempdir()} either; the frames are still in the "
+             "result object: free space and call result.save() again")
+        raise VideoWriteError(f"could not write {p}: {_why(e, p)}. {where}", fallback) from e
+
+
+def _why(e: Exception, p: Path) -> str:
+    """The reason a write failed, in one line: a full disk says so (ffmpeg reports it as a broken pipe
+    followed by its whole command line and log)."""
+    text = str(e)
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text:
+        return f"the disk holding {p.parent if str(p.parent) else '.'} is full (no space left on device)"
+    return _short(e)
 
 
 def _fallback_save(u8: np.ndarray, fps: float, stem: str) -> Path | None:
@@ -144,43 +157,94 @@ def _fallback_save(u8: np.ndarray, fps: float, stem: str) -> Path | None:
     return None
 
 
-def read_video(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
-    """The frames of a video file (mp4, gif, webm, ...) as uint8 [F, H, W, 3]: all of them, or the first
-    ``max_frames`` (a long video is never decoded whole for a few frames). Iterates: ``list(reader)``
-    fails on some builds."""
+MAX_INPUT_SIDE = 8192  # an image or video frame beyond this is refused before it is decoded
+
+
+def _input_path(path, kind: str) -> Path:
+    """A local file to read: URLs and directories are named as such (not as missing files)."""
+    if isinstance(path, str) and re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path):
+        raise MediaError(f"{kind} {path!r} is a URL; cogvx reads local files only: download it first and pass "
+                         "the file's path")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise MediaError(f"{kind} {p} is a directory; give a file (an {kind} file, or a list of PIL images)")
+    if not p.is_file():
+        raise MediaError(f"{kind} file {p} does not exist")
+    return p
+
+
+def _short(e: Exception, limit: int = 300) -> str:
+    """One line of a decoder's error: ffmpeg's report ends in the line that matters, after its banner."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    keep = [ln for ln in lines if not ln.startswith(("ffmpeg version", "built with", "configuration:", "lib",
+                                                     "Copyright", "Input #", "Metadata:", "Duration:", "Stream #"))]
+    text = (keep or lines or [type(e).__name__])[-1]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _check_side(w: int, h: int, p: Path, kind: str) -> None:
+    if w > MAX_INPUT_SIDE or h > MAX_INPUT_SIDE:
+        raise MediaError(f"{kind} {p} is {w}x{h} pixels; cogvx reads {kind}s up to {MAX_INPUT_SIDE} pixels a side "
+                         "(it resizes them to the video size anyway): downscale it first")
+
+
+def iter_video(path: str | os.PathLike, max_frames: int | None = None) -> Iterator[np.ndarray]:
+    """The frames of a video file (mp4, gif, webm, ...), one uint8 [H, W, 3] array at a time: the first
+    ``max_frames`` (all when None), decoded only as they are asked for, so a caller that resizes each
+    frame holds one full-size frame at a time. The frame size is checked before any frame is decoded."""
     import imageio.v2 as imageio
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise MediaError(f"video file {p} does not exist")
+    p = _input_path(path, "video")
     try:
         reader = imageio.get_reader(str(p))
     except Exception as e:
-        raise MediaError(f"cannot read video {p}: {e}; give an mp4/gif/webm file") from e
+        raise MediaError(f"cannot read video {p}: {_short(e)}; give an mp4/gif/webm file") from e
     try:
-        frames = [np.asarray(f) for f in itertools.islice(reader, max_frames)]
-    except Exception as e:
-        raise MediaError(f"cannot decode video {p}: {e}; the file is damaged or not a video") from e
+        size = reader.get_meta_data().get("size") if hasattr(reader, "get_meta_data") else None
+        if isinstance(size, (tuple, list)) and len(size) == 2:
+            _check_side(int(size[0]), int(size[1]), p, "video")
+        it = itertools.islice(reader, max_frames)
+        n = 0
+        while True:
+            try:
+                frame = next(it)
+            except StopIteration:
+                break
+            except Exception as e:
+                raise MediaError(f"cannot decode video {p}: {_short(e)}; the file is damaged or not a video") from e
+            frame = np.asarray(frame)
+            if n == 0:
+                _check_side(frame.shape[1], frame.shape[0], p, "video")
+            n += 1
+            yield _rgb(frame)
+        if n == 0:
+            raise MediaError(f"video {p} has no frames")
     finally:
         reader.close()
-    if not frames:
-        raise MediaError(f"video {p} has no frames")
-    out = np.stack([_rgb(f) for f in frames])
-    return out
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file (PNG, JPEG, WebP, ...) as uint8 [H, W, 3]."""
+def read_video(path: str | os.PathLike, max_frames: int | None = None) -> np.ndarray:
+    """The frames of a video file as uint8 [F, H, W, 3]: all of them, or the first ``max_frames``."""
+    return np.stack(list(iter_video(path, max_frames)))
+
+
+def read_image(path: str | os.PathLike):
+    """An image file (PNG, JPEG, WebP, TIFF, ...) as a loaded PIL image, in its own mode (a 16-bit or
+    float image keeps its depth); its size is checked before its pixels are decoded."""
     from PIL import Image
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise MediaError(f"image file {p} does not exist")
+    p = _input_path(path, "image")
     try:
-        with Image.open(p) as im:
-            return np.asarray(im.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below says it
+            with Image.open(p) as im:
+                _check_side(*im.size, p, "image")
+                im.load()
+                return im.copy()
+    except MediaError:
+        raise
     except Exception as e:
-        raise MediaError(f"cannot read image {p}: {e}; give a PNG/JPEG/WebP file") from e
+        raise MediaError(f"cannot read image {p}: {_short(e)}; give a PNG/JPEG/WebP file") from e
 
 
 def _rgb(frame: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from cogvx.quantize.settings import Runtime
 from cogvx.quantize.torchao_format import cat_rows
 
 from ..io.checkpoint import CheckpointError, read_json, read_model_index
-from ..io.lora import read_lora
+from ..io.lora import SAVED_LORA_DIR, read_lora, read_saved_adapters
 from ..io.safetensors import (
     check_filled,
     check_index,
@@ -180,6 +180,8 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *
     saved = {c: info for c in QUANTIZABLE if (info := read_quantization(model_dir / c)) is not None}
     requested = resolve_quantization(recipe, saved, run_device, dtype, model_dir)
     lazy = {c for c in defer if c not in saved and c not in requested}
+    # Adapters that ran as side branches on the quantized transformer when it was saved come back the same way.
+    saved_lora = read_saved_adapters(model_dir / SAVED_LORA_DIR) if "transformer" in saved else []
     sched = load_scheduler(model_dir / "scheduler", class_name=scheduler)
     tokenizer = load_tokenizer(model_dir / "tokenizer", vocab_limit=te_cfg.vocab_size)
     # Every component's headers against its config before any weight is read (the loaders check again).
@@ -200,7 +202,7 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *
     else:
         transformer = load_transformer(model_dir / "transformer", device, dtype, fuse_qkv=fuse_qkv,
                                        info=saved.get("transformer"))
-    lora, merged = list(lora or ()), []
+    lora, merged = saved_lora + list(lora or ()), []
     if "transformer" in requested:
         merged, lora = merge_loras(transformer, lora), []
         # a calibrated recipe runs the text encoder: a deferred one is read for this and dropped

@@ -18,7 +18,8 @@ import sentencepiece as spm
 import torch
 from tokenizers import Tokenizer
 
-__all__ = ["MAX_LENGTH", "PromptTokenizer", "PromptTruncationWarning", "TokenizedPrompts", "TokenizerError"]
+__all__ = ["MAX_LENGTH", "PromptTokenizer", "PromptTruncationWarning", "TokenizedPrompts", "TokenizerError",
+           "check_unicode"]
 
 # The length the CogVideoX transformer was trained with (its text rows); the pipeline pads to it.
 MAX_LENGTH = 226
@@ -39,6 +40,20 @@ class TokenizedPrompts:
 
     input_ids: torch.Tensor
     num_truncated: list[int]
+
+
+def check_unicode(name: str, text: str) -> None:
+    """A ValueError when ``text`` is not valid Unicode text: a lone surrogate (U+D800..U+DFFF, e.g. from
+    ``bytes.decode(errors="surrogateescape")`` or a JSON ``"\\ud800"`` escape) cannot be encoded as UTF-8,
+    which sentencepiece and the tokenizers library need."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start:e.end]
+        raise ValueError(f"{name} holds a lone surrogate {', '.join(f'U+{ord(c):04X}' for c in bad[:3])} at character "
+                         f"{e.start}, which is not valid Unicode text (half of a UTF-16 pair; often from decoding bytes "
+                         "with errors='surrogateescape' or a broken \\uD8xx escape); remove it, or decode the "
+                         "prompt's bytes as UTF-8") from None
 
 
 class PromptTokenizer:
@@ -138,6 +153,7 @@ class PromptTokenizer:
         for b, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise TypeError(f"prompt {b} is a {type(p).__name__}, expected str")
+            check_unicode(f"prompt {b}", p)
             ids = self._encode_text(p)
             n_drop = max(0, len(ids) - keep)
             if n_drop:

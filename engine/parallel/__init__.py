@@ -7,9 +7,9 @@ and all-to-alls), model.py (one rank's transformer forward), decode.py (VAE tile
 """
 
 from .collectives import Comm, agree_or_raise, broadcast_int, gather_floats, raise_together
-from .fingerprint import digests
+from .fingerprint import checkpoint_digest, digests
 from .groups import MODES, Mesh, check_mode, init_from_env, make_mesh, parallel_device
 from .model import ParallelTransformer
 
 __all__ = ["MODES", "Comm", "Mesh", "ParallelTransformer", "agree_or_raise", "broadcast_int", "check_mode",
-           "digests", "gather_floats", "init_from_env", "make_mesh", "parallel_device", "raise_together"]
+           "checkpoint_digest", "digests", "gather_floats", "init_from_env", "make_mesh", "parallel_device", "raise_together"]

@@ -9,6 +9,7 @@ own (zeros of the same sizes) instead.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 
-__all__ = ["Comm", "Call", "agree_or_raise", "broadcast_int", "gather_floats", "raise_together"]
+__all__ = ["Comm", "Call", "agree_or_raise", "broadcast_int", "gather_floats", "raise_together", "bounded"]
 
 # torch 2.13 renamed the all-gathers (the old names warn); older releases have only the old ones.
 _gather = getattr(fc, "all_gather_single", None) or fc.all_gather_tensor
@@ -36,11 +37,29 @@ class Call:
     dtype: torch.dtype = torch.float32
 
 
+@contextlib.contextmanager
+def bounded(what: str, timeout: float | None):
+    """Turn a collective's timeout (gloo: "Timed out waiting ...ms"; NCCL's watchdog) into one clear error
+    naming the wait, the bound and what to do."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if "timed out" not in text.lower() and "timeout" not in text.lower():
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else "?"
+        bound = f"{timeout:g} s, $COGVX_PARALLEL_TIMEOUT" if timeout is not None else "the process group's timeout"
+        raise RuntimeError(f"{what}: rank {rank} waited longer than {bound} for the other ranks: one of them is "
+                           "stalled (stopped, swapping, stuck on I/O) or gone. Stop every rank and start again; if a "
+                           "rank is only slow, raise COGVX_PARALLEL_TIMEOUT") from e
+
+
 class Comm:
     """Functional collectives plus the seconds, calls and bytes they cost this rank (eager calls only)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, timeout: float | None = None):
         self.device = device
+        self.timeout = timeout
         self.cuda = device.type == "cuda"
         self.reset()
 
@@ -65,9 +84,10 @@ class Comm:
             start.record()
         else:
             t0 = time.perf_counter()
-        out = fn()
-        if isinstance(out, fc.AsyncCollectiveTensor):
-            out = out.wait()
+        with bounded(f"a {call.kind} of the transformer forward", self.timeout):
+            out = fn()
+            if isinstance(out, fc.AsyncCollectiveTensor):
+                out = out.wait()
         if self.cuda:
             end.record()
             self._events.append((start, end))
@@ -114,15 +134,18 @@ def _device_for(backend: str, device: torch.device) -> torch.device:
     return device if "nccl" in backend.lower() and device.type == "cuda" else torch.device("cpu")
 
 
-def agree_or_raise(what: str, digests: dict[str, bytes], device: torch.device) -> None:
+def agree_or_raise(what: str, digests: dict[str, bytes], device: torch.device, group=None,
+                   timeout: float | None = None) -> None:
     """All-gather each argument's digest; when ranks differ, raise on every rank naming the arguments
-    that differ and the ranks that hold another value than rank 0. Call before any heavy work."""
+    that differ and the ranks that hold another value than rank 0. Call before any heavy work.
+    ``group``: the process group (every rank; None: the default group), ``timeout`` its bound (for errors)."""
     names = sorted(digests)
     dev = _device_for(dist.get_backend(), device)
     mine = torch.tensor([list(digests[n]) for n in names], dtype=torch.uint8, device=dev)
     world = dist.get_world_size()
     every = torch.empty((world * mine.shape[0], mine.shape[1]), dtype=torch.uint8, device=dev)
-    _gather_into(every, mine)
+    with bounded(what, timeout):
+        _gather_into(every, mine, group=group)
     every = every.view(world, *mine.shape).cpu()
     bad = [(n, [r for r in range(1, world) if not torch.equal(every[r, i], every[0, i])])
            for i, n in enumerate(names)]
@@ -135,7 +158,8 @@ def agree_or_raise(what: str, digests: dict[str, bytes], device: torch.device) -
                          "compute them once, or on rank 0 and broadcast them")
 
 
-def raise_together(error: Exception | None, what: str, device: torch.device, limit: int = 1000) -> None:
+def raise_together(error: Exception | None, what: str, device: torch.device, limit: int = 1000, group=None,
+                   timeout: float | None = None) -> None:
     """Raise on every rank when ``error`` is set on any: the failing ranks raise their own error, the
     others a ValueError quoting it (its first ``limit`` bytes travel in one all-gather of bytes)."""
     dev = _device_for(dist.get_backend(), device)
@@ -144,7 +168,8 @@ def raise_together(error: Exception | None, what: str, device: torch.device, lim
     mine[0] = error is not None
     mine[1 : 1 + len(msg)] = torch.frombuffer(bytearray(msg), dtype=torch.uint8) if msg else mine[1:1]
     every = torch.empty(dist.get_world_size() * (limit + 1), dtype=torch.uint8, device=dev)
-    _gather_into(every, mine.to(dev))
+    with bounded(what, timeout):
+        _gather_into(every, mine.to(dev), group=group)
     rows = every.view(-1, limit + 1).cpu()
     if error is not None:
         raise error
@@ -155,17 +180,19 @@ def raise_together(error: Exception | None, what: str, device: torch.device, lim
         raise ValueError(f"{what} failed on rank {r} of the process group, so it stops on every rank: {text}")
 
 
-def broadcast_int(value: int, device: torch.device) -> int:
-    """Rank 0's ``value`` on every rank."""
+def broadcast_int(value: int, device: torch.device, group=None, timeout: float | None = None) -> int:
+    """Rank 0's ``value`` on every rank (``group`` spans every rank, so its rank 0 is the global one)."""
     t = torch.tensor([value], dtype=torch.int64, device=_device_for(dist.get_backend(), device))
-    dist.broadcast(t, src=0)
+    with bounded("a broadcast from rank 0", timeout):
+        dist.broadcast(t, src=0, group=group)
     return int(t.item())
 
 
-def gather_floats(values: list[float], device: torch.device) -> list[list[float]]:
+def gather_floats(values: list[float], device: torch.device, group=None, timeout: float | None = None) -> list[list[float]]:
     """Every rank's ``values`` (the same length on each), in rank order."""
     dev = _device_for(dist.get_backend(), device)
     mine = torch.tensor(values, dtype=torch.float64, device=dev)
     every = torch.empty(dist.get_world_size() * len(values), dtype=torch.float64, device=dev)
-    _gather_into(every, mine)
+    with bounded("the gather of every rank's timings", timeout):
+        _gather_into(every, mine, group=group)
     return every.view(-1, len(values)).cpu().tolist()

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ..models.vae import CogVideoXVAE
 from ..models.vae.tiling import decode_grid, tiled_map
-from .collectives import broadcast_int
+from .collectives import bounded, broadcast_int
 from .groups import Mesh
 
 __all__ = ["assign_tiles", "decode_tiles"]
@@ -58,13 +58,14 @@ def decode_tiles(vae: CogVideoXVAE, z: torch.Tensor, mesh: Mesh) -> torch.Tensor
             i, j = starts[k]
             out = vae.decode(z[..., i : i + th, j : j + tw])
         if frames is None:  # rank 0 always has a tile in the first round: its frame count sizes every block
-            frames = broadcast_int(out.shape[2] if rank == 0 else 0, mesh.device)
+            frames = broadcast_int(out.shape[2] if rank == 0 else 0, mesh.device, mesh.group, mesh.timeout)
         # Every rank sends a block of the largest tile's size (zeros when it has no tile this round).
         send = torch.zeros((z.shape[0], 3, frames, th * scale, tw * scale), dtype=z.dtype, device=dev)
         if out is not None:
             send[..., : out.shape[-2], : out.shape[-1]] = out.to(dev)
         got = [torch.empty_like(send) for _ in range(world)] if rank == 0 else None
-        dist.gather(send, got, dst=0)
+        with bounded("the gather of the VAE tiles", mesh.timeout):
+            dist.gather(send, got, dst=0, group=mesh.group)
         if rank == 0:
             for r, block in enumerate(got):
                 if step < len(owned[r]):

@@ -1,16 +1,22 @@
 """A digest of an argument's value, equal on two ranks exactly when the ranks passed the same value:
-what the ranks compare (one all-gather) before a parallel load or generate does any heavy work."""
+what the ranks compare (one all-gather) before a parallel load or generate does any heavy work; and
+one of a checkpoint's files, so that ranks which reach different copies of a checkpoint (a changed
+weight on one node) are told before they make a wrong video."""
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["digest", "digests"]
+__all__ = ["digest", "digests", "checkpoint_digest"]
+
+_BLOCK = 8 << 20  # uint64 words per summed block (64 MiB)
+_SMALL = 1 << 20  # files up to this size are hashed whole
 
 
 def _feed(h, value) -> None:
@@ -59,3 +65,35 @@ def digest(value) -> bytes:
 def digests(args: dict) -> dict[str, bytes]:
     """{argument name: digest of its value}."""
     return {k: digest(v) for k, v in args.items()}
+
+
+def _file_digest(h, path: Path) -> None:
+    """Every byte of ``path`` into ``h``: small files hashed whole; large ones (weights) as the wrapping
+    uint64 sums of their 64 MiB blocks plus the tail bytes, which numpy computes at memory speed (about
+    8 GB/s warm on one core, against 0.6 GB/s for SHA-256): any changed word changes its block's sum."""
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        if size <= _SMALL:
+            h.update(f.read())
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            words = np.frombuffer(m, dtype=np.uint64, count=size // 8)
+            full = words.size // _BLOCK * _BLOCK
+            if full:
+                h.update(words[:full].reshape(-1, _BLOCK).sum(axis=1, dtype=np.uint64).tobytes())
+            h.update(words[full:].sum(dtype=np.uint64).tobytes())
+            h.update(m[size // 8 * 8:])
+            del words
+
+
+def checkpoint_digest(model_dir: Path) -> bytes:
+    """32 bytes over every file a load reads: model_index.json and each component folder it names (names,
+    sizes, contents; folders in name order). Two copies of one checkpoint agree; a changed weight does not."""
+    h = hashlib.sha256()
+    _file_digest(h, model_dir / "model_index.json")
+    for comp in sorted(p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for f in sorted(q for q in comp.rglob("*") if q.is_file() and not q.name.startswith(".")):
+            h.update(str(f.relative_to(model_dir)).encode())
+            _file_digest(h, f)
+    return h.digest()

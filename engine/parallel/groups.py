@@ -8,15 +8,23 @@ that half (consecutive ranks share a node first). ``"cfg"`` is 2 x 1, ``"ulysses
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["MODES", "Mesh", "check_mode", "make_mesh", "parallel_device", "init_from_env"]
+__all__ = ["MODES", "Mesh", "check_mode", "make_mesh", "parallel_device", "init_from_env", "parallel_timeout",
+           "TIMEOUT_ENV", "DEFAULT_TIMEOUT"]
 
 MODES = ("cfg", "ulysses", "cfg+ulysses")
+# How long a rank waits in one collective for the others before it fails (a rank that is stopped,
+# swapping or stuck on I/O otherwise holds the rest forever). Generous by default: rank 0 decodes the
+# video alone while the others wait for it at the next collective.
+TIMEOUT_ENV = "COGVX_PARALLEL_TIMEOUT"
+DEFAULT_TIMEOUT = 1800.0
 
 _HOW = ("launch one process per device with `torchrun --nproc-per-node N your_script.py` and call "
         "torch.distributed.init_process_group() (backend 'nccl' on CUDA, 'gloo' on the CPU) before Engine.load; "
@@ -44,6 +52,22 @@ class Mesh:
     world_group: str
     backend: str
     device: torch.device
+    group: object = None  # the process group of every cogvx collective (all ranks, ``timeout`` seconds)
+    timeout: float = DEFAULT_TIMEOUT
+
+
+def parallel_timeout() -> float:
+    """Seconds a rank waits in a collective for the others: $COGVX_PARALLEL_TIMEOUT, else 1800."""
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None or text == "":
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0 (got {text!r}); e.g. 600")
+    return value
 
 
 def check_mode(parallel) -> str | None:
@@ -104,16 +128,20 @@ def make_mesh(parallel: str | None, device: torch.device) -> Mesh | None:
     world, rank = dist.get_world_size(), dist.get_rank()
     cfg, uly = _degrees(parallel, world)
     _check_backend(dist.get_backend(), device)
+    timeout = parallel_timeout()
+    wait = datetime.timedelta(seconds=timeout)
+    # A group of its own over every rank: the user's default group may wait 30 minutes or forever.
+    everyone = dist.new_group(list(range(world)), timeout=wait)
     seq_group = None
     if uly > 1:
         for half in range(cfg):  # every rank creates every group, in the same order
             ranks = list(range(half * uly, (half + 1) * uly))
-            group = dist.new_group(ranks) if cfg > 1 else dist.group.WORLD
+            group = dist.new_group(ranks, timeout=wait) if cfg > 1 else everyone
             if rank in ranks:
                 seq_group = group.group_name
     return Mesh(mode=parallel, world=world, rank=rank, cfg=cfg, ulysses=uly, cfg_rank=rank // uly,
-                seq_rank=rank % uly, seq_group=seq_group, world_group=dist.group.WORLD.group_name,
-                backend=str(dist.get_backend()), device=device)
+                seq_rank=rank % uly, seq_group=seq_group, world_group=everyone.group_name,
+                backend=str(dist.get_backend()), device=device, group=everyone, timeout=timeout)
 
 
 def init_from_env(device: str | None) -> bool:
@@ -126,5 +154,5 @@ def init_from_env(device: str | None) -> bool:
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=parallel_timeout()))
     return True

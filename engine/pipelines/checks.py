@@ -10,6 +10,8 @@ import operator
 import numpy as np
 import torch
 
+from ..models.tokenizer import check_unicode
+
 __all__ = ["MAX_FRAMES", "MAX_GUIDANCE", "MAX_SIDE", "MAX_TEXT_LENGTH", "MAX_PROMPT_CHARS", "as_int", "as_number",
            "as_bool", "not_on_meta", "check_prompts", "check_video_shape", "check_sampling", "check_latents",
            "check_generator"]
@@ -96,6 +98,7 @@ def _check_length(name: str, text: str) -> None:
     if len(text) > MAX_PROMPT_CHARS:
         raise ValueError(f"{name} is {len(text)} characters; the text encoder reads only its first "
                          f"{MAX_TEXT_LENGTH} tokens (a few thousand characters): pass at most {MAX_PROMPT_CHARS}")
+    check_unicode(name, text)
 
 
 def not_on_meta(name: str, t: torch.Tensor) -> None:
@@ -117,7 +120,8 @@ def check_video_shape(num_frames, height, width, temporal: int = 4, spatial_mult
     """num_frames must give whole latent frames; height/width multiples of 16 (VAE 8 x patch 2)."""
     hint = ""
     if isinstance(num_frames, (int, np.integer)) and not isinstance(num_frames, bool) and num_frames >= 1:
-        hint = f"; try {max(round((num_frames - 1) / temporal), 0) * temporal + 1}"
+        near = min(max(round((num_frames - 1) / temporal), 0) * temporal + 1, (MAX_FRAMES - 1) // temporal * temporal + 1)
+        hint = f"; try {near}"  # the nearest 4k+1 within range (never the rejected value itself)
     f = as_int("num_frames", num_frames, 1, MAX_FRAMES, hint)
     if (f - 1) % temporal:
         raise ValueError(f"num_frames must be {temporal}k+1 (1, {temporal + 1}, {2 * temporal + 1}, ..., 49) "

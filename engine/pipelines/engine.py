@@ -175,7 +175,7 @@ class Engine(LoraMethods, OffloadMethods, ComponentCalls):
                                                  recipe=recipe, kernels=kernels, compile=compile, parallel=parallel,
                                                  lora=[(str(p_), float(s_)) for p_, s_ in lora or []],
                                                  vae_dtype=str(vae_dtype)),
-                                            dev, model)
+                                            mesh, model)
         dt = resolve_dtype(dtype or default_dtype(dev), dev)
         vae_dt = None if vae_dtype is None else resolve_dtype(vae_dtype, dev)  # bad input fails before the weights load
         model_dir = resolve_model_dir(model) if mesh is None else model_dir
@@ -223,7 +223,7 @@ class Engine(LoraMethods, OffloadMethods, ComponentCalls):
         if mesh is not None:
             Parallel.agree_load(dict(preset=preset, device=dev.type, dtype=dtype, recipe=recipe, kernels=kernels,
                                      compile=compile, text_encoder=text_encoder, vae=vae, seed=seed,
-                                     parallel=parallel), dev)
+                                     parallel=parallel), mesh)
         dt = resolve_dtype(dtype or default_dtype(dev, p.dtype), dev)
         backend = resolve_backend(kernels, dev)
         check_compile_mode(compile)

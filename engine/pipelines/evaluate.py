@@ -28,7 +28,7 @@ from ..runtime.defaults import DEFAULTS
 from .engine import Engine
 
 __all__ = ["EvalSettings", "VideoRun", "run_videos", "compare", "write_goldens", "read_goldens", "read_prompts",
-           "DEFAULT_PROMPTS", "GOLDENS_VERSION"]
+           "DEFAULT_PROMPTS", "GOLDENS_VERSION", "not_goldens"]
 
 GOLDENS_VERSION = 1
 GOLDENS_FILE = "goldens.json"
@@ -95,6 +95,8 @@ def run_videos(engine: Engine, settings: EvalSettings, on_video=None) -> list[Vi
 
 
 def _db(x: float) -> float | None:
+    if math.isnan(x):
+        raise ValueError("a figure came out NaN (a video holds NaN values); nothing can be judged from it")
     return None if math.isinf(x) else round(x, 3)  # JSON has no inf: None means "identical"
 
 
@@ -123,7 +125,7 @@ def write_goldens(out_dir: str | os.PathLike, runs: list[VideoRun], settings: Ev
                   overwrite: bool = False) -> Path:
     """Write a run as goldens: goldens.json (settings, what made it) and one safetensors per video."""
     out = Path(out_dir).expanduser()
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, replaceable=not_goldens) as tmp:
         files = []
         for i, r in enumerate(runs):
             name = f"video_{i:03d}.safetensors"
@@ -135,6 +137,17 @@ def write_goldens(out_dir: str | os.PathLike, runs: list[VideoRun], settings: Ev
     return out
 
 
+def not_goldens(out: Path) -> str | None:
+    """None when ``out`` holds goldens this module wrote (goldens.json and video_NNN.safetensors only)."""
+    foreign = sorted(p.name for p in out.iterdir() if not (p.is_file() and (
+        p.name == GOLDENS_FILE or (p.name.startswith("video_") and p.suffix == ".safetensors"))))
+    if foreign:
+        return f"it holds {', '.join(foreign[:5])}, which goldens do not"
+    if not (out / GOLDENS_FILE).is_file():
+        return f"it has no {GOLDENS_FILE}"
+    return None
+
+
 def read_goldens(goldens_dir: str | os.PathLike) -> tuple[EvalSettings, dict, list[VideoRun]]:
     """(settings, the rest of goldens.json, the recorded runs)."""
     d = Path(goldens_dir).expanduser()
@@ -144,6 +157,11 @@ def read_goldens(goldens_dir: str | os.PathLike) -> tuple[EvalSettings, dict, li
                               f"{GOLDENS_VERSION}; record the goldens again with this cogvx")
     try:
         settings = EvalSettings(**doc["settings"])
+        listed = [(v["prompt"], int(v["seed"])) for v in doc["videos"]]
+        if listed != settings.videos():
+            raise CheckpointError(f"{d / GOLDENS_FILE} lists {len(listed)} video(s) but its settings make "
+                                  f"{len(settings.videos())} (every prompt with every seed, in order); the file was "
+                                  "edited or damaged: record the goldens again")
         runs = []
         for v in doc["videos"]:
             f = d / Path(v["file"]).name
@@ -152,6 +170,27 @@ def read_goldens(goldens_dir: str | os.PathLike) -> tuple[EvalSettings, dict, li
             read_headers([f])
             t = dict(read_tensors([f]))
             runs.append(VideoRun(v["prompt"], int(v["seed"]), t["latents"].float(), t["frames"].float().numpy()))
-    except (KeyError, TypeError) as e:
+            _check_run(f, runs[-1], settings)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"{d / GOLDENS_FILE} is damaged ({type(e).__name__}: {e}); record the goldens again") from e
     return settings, doc, runs
+
+
+def _check_run(f: Path, run: VideoRun, settings: EvalSettings) -> None:
+    """A recorded video is what its settings make: frames [F, height, width, 3] in [0, 1] (F matching
+    num_frames when it is set, up to the VAE's 4k rounding) and finite latents [F_lat, C, h, w]."""
+    fr, lat = run.frames, run.latents
+    want = f"[F, {settings.height}, {settings.width}, 3]"
+    if fr.ndim != 4 or fr.shape[1:] != (settings.height, settings.width, 3) or lat.ndim != 4:
+        raise CheckpointError(f"{f}: frames {tuple(fr.shape)} and latents {tuple(lat.shape)} do not fit the goldens' "
+                              f"settings (frames {want}, latents [F_lat, C, h, w]); record the goldens again")
+    if settings.num_frames is not None and not 0 <= fr.shape[0] - settings.num_frames <= 3:
+        raise CheckpointError(f"{f} holds {fr.shape[0]} frames but the goldens' settings say num_frames="
+                              f"{settings.num_frames}; record the goldens again")
+    if not (np.isfinite(fr).all() and bool(torch.isfinite(lat).all())):
+        raise CheckpointError(f"{f} holds NaN or inf values: goldens must be finite (a PSNR against NaN is NaN, "
+                              "which no floor can judge); record the goldens again")
+    if fr.min() < 0 or fr.max() > 1:
+        raise CheckpointError(f"{f}: frames span [{fr.min():g}, {fr.max():g}], outside [0, 1]; record the goldens again")

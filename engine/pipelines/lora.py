@@ -13,9 +13,12 @@ merged, quantized model, load the checkpoint with the LoRA and the recipe togeth
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,6 +61,9 @@ class LoraAdapters:
         self.active: dict[str, float] = {}  # name -> weight, applied as side branches
         self.fused: dict[str, tuple[float, float]] = {}  # name -> (weight, fuse scale) merged into the weights
         self.baked: list[str] = []  # merged before quantization at load time: cannot be taken out
+        # bf16 / fp16 layers' weights (and biases) as they were before their first fuse, on the CPU:
+        # (w + d) - d rounds twice in low precision (0.085 % off after one cycle), so unfuse restores these.
+        self.originals: dict[nn.Module, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.call_scale = 1.0  # diffusers' attention_kwargs={"scale": s}: multiplies every side branch
 
     @property
@@ -90,9 +96,13 @@ class LoraAdapters:
     def set_adapters(self, model: nn.Module, names: str | Sequence[str], weights=None,
                      dtype: torch.dtype | None = None) -> None:
         names = [names] if isinstance(names, str) else list(names)
+        repeated = sorted({n for n in names if names.count(n) > 1}, key=str)
+        if repeated:
+            raise LoraError(f"set_adapters got {', '.join(map(repr, repeated))} more than once; name each adapter once "
+                            "(its weight is the one number given for it)")
         if weights is None:
             weights = [1.0] * len(names)
-        elif isinstance(weights, (int, float)):
+        elif not isinstance(weights, (list, tuple)) and np.ndim(weights) == 0:  # one number for every name
             weights = [weights] * len(names)
         weights = list(weights)
         if len(weights) != len(names):
@@ -132,6 +142,9 @@ class LoraAdapters:
                             "side branches; for a merged quantized model load with Engine.load(..., lora=[path], "
                             "recipe=...) (cogvx generate --lora PATH --recipe NAME), which merges before quantizing")
         for layer, pairs in per_layer.items():
+            if layer.weight.dtype in (torch.bfloat16, torch.float16) and layer not in self.originals:
+                bias = None if layer.bias is None else layer.bias.detach().to("cpu")
+                self.originals[layer] = (layer.weight.detach().to("cpu"), bias)
             merge_into_weight(layer, pairs)
         for n in names:
             self.fused[n] = (self.active.pop(n), scale)
@@ -142,7 +155,14 @@ class LoraAdapters:
             return
         per_layer = self._pairs(model, {n: w * s for n, (w, s) in self.fused.items()})
         for layer, pairs in per_layer.items():
-            merge_into_weight(layer, pairs, sign=-1.0)
+            kept = self.originals.pop(layer, None)
+            if kept is None:  # float32: subtracting the float32 product is exact to float32 rounding
+                merge_into_weight(layer, pairs, sign=-1.0)
+                continue
+            dev = layer.weight.device  # new Parameters, as merge_into_weight makes (never written in place)
+            layer.weight = nn.Parameter(kept[0].to(dev), requires_grad=False)
+            if kept[1] is not None:
+                layer.bias = nn.Parameter(kept[1].to(dev), requires_grad=False)
         for n, (w, _) in self.fused.items():
             self.active[n] = w
         self.fused.clear()
@@ -177,7 +197,10 @@ class LoraAdapters:
 
 # ---------------------------------------------------------------------------------------- helpers
 def _weight(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+    # numpy scalars (np.float32(0.5), a 0-d array) are numbers too; bools are not
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise LoraError(f"{what} must be a finite number (got {value!r})")
     return float(value)
 

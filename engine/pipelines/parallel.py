@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from ..io.checkpoint import resolve_model_dir
-from ..parallel import (Comm, Mesh, ParallelTransformer, agree_or_raise, broadcast_int, digests, gather_floats,
-                        raise_together)
+from ..parallel import (Comm, Mesh, ParallelTransformer, agree_or_raise, broadcast_int, checkpoint_digest, digests,
+                        gather_floats, raise_together)
 from ..parallel.decode import decode_tiles
 from ..runtime.profiling import Profile
 from .guidance import Guidance, SplitGuidance
@@ -31,7 +31,7 @@ class Parallel:
 
     def __init__(self, mesh: Mesh, transformer):
         self.mesh = mesh
-        self.comm = Comm(mesh.device)
+        self.comm = Comm(mesh.device, mesh.timeout)
         self.net = ParallelTransformer(transformer, mesh, self.comm)
 
     @property
@@ -39,20 +39,20 @@ class Parallel:
         return self.mesh.rank
 
     @staticmethod
-    def agree_load(args: dict, device: torch.device, model=None) -> Path | None:
+    def agree_load(args: dict, mesh: Mesh, model=None) -> Path | None:
         """Every rank raises the same ValueError when the ranks' load arguments differ (one all-gather).
-        ``model``: a checkpoint, compared by the contents of its model_index.json and transformer config
-        (ranks may reach it by different paths); resolved here, and a rank that cannot read it raises only
-        after the all-gather, so the other ranks are told instead of waiting. Returns its directory."""
+        ``model``: a checkpoint, compared by the contents of its files (``checkpoint_digest``: ranks may
+        reach it by different paths, and a copy with one changed weight differs); resolved here, and a
+        rank that cannot read it raises only after the all-gather, so the other ranks are told instead of
+        waiting. Returns its directory."""
         model_dir, error, ident = None, None, None
         if model is not None:
             try:
                 model_dir = resolve_model_dir(model)
-                ident = [(model_dir / f).read_bytes() for f in ("model_index.json", "transformer/config.json")
-                         if (model_dir / f).is_file()]
+                ident = checkpoint_digest(model_dir)
             except (ValueError, TypeError, OSError) as e:
                 error, ident = e, f"unreadable: {e}"
-        agree_or_raise("Engine.load", digests(dict(args, model=ident)), device)
+        agree_or_raise("Engine.load", digests(dict(args, model=ident)), mesh.device, mesh.group, mesh.timeout)
         if error is not None:
             raise error
         return model_dir
@@ -62,20 +62,21 @@ class Parallel:
         the ranks agreed on ``args``; a check that fails on one rank (a file missing on its node, less free
         memory) raises on every rank. Then the parallel modes' own checks, and rank 0's seed on every rank
         when it was drawn at random."""
-        agree_or_raise("Engine.generate", digests(_with_files(args)), self.mesh.device)
+        m = self.mesh
+        agree_or_raise("Engine.generate", digests(_with_files(args)), m.device, m.group, m.timeout)
         result, error = None, None
         try:
             result = checked()
         except (ValueError, TypeError, OSError) as e:
             error = e
-        raise_together(error, "Engine.generate", self.mesh.device)
+        raise_together(error, "Engine.generate", m.device, group=m.group, timeout=m.timeout)
         plan = result[0]
         if self.mesh.cfg == 2 and not plan.cfg:
             raise ValueError(f"parallel={self.mesh.mode!r} runs the two halves of classifier-free guidance on "
                              f"different ranks, but guidance_scale={req.guidance_scale} turns guidance off; use "
                              "guidance_scale > 1, or load with parallel='ulysses'")
         if req.seed is None and req.generator is None and plan.seed is not None:
-            plan.seed = broadcast_int(plan.seed, self.mesh.device)
+            plan.seed = broadcast_int(plan.seed, m.device, m.group, m.timeout)
         return result
 
     def local(self, text: torch.Tensor, guidance: Guidance) -> tuple[torch.Tensor, Guidance]:
@@ -116,7 +117,7 @@ class Parallel:
         mine = [prof.stages.get(s, math.nan) for s in STAGES]
         mine += [prof.step_median, prof.parallel.get("collective_seconds", math.nan), elapsed]
         ranks = []
-        for r, row in enumerate(gather_floats(mine, self.mesh.device)):
+        for r, row in enumerate(gather_floats(mine, self.mesh.device, self.mesh.group, self.mesh.timeout)):
             stages = {s: v for s, v in zip(STAGES, row) if not math.isnan(v)}
             ranks.append(dict(rank=r, stages=stages, step_median_seconds=row[-3], collective_seconds=row[-2],
                               seconds=row[-1]))

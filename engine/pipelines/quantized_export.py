@@ -26,6 +26,7 @@ from cogvx.quantize.torchao_format import export_torchao
 
 from ..io.atomic import atomic_directory, umask_mode
 from ..io.checkpoint import CheckpointError, read_model_index, resolve_model_dir
+from ..io.lora import SAVED_LORA_DIR, write_saved_adapters
 from ..io.safetensors import save_shards
 from ..loading import load_text_encoder, load_tokenizer, load_transformer, read_quantization, required_components
 from ..models.tasks import PIPELINE_CLASSES
@@ -33,7 +34,7 @@ from ..models.text_encoder import text_encoder_dtype
 from ..quantizing import quantize_text_encoder, quantize_transformer
 from ..runtime.devices import resolve_device, resolve_dtype
 
-__all__ = ["save_quantized", "export_quantized", "write_component"]
+__all__ = ["save_quantized", "export_quantized", "write_component", "not_a_checkpoint"]
 
 WEIGHTS_NAME = {"transformer": "diffusion_pytorch_model", "text_encoder": "model"}
 DEFAULT_SHARD = 10 * 2**30
@@ -44,7 +45,10 @@ def save_quantized(engine, out_dir: str | os.PathLike, *, overwrite: bool = Fals
     """Write ``engine`` as a diffusers-layout checkpoint; quantized components in quantized form.
 
     The source checkpoint (``engine.model_dir``) supplies model_index.json and the unquantized
-    folders. ``out_dir`` must not exist (or ``overwrite=True``). Returns ``out_dir``.
+    folders. Active LoRA adapters (side branches) are saved beside, in ``lora/``, and attached again
+    when the checkpoint loads; adapters fused into full-precision layers are in those layers' weights.
+    ``out_dir`` must not exist, or be empty, or (``overwrite=True``) be a checkpoint this function wrote.
+    Returns ``out_dir``.
     """
     if engine.model_dir is None:
         raise ValueError("this engine was not loaded from a checkpoint directory: nothing to copy the "
@@ -52,13 +56,19 @@ def save_quantized(engine, out_dir: str | os.PathLike, *, overwrite: bool = Fals
     if not engine.recipes:
         raise ValueError("this engine is not quantized: load it with recipe=... (see `cogvx recipes`) first")
     src, out = Path(engine.model_dir), Path(out_dir).expanduser()
+    _check_shard(max_shard_bytes)
     _check_out(src, out, overwrite)
     modules = {"transformer": engine.transformer, "text_encoder": engine.text_encoder}
-    with _writing(out), atomic_directory(out, overwrite=overwrite) as tmp:
-        _copy_unquantized(src, tmp, skip=engine.recipes)
+    # LoRAs loaded after quantization run as side branches (their full-precision sum with the quantized
+    # weights cannot be quantized again without a second rounding): saved beside, attached again at load.
+    adapters = [(n, engine.lora.files[n].path, w) for n, w in engine.lora.active.items()]
+    with _writing(out), atomic_directory(out, overwrite=overwrite, replaceable=not_a_checkpoint) as tmp:
+        _copy_unquantized(src, tmp, skip=set(engine.recipes) | {SAVED_LORA_DIR})
         for comp, name in engine.recipes.items():
             write_component(modules[comp], comp, name, tmp / comp, config_src=src / comp / "config.json",
                             max_shard_bytes=max_shard_bytes)
+        if adapters:
+            write_saved_adapters(tmp / SAVED_LORA_DIR, adapters)
     return out
 
 
@@ -73,6 +83,7 @@ def export_quantized(model: str | os.PathLike, recipe, out_dir: str | os.PathLik
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    _check_shard(max_shard_bytes)
     src, out = resolve_model_dir(model), Path(out_dir).expanduser()
     read_model_index(src, required_components(), PIPELINE_CLASSES)
     recipes = resolve_recipes(recipe, dev)
@@ -84,7 +95,7 @@ def export_quantized(model: str | os.PathLike, recipe, out_dir: str | os.PathLik
     _check_out(src, out, overwrite)
     te_dtype = text_encoder_dtype(dt, dev)
     need_te = "text_encoder" in recipes or any(r.needs_calibration for r in recipes.values())
-    with _writing(out), atomic_directory(out, overwrite=overwrite) as tmp:
+    with _writing(out), atomic_directory(out, overwrite=overwrite, replaceable=not_a_checkpoint) as tmp:
         _copy_unquantized(src, tmp, skip=recipes)
         te = load_text_encoder(src / "text_encoder", device=dev, dtype=te_dtype) if need_te else None
         tokenizer = load_tokenizer(src / "tokenizer", vocab_limit=te.config.vocab_size) if need_te else None
@@ -126,6 +137,35 @@ def write_component(module, component: str, recipe: str, out_dir: Path, *, confi
     info["files"] = save_shards(tensors, out_dir, WEIGHTS_NAME[component], max_shard_bytes, metadata=header)
     (out_dir / QUANT_FILE).write_text(json.dumps(info, indent=1) + "\n")
     return info
+
+
+def not_a_checkpoint(out: Path) -> str | None:
+    """None when ``out`` looks like a quantized checkpoint this module wrote (what ``overwrite`` may
+    replace): a model_index.json, only the component folders it names (and ``lora/``), at least one
+    with quantization.json. Otherwise the reason, naming what does not belong."""
+    index, comps = out / "model_index.json", set()
+    try:
+        doc = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
+        comps = {k for k in doc if not k.startswith("_")} if isinstance(doc, dict) else set()
+    except (OSError, ValueError):
+        pass
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                     if p.name != "model_index.json" and not ((p.name in comps or p.name == SAVED_LORA_DIR)
+                                                              and p.is_dir() and not p.is_symlink()))
+    if foreign:
+        return (f"it holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which "
+                f"{'is' if len(foreign) == 1 else 'are'} no component of a checkpoint")
+    if not comps:
+        return "it has no readable model_index.json"
+    if not any((out / c / QUANT_FILE).is_file() for c in comps):
+        return f"no component folder holds {QUANT_FILE}: it is not a quantized checkpoint written by cogvx"
+    return None
+
+
+def _check_shard(max_shard_bytes) -> None:
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be a positive integer number of bytes (got {max_shard_bytes!r}); the "
+                         f"default is {DEFAULT_SHARD} (10 GiB), diffusers writes 5 GiB shards")
 
 
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:

@@ -198,7 +198,8 @@ def plan_request(req: Request, facts: ModelFacts) -> Plan:
     num_frames = DEFAULTS.num_frames if num_frames is None else num_frames
     f, height, width = check_video_shape(num_frames, *height_width, facts.temporal, facts.spatial * cfg.patch_size)
     if spec.input is not None and not spec.input_is_video:
-        pixels = [img for img in (load_image(x, height, width) for x in as_list(given, b, spec.input)) for _ in range(k)]
+        pixels = [img for img in (load_image(x, height, width) for x in as_list(given, b, spec.input, frames=False))
+                  for _ in range(k)]
     f_lat, extra = latent_frames(cfg, f, facts.temporal)
     if extra and spec.strict_latent_frames:
         ok = [x for x in range(1, 200, facts.temporal) if latent_frame_count(x, facts.temporal) % (cfg.patch_size_t or 1) == 0]

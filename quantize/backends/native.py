@@ -63,10 +63,18 @@ def int8_linear_reference(x_u8: torch.Tensor, weight: torch.Tensor, weight_scale
     return out.to(torch.bfloat16) if bf16_out else out
 
 
+def _version(weight: torch.Tensor) -> int:
+    # A tensor made under torch.inference_mode() (an engine loaded inside it, as diffusers scripts do)
+    # has no version counter: reading it raises. Such a weight is keyed by identity alone; cogvx never
+    # writes a stored int8 weight in place (loading or a LoRA merge gives the layer a new tensor).
+    return -1 if weight.is_inference() else weight._version
+
+
 def _packed(weight: torch.Tensor):
     hit = _PACKED.get(weight)
-    if hit is None or hit[0] != weight._version:
-        hit = (weight._version, torch.ops.onednn.qlinear_prepack(weight, None))
+    version = _version(weight)
+    if hit is None or hit[0] != version:
+        hit = (version, torch.ops.onednn.qlinear_prepack(weight, None))
         _PACKED[weight] = hit
     return hit[1]
 
