@@ -25,6 +25,8 @@ _PUBLIC = {
                      "CogVideoXDPMScheduler", "CogVideoXPipelineOutput", "export_to_video"],
                     f"{_PIPELINES}.diffusers_models"),
     **dict.fromkeys(["TorchAoConfig", "PipelineQuantizationConfig"], f"{_PIPELINES}.diffusers_quant"),
+    **dict.fromkeys(["FirstBlockCacheConfig", "PyramidAttentionBroadcastConfig", "FasterCacheConfig"],
+                    f"{_PIPELINES}.diffusers_cache"),
 }
 __all__ = list(_PUBLIC)
 

@@ -33,6 +33,9 @@ def test_1_built_from_components_shares_the_weights_and_matches(pipes, tmp_path)
     mine = CogVideoXPipeline(**{**ref.components, "transformer": tr, "vae": vae})
     assert type(mine.transformer) is CogVideoXTransformer3DModel and mine.transformer is tr
     assert max_diff(ref(**inputs()).frames, mine(**inputs()).frames) < FRAME_TOL
+    mine.vae = ref.vae  # a component set afterwards, as diffusers allows (diffusers' module, taken over)
+    assert isinstance(mine.vae, AutoencoderKLCogVideoX) and max_diff(ref(**inputs()).frames,
+                                                                    mine(**inputs()).frames) < FRAME_TOL
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "CogVideoXDPMScheduler"])
@@ -134,6 +137,14 @@ def test_8_encode_prompt_slicing_unfuse_and_caches(pipes):
             p.transformer.disable_cache()
         assert max_diff(*out) < FRAME_TOL, type(cfg).__name__
         assert max_diff(out[1], plain) > 100 * FRAME_TOL, type(cfg).__name__  # the cache did reuse work
+        # cogvx's class of the same name (a script whose import line now reads cogvx.engine): the same video
+        mine = getattr(cogvx.engine, type(cfg).__name__)(**{k: v for k, v in vars(cfg).items()
+                                                            if k != "current_timestep_callback" and not k.startswith("_")})
+        if hasattr(mine, "current_timestep_callback"):
+            mine.current_timestep_callback = lambda: ours.current_timestep
+        ours.transformer.enable_cache(mine)
+        assert max_diff(ours(**inputs(num_inference_steps=6)).frames, out[0]) < FRAME_TOL, type(cfg).__name__
+        ours.transformer.disable_cache()
     with pytest.raises(ValueError, match="TaylorSeer"):
         ours.transformer.enable_cache(diffusers.TaylorSeerCacheConfig())
     with pytest.raises(NotImplementedError, match="recipe"):
@@ -212,3 +223,26 @@ def test_9_the_docs_quantization_script_maps_onto_cogvx_recipes(ckpt_factory):
     with pytest.raises(ValueError, match="int4wo"):
         TorchAoConfig("int4wo") and AutoModel.from_pretrained(ckpt, subfolder="transformer",
                                                              quantization_config=TorchAoConfig("int4wo"))
+
+
+@pytest.mark.parametrize("variant", ["1.5 t2v", "1.5 i2v", "rope dpm"])
+def test_3_rope_and_cogvideox_1_5_at_frame_counts_that_are_not_4k1(tmp_path, variant):
+    """CogVideoX 1.5 (temporal patch, padded latents, ofs for I2V) and 5b-style RoPE with the DPM scheduler."""
+    import numpy as np
+    from PIL import Image
+
+    rope = dict(use_rotary_positional_embeddings=True, num_attention_heads=2, attention_head_dim=16)
+    extra, name, args = {
+        "1.5 t2v": (dict(rope, patch_size_t=2, patch_bias=False), "CogVideoXPipeline", dict(num_frames=12)),
+        "1.5 i2v": (dict(rope, patch_size_t=2, patch_bias=False, in_channels=8, ofs_embed_dim=2),
+                    "CogVideoXImageToVideoPipeline",
+                    dict(num_frames=12, image=Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255)
+                                                              .astype("uint8")))),
+        "rope dpm": (rope, "CogVideoXPipeline", dict(num_frames=13)),
+    }[variant]
+    torch.manual_seed(0)
+    tr = diffusers.CogVideoXTransformer3DModel(**{**TRANSFORMER, **extra}).eval()
+    sched = diffusers.CogVideoXDPMScheduler(timestep_spacing="trailing") if variant == "rope dpm" else None
+    ref, ours = pair(tmp_path, name, scheduler=sched, transformer=tr)
+    a, b = ref(**inputs(**args)).frames, ours(**inputs(**args)).frames
+    assert a.shape == b.shape and max_diff(a, b) < FRAME_TOL

@@ -217,9 +217,13 @@ def test_bad_lora_files_are_refused_before_anything_changes(setup, tmp_path):
          CheckpointError, "DoRA"),
         (good, {"lora_adapter_metadata": json.dumps({"transformer.use_dora": True})}, CheckpointError, "DoRA"),
         (good, {"lora_adapter_metadata": json.dumps({"transformer.r": 8})}, CheckpointError, "r=8"),
+        # a convolution's LoRA takes a 1x1 lora_B (peft's); and its lora_A must fit the layer's kernel
         ({"transformer.patch_embed.proj.lora_A.weight": torch.zeros(2, 4, 2, 2),
-          "transformer.patch_embed.proj.lora_B.weight": torch.zeros(48, 2, 1, 1)}, None, CheckpointError,
+          "transformer.patch_embed.proj.lora_B.weight": torch.zeros(48, 2, 2, 2)}, None, CheckpointError,
          "convolution"),
+        ({"transformer.patch_embed.proj.lora_A.weight": torch.zeros(2, 4, 3, 3),
+          "transformer.patch_embed.proj.lora_B.weight": torch.zeros(48, 2, 1, 1)}, None, LoraError,
+         "trained for another model"),
     ]
     state = {k: v.clone() for k, v in engine.transformer.state_dict().items()}
     for tensors, meta, exc, message in cases:

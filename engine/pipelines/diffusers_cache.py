@@ -20,11 +20,57 @@ StepCache, only to build diffusers' config objects.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Callable
 
 from .diffusers_attention_cache import AttentionReuse
 from .step_cache import StepCache
 
-__all__ = ["CacheMethods", "step_cache_of"]
+__all__ = ["CacheMethods", "step_cache_of", "FirstBlockCacheConfig", "PyramidAttentionBroadcastConfig",
+           "FasterCacheConfig"]
+
+
+# diffusers' config classes, same names, fields and defaults, for scripts whose import line now reads cogvx.engine
+@dataclass
+class FirstBlockCacheConfig:
+    threshold: float = 0.05
+
+
+@dataclass
+class PyramidAttentionBroadcastConfig:
+    spatial_attention_block_skip_range: int | None = None
+    temporal_attention_block_skip_range: int | None = None
+    cross_attention_block_skip_range: int | None = None
+    spatial_attention_timestep_skip_range: tuple[int, int] = (100, 800)
+    temporal_attention_timestep_skip_range: tuple[int, int] = (100, 800)
+    cross_attention_timestep_skip_range: tuple[int, int] = (100, 800)
+    spatial_attention_block_identifiers: tuple[str, ...] = ("blocks", "transformer_blocks", "single_transformer_blocks")
+    temporal_attention_block_identifiers: tuple[str, ...] = ("temporal_transformer_blocks",)
+    cross_attention_block_identifiers: tuple[str, ...] = ("blocks", "transformer_blocks")
+    current_timestep_callback: Callable[[], int] | None = None
+
+
+@dataclass
+class FasterCacheConfig:
+    spatial_attention_block_skip_range: int = 2
+    temporal_attention_block_skip_range: int | None = None
+    spatial_attention_timestep_skip_range: tuple[int, int] = (-1, 681)
+    temporal_attention_timestep_skip_range: tuple[int, int] = (-1, 681)
+    low_frequency_weight_update_timestep_range: tuple[int, int] = (99, 901)
+    high_frequency_weight_update_timestep_range: tuple[int, int] = (-1, 301)
+    alpha_low_frequency: float = 1.1
+    alpha_high_frequency: float = 1.1
+    unconditional_batch_skip_range: int = 5
+    unconditional_batch_timestep_skip_range: tuple[int, int] = (-1, 641)
+    spatial_attention_block_identifiers: tuple[str, ...] = ("^blocks.*attn", "^transformer_blocks.*attn",
+                                                            "^single_transformer_blocks.*attn")
+    temporal_attention_block_identifiers: tuple[str, ...] = ("^temporal_transformer_blocks.*attn",)
+    attention_weight_callback: Callable | None = None
+    low_frequency_weight_callback: Callable | None = None
+    high_frequency_weight_callback: Callable | None = None
+    tensor_format: str = "BCFHW"
+    is_guidance_distilled: bool = False
+    current_timestep_callback: Callable[[], int] | None = None
 
 _ATTENTION = ("PyramidAttentionBroadcastConfig", "FasterCacheConfig")
 _REFUSED = {
@@ -79,10 +125,3 @@ class CacheMethods:
     def cache_context(self, name: str):
         """diffusers' per-branch cache scope; cogvx decides for the whole CFG batch in one call."""
         yield
-
-    def enable_layerwise_casting(self, storage_dtype=None, compute_dtype=None, **kwargs) -> None:
-        """Refused: cogvx stores low-precision weights through its quantization recipes instead."""
-        raise NotImplementedError(
-            "enable_layerwise_casting(): cogvx does not store weights in one dtype and compute in another per layer; "
-            "for float8 weight storage load with a recipe (Engine.load(path, recipe='fp8wo') or "
-            "PipelineQuantizationConfig(quant_backend='torchao', quant_kwargs={'quant_type': 'float8wo'}))")

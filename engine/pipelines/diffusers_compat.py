@@ -20,6 +20,8 @@ import warnings
 
 import torch
 
+from cogvx.kernels import resolve_backend
+
 from ..models.lora import is_plain_linear
 from ..models.text_encoder import encode_ids
 from ..models.tokenizer import PromptTokenizer
@@ -68,15 +70,24 @@ class CogVideoXPipelineBase(PipelineFiles, LoraPipelineMethods):
         if tr is None:
             return None
         ours = isinstance(p["tokenizer"], PromptTokenizer)  # the engine's own prompt path takes cogvx's tokenizer
-        return Engine(transformer=tr, scheduler=p["scheduler"], tokenizer=p["tokenizer"] if ours else None,
-                      text_encoder=p["text_encoder"] if ours else None, vae=p["vae"],
-                      device=device or tr.device, dtype=dtype or tr.dtype, task=self.checkpoint_task)
+        e = Engine(transformer=tr, scheduler=p["scheduler"], tokenizer=p["tokenizer"] if ours else None,
+                   text_encoder=p["text_encoder"] if ours else None, vae=p["vae"],
+                   device=device or tr.device, dtype=dtype or tr.dtype, task=self.checkpoint_task)
+        e.forward.set_kernels("auto", resolve_backend("auto", e.device))  # as Engine.load's default
+        return e
 
     # ------------------------------------------------------------------ components and devices
-    transformer = property(lambda self: self._parts["transformer"])
-    vae = property(lambda self: self._parts["vae"])
-    text_encoder = property(lambda self: self._parts["text_encoder"])
-    tokenizer = property(lambda self: self._parts["tokenizer"])
+    def _replace(self, name: str, value) -> None:
+        """``pipe.transformer = ...`` (or vae, text_encoder, tokenizer), as diffusers allows: the engine is
+        rebuilt over the new set (adapters loaded on the old transformer go with it)."""
+        check_given({name: value})
+        self._parts[name] = {"transformer": as_transformer, "vae": as_vae}.get(name, lambda v: v)(value)
+        self.engine = self._make_engine()
+
+    transformer = property(lambda self: self._parts["transformer"], lambda self, v: self._replace("transformer", v))
+    vae = property(lambda self: self._parts["vae"], lambda self, v: self._replace("vae", v))
+    text_encoder = property(lambda self: self._parts["text_encoder"], lambda self, v: self._replace("text_encoder", v))
+    tokenizer = property(lambda self: self._parts["tokenizer"], lambda self, v: self._replace("tokenizer", v))
     guidance_scale = property(lambda self: self._guidance_scale)
     do_classifier_free_guidance = property(lambda self: self._guidance_scale > 1)
     num_timesteps = property(lambda self: self._num_timesteps)
@@ -138,6 +149,7 @@ class CogVideoXPipelineBase(PipelineFiles, LoraPipelineMethods):
                     e.dtype = dtype
                 if dev is not None:
                     e.device, self._offload = dev, None
+                    e.forward.set_kernels("auto", resolve_backend("auto", dev))
                 e.forward.weights_changed()
         return self
 

@@ -43,6 +43,10 @@ def _convert(module, cls, name: str):
         return None
     if isinstance(module, cls.base):
         return adopt(cls, module)
+    if type(module).__name__ == "OptimizedModule":  # what torch.compile(module) returns
+        raise TypeError(f"{name}=: a torch.compile'd module; cogvx compiles the transformer itself (fullgraph, "
+                        "static shapes, a persistent cache): keep the plain module and call pipe.engine.compile() "
+                        "(or mode='max-autotune')")
     if not isinstance(module, torch.nn.Module) or type(module).__name__ != cls.__name__ or not hasattr(module, "config"):
         raise TypeError(f"{name}=: expected a {cls.__name__} (diffusers' or cogvx's), got "
                         f"{type(module).__module__}.{type(module).__name__}")

@@ -130,6 +130,13 @@ class _ModelMixin:
             quantize_transformer(model, recipe, dtype=dt)
         return model
 
+    def enable_layerwise_casting(self, storage_dtype=None, compute_dtype=None, **kwargs) -> None:
+        """Refused: cogvx stores low-precision weights through its quantization recipes instead."""
+        raise NotImplementedError(
+            "enable_layerwise_casting(): cogvx does not store weights in one dtype and compute in another per layer; "
+            "for float8 weight storage load with a recipe (Engine.load(path, recipe='fp8wo') or "
+            "PipelineQuantizationConfig(quant_backend='torchao', quant_kwargs={'quant_type': 'float8wo'}))")
+
     def save_pretrained(self, save_directory: str | os.PathLike, variant: str | None = None,
                         safe_serialization: bool = True, **kwargs) -> None:
         """``config.json`` and ``diffusion_pytorch_model[.variant].safetensors``, loadable by diffusers. Always
