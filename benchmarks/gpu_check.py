@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))  # gpu_kernels, gpu_pipeline, _util, also under `python -P`
 
-# (module to import, distribution the wheel is named by): what the GPU image lacks (the list)
+# (module to import, distribution the wheel is named by): what the GPU image lacks
 # and what they need that it lacks too (diffusers: importlib_metadata).
 PACKAGES = [("torchao", "torchao"), ("diffusers", "diffusers"), ("importlib_metadata", "importlib_metadata"),
             ("optimum.quanto", "optimum_quanto"), ("bitsandbytes", "bitsandbytes"),

@@ -63,6 +63,12 @@ def guard(engine):
     return engine
 
 
+def guard_inputs(engine):
+    """:func:`guard`, and the VAE encoder too: a bad image or video must fail before it is encoded."""
+    guard(engine).vae.encoder.forward = boom
+    return engine
+
+
 def unguard(engine):
     for m in (engine.transformer, engine.text_encoder):
         m.__dict__.pop("forward", None)

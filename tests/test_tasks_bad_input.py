@@ -8,31 +8,22 @@ import pytest
 import torch
 
 from cogvx.engine import Engine
-
-
-def _guard(engine: Engine) -> Engine:
-    def boom(*a, **k):
-        raise AssertionError("heavy work started before the input was checked")
-
-    engine.transformer.forward = boom
-    engine.text_encoder.forward = boom
-    engine.vae.encoder.forward = boom
-    return engine
+from hostile_helpers import guard_inputs
 
 
 @pytest.fixture(scope="module")
 def t2v(ckpt_factory):
-    return _guard(Engine.load(ckpt_factory("rope")))
+    return guard_inputs(Engine.load(ckpt_factory("rope")))
 
 
 @pytest.fixture(scope="module")
 def i2v(ckpt_factory):
-    return _guard(Engine.load(ckpt_factory("learned")))
+    return guard_inputs(Engine.load(ckpt_factory("learned")))
 
 
 @pytest.fixture(scope="module")
 def control(ckpt_factory):
-    return _guard(Engine.load(ckpt_factory("control")))
+    return guard_inputs(Engine.load(ckpt_factory("control")))
 
 
 ARGS = dict(num_frames=9, height=48, width=80, num_inference_steps=4)
@@ -98,6 +89,6 @@ def test_unreadable_and_empty_files(t2v, i2v, tmp_path):
 
 
 def test_v15_video_to_video_needs_an_even_latent_count(ckpt_factory):
-    engine = _guard(Engine.load(ckpt_factory("v15")))
+    engine = guard_inputs(Engine.load(ckpt_factory("v15")))
     with pytest.raises(ValueError, match=r"num_frames=9 gives 3 latent frames.*multiple of 2.*try num_frames"):
         engine.generate("a cat", video=VID, **ARGS)

@@ -91,6 +91,10 @@ def _generate_parser(sub) -> None:
     g.add_argument("--vae-tiling", action="store_true", help="decode in overlapping tiles (less memory)")
     g.add_argument("--vae-dtype", default=None, help="the VAE's own dtype (default: --dtype); bfloat16 decodes 2x "
                                                       "faster than float32 on CPUs with AVX-512 BF16")
+    g.add_argument("--offload", choices=["model", "group", "sequential"], default=None,
+                   help="keep components off the device between their stages: model (whole components moved to the "
+                        "GPU for their stage), group (transformer blocks streamed in groups), sequential (one block "
+                        "at a time, least memory); on a CPU each component is read from the checkpoint for its stage")
     g.add_argument("--fps", type=float, default=DEFAULTS.fps)
     g.add_argument("--out", default="video.mp4", help="output mp4 path (default video.mp4)")
     g.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",

@@ -110,7 +110,7 @@ def _generate(args, out, demo, frames, height, width, steps, recipe, loras, devi
     compile_mode = {None: False, "default": True, "max-autotune": "max-autotune"}[args.compile]
     engine = Engine.load(model, device=device, dtype=dtype, scheduler=args.scheduler, kernels=args.kernels,
                          compile=compile_mode, compile_cache_dir=args.compile_cache_dir, recipe=recipe, lora=loras,
-                         parallel=args.parallel, vae_dtype=args.vae_dtype)
+                         parallel=args.parallel, vae_dtype=args.vae_dtype, offload=args.offload)
     if args.vae_tiling:
         engine.vae.enable_tiling()
     timings["load"] = time.perf_counter() - t0

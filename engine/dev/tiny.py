@@ -30,7 +30,8 @@ TINY_VERSION = 2  # bump when the tiny model's layout changes, so stale caches a
 _DIFFUSERS_VERSION = "0.32.0"  # the oldest diffusers whose CogVideoX classes read these configs
 
 
-def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, task: str = "t2v") -> Path:
+def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, task: str = "t2v", *,
+                         transformer: dict | None = None, t5: dict | None = None) -> Path:
     """Write a complete tiny checkpoint (model_index.json, transformer/, vae/, text_encoder/,
     tokenizer/, scheduler/) to ``out_dir``; atomic: built in a temporary sibling and renamed.
 
@@ -38,12 +39,14 @@ def make_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, task: str = 
     image latents concatenated, twice the input channels) or "control" (Fun-Control, likewise).
     The weights are random (seeded): the videos it makes are noise, but every stage of the real
     pipeline runs, and diffusers' pipeline of the same class loads the same directory.
+    transformer / t5: fields that override the tiny TransformerConfig / T5Config (wider test models,
+    e.g. the residency memory test's; T5's d_model follows the transformer's text_embed_dim).
     """
     if task not in KINDS:
         raise ValueError(f"task must be one of {', '.join(KINDS)} (got {task!r})")
     out = Path(out_dir).expanduser()
     with atomic_directory(out) as tmp:
-        _write_all(tmp, seed, task)
+        _write_all(tmp, seed, task, transformer or {}, t5 or {})
     return out
 
 
@@ -53,10 +56,10 @@ def tiny_t5_config(d_model: int, vocab_size: int) -> T5Config:
                     feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False)
 
 
-def _write_all(d: Path, seed: int, task: str) -> None:
+def _write_all(d: Path, seed: int, task: str, t_over: dict, t5_over: dict) -> None:
     torch.manual_seed(seed)
     preset = PRESETS["tiny"]
-    tcfg = preset.transformer
+    tcfg = dataclasses.replace(preset.transformer, **t_over)
     if TASKS[task].concat_channels:
         tcfg = dataclasses.replace(tcfg, in_channels=2 * tcfg.out_channels_)
     # transformer
@@ -70,7 +73,9 @@ def _write_all(d: Path, seed: int, task: str) -> None:
     # tokenizer + T5 encoder sized to it
     make_tiny_tokenizer(d / "tokenizer")
     vocab = spm.SentencePieceProcessor(model_file=str(d / "tokenizer" / "spiece.model")).get_piece_size()
-    t5 = T5EncoderModel(tiny_t5_config(tcfg.text_embed_dim, vocab)).eval()
+    t5_cfg = tiny_t5_config(tcfg.text_embed_dim, vocab)
+    t5_cfg.update(t5_over)
+    t5 = T5EncoderModel(t5_cfg).eval()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar, for one tiny file
     try:

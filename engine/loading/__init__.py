@@ -5,6 +5,7 @@ every config is validated and compared with the safetensors headers, and every s
 before a single weight is read."""
 
 from .components import (
+    DEFERRABLE,
     load_components,
     load_scheduler,
     load_transformer,
@@ -12,11 +13,14 @@ from .components import (
     merge_loras,
     read_config,
     required_components,
+    skeleton,
 )
+from .deferred import reloader
 from .quantized import read_quantization
 from .text import load_text_encoder, load_tokenizer, t5_config
 
 __all__ = [
     "load_components", "load_transformer", "load_vae", "load_text_encoder", "load_tokenizer", "load_scheduler",
-    "read_config", "read_quantization", "required_components", "merge_loras", "t5_config",
+    "read_config", "read_quantization", "required_components", "merge_loras", "t5_config", "skeleton",
+    "reloader", "DEFERRABLE",
 ]

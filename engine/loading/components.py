@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from cogvx.quantize import QUANTIZABLE
 from cogvx.quantize.settings import Runtime
@@ -32,7 +33,7 @@ from ..models.config import ConfigError, TransformerConfig, VAEConfig
 from ..models.lora import LoraError, is_plain_linear, merge_into_weight, pairs_by_layer, resolve_targets
 from ..models.schedulers import SCHEDULERS, make_scheduler
 from ..models.tasks import PIPELINE_CLASSES, TASKS, kind_of_class
-from ..models.text_encoder import text_encoder_dtype
+from ..models.text_encoder import build_text_encoder, text_encoder_dtype, tie_embedding
 from ..models.transformer import CogVideoXTransformer, build_transformer
 from ..models.vae import CogVideoXVAE
 from ..quantizing import apply_runtime_settings, quantize_text_encoder, quantize_transformer, resolve_quantization
@@ -43,6 +44,9 @@ from .text import load_text_encoder, load_tokenizer, t5_config
 # Components a pipeline needs, with the file each must hold (the tokenizer's files are checked by its loader).
 _REQUIRED = {"transformer": "config.json", "scheduler": "scheduler_config.json", "text_encoder": "config.json",
              "tokenizer": None, "vae": "config.json"}
+
+
+DEFERRABLE = ("text_encoder", "transformer", "vae")  # what CPU residency can read again per stage
 
 
 def required_components() -> dict[str, str | None]:
@@ -129,8 +133,26 @@ def load_scheduler(source: str | Path, class_name: str | None = None):
         raise CheckpointError(f"{path}: {e}") from e
 
 
+def skeleton(name: str, component_dir: Path, dtype: torch.dtype, fuse_qkv: bool = False) -> nn.Module:
+    """``name``'s module built on the meta device in ``dtype`` (no weight read, no memory)."""
+    d = Path(component_dir)
+    if name == "transformer":
+        model = build_transformer(read_config(TransformerConfig, d / "config.json"))
+        if fuse_qkv:
+            model.fuse_qkv()
+    elif name == "text_encoder":
+        model = build_text_encoder(t5_config(d))
+        tie_embedding(model)
+    elif name == "vae":
+        with torch.device("meta"):
+            model = CogVideoXVAE(read_config(VAEConfig, d / "config.json"))
+    else:
+        raise ValueError(f"no deferred loading for component {name!r}; accepted: {', '.join(DEFERRABLE)}")
+    return model.to(dtype).eval().requires_grad_(False)
+
+
 def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *, fuse_qkv: bool = False,
-                    scheduler: str | None = None, recipe=None, lora=()) -> dict:
+                    scheduler: str | None = None, recipe=None, lora=(), defer=(), load_device=None) -> dict:
     """Every component of a checked checkpoint directory, loaded once.
 
     Returns a dict with "transformer", "scheduler", "tokenizer", "text_encoder", "vae", "recipes"
@@ -140,7 +162,12 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *
     the transformer here they are merged before quantizing, otherwise they are pending.
     Cheap reads and checks come first (configs, recipe availability, quantization
     files, headers), so that a bad request or a broken checkpoint fails before weights are read.
+    ``defer``: components to return as meta-device skeletons, their weights unread (CPU residency reads
+    them per stage), unless they are quantized (on disk or by ``recipe``): those load now and stay.
+    ``load_device``: where the weights load, when not on ``device`` where they run (offload: the CPU);
+    recipes are checked for ``device``.
     """
+    run_device, device = device, device if load_device is None else torch.device(load_device)
     index = read_model_index(model_dir, _REQUIRED, PIPELINE_CLASSES)
     task = kind_of_class(index["_class_name"])
     t_cfg = read_config(TransformerConfig, model_dir / "transformer" / "config.json")
@@ -151,7 +178,8 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *
                               f"transformer expects text_embed_dim={t_cfg.text_embed_dim}")
     read_config(VAEConfig, model_dir / "vae" / "config.json")
     saved = {c: info for c in QUANTIZABLE if (info := read_quantization(model_dir / c)) is not None}
-    requested = resolve_quantization(recipe, saved, device, dtype, model_dir)
+    requested = resolve_quantization(recipe, saved, run_device, dtype, model_dir)
+    lazy = {c for c in defer if c not in saved and c not in requested}
     # Adapters that ran as side branches on the quantized transformer when it was saved come back the same way.
     saved_lora = read_saved_adapters(model_dir / SAVED_LORA_DIR) if "transformer" in saved else []
     sched = load_scheduler(model_dir / "scheduler", class_name=scheduler)
@@ -160,17 +188,28 @@ def load_components(model_dir: Path, device: torch.device, dtype: torch.dtype, *
     checked_headers(model_dir / "transformer", saved.get("transformer"), "transformer_blocks", t_cfg.num_layers)
     checked_headers(model_dir / "text_encoder", saved.get("text_encoder"), "encoder.block", te_cfg.num_layers)
     check_index(model_dir / "vae", read_headers(weight_files(model_dir / "vae")))
-    te_dtype = text_encoder_dtype(dtype, device)
-    text_encoder = load_text_encoder(model_dir / "text_encoder", device, te_dtype, info=saved.get("text_encoder"))
+    te_dtype = text_encoder_dtype(dtype, run_device)
+    if "text_encoder" in lazy:
+        text_encoder = skeleton("text_encoder", model_dir / "text_encoder", te_dtype)
+    else:
+        text_encoder = load_text_encoder(model_dir / "text_encoder", device, te_dtype, info=saved.get("text_encoder"))
     if "text_encoder" in requested:
         quantize_text_encoder(text_encoder, requested["text_encoder"], tokenizer)
-    vae = load_vae(model_dir / "vae", device=device, dtype=dtype)
-    transformer = load_transformer(model_dir / "transformer", device, dtype, fuse_qkv=fuse_qkv,
-                                   info=saved.get("transformer"))
+    vae = skeleton("vae", model_dir / "vae", dtype) if "vae" in lazy else \
+        load_vae(model_dir / "vae", device=device, dtype=dtype)
+    if "transformer" in lazy:
+        transformer = skeleton("transformer", model_dir / "transformer", dtype, fuse_qkv)
+    else:
+        transformer = load_transformer(model_dir / "transformer", device, dtype, fuse_qkv=fuse_qkv,
+                                       info=saved.get("transformer"))
     lora, merged = saved_lora + list(lora or ()), []
     if "transformer" in requested:
         merged, lora = merge_loras(transformer, lora), []
-        quantize_transformer(transformer, requested["transformer"], tokenizer, text_encoder, dtype)
+        # a calibrated recipe runs the text encoder: a deferred one is read for this and dropped
+        calib = load_text_encoder(model_dir / "text_encoder", device, te_dtype) \
+            if "text_encoder" in lazy and requested["transformer"].needs_calibration else text_encoder
+        quantize_transformer(transformer, requested["transformer"], tokenizer, calib, dtype)
+        del calib
     recipes = {c: info["recipe"]["name"] for c, info in saved.items()}
     recipes.update({c: r.name for c, r in requested.items()})
     return dict(transformer=transformer, scheduler=sched, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,

@@ -32,7 +32,6 @@ from .diffusers_loop import CALLBACK_TENSOR_INPUTS, run_call
 from .diffusers_models import CogVideoXPipelineOutput
 from .diffusers_pipeline_files import PipelineFiles
 from .engine import Engine
-from .output import postprocess
 
 __all__ = ["CogVideoXPipelineBase"]
 
@@ -58,7 +57,6 @@ class CogVideoXPipelineBase(PipelineFiles, LoraPipelineMethods):
         check_given(dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer))
         self._parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=as_vae(vae),
                            transformer=as_transformer(transformer), scheduler=as_scheduler(scheduler))
-        self._offload: torch.device | None = None
         self.progress_bar_config: dict = {}
         self._guidance_scale, self._num_timesteps, self._interrupt = 6.0, 0, False
         self._attention_kwargs, self._current_timestep = None, None
@@ -138,17 +136,19 @@ class CogVideoXPipelineBase(PipelineFiles, LoraPipelineMethods):
             else:
                 device = a
         dev = resolve_device(device) if device is not None else None
+        e = self.engine
+        if e is not None and dev is not None:
+            e.enable_offload(None)  # every component back whole, then all of them move
         for name in ("transformer", "text_encoder", "vae"):
             m = self._parts[name]
             if m is not None:
                 m.to(device=dev, dtype=dtype)
-        e = self.engine
         if e is not None:
             with e.lock:
                 if dtype is not None:
                     e.dtype = dtype
                 if dev is not None:
-                    e.device, self._offload = dev, None
+                    e.device = dev
                     e.forward.set_kernels("auto", resolve_backend("auto", dev))
                 e.forward.weights_changed()
         return self
@@ -156,23 +156,40 @@ class CogVideoXPipelineBase(PipelineFiles, LoraPipelineMethods):
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda") -> None:
         """Keep the components on the CPU and move each to the GPU only for its stage (text encoding,
-        denoising, decoding). Without a GPU there is nothing to offload to: said once, and the pipeline runs
-        on the CPU."""
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            _say_once("offload", "enable_model_cpu_offload(): this machine has no CUDA device, so there is nothing to "
-                                 "offload to; the pipeline runs on the CPU")
-            return
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", gpu_id or 0)
-        self.to("cpu")
-        self._offload = dev
-        self.engine.device = dev
+        denoising, decoding): the engine's ``offload="model"``. Without a GPU there is nothing to offload to:
+        said once, and the pipeline runs on the CPU (``Engine.load(..., offload="model")`` bounds a CPU's
+        memory instead, reading each component from the checkpoint for its stage)."""
+        self._offload_to("model", gpu_id, device)
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = "cuda") -> None:
-        _say_once("sequential", "enable_sequential_cpu_offload(): cogvx offloads whole components "
-                                "(enable_model_cpu_offload) instead of each layer")
-        self.enable_model_cpu_offload(gpu_id, device)
+        """The engine's ``offload="sequential"``: blocks streamed to the GPU one at a time (the VAE whole)."""
+        self._offload_to("sequential", gpu_id, device)
+
+    def enable_group_offload(self, onload_device, offload_device="cpu", offload_type: str = "block_level",
+                             num_blocks_per_group: int | None = 1, use_stream: bool = False, **kwargs) -> None:
+        """The engine's ``offload="group"``: the transformer's blocks streamed to ``onload_device`` in groups of
+        ``num_blocks_per_group``, the next group's copy overlapped on a side stream with ``use_stream``;
+        the text encoder and the VAE move whole for their stages. diffusers' leaf-level offload is the
+        engine's "sequential"."""
+        if offload_type not in ("block_level", "leaf_level"):
+            raise ValueError(f"offload_type must be 'block_level' or 'leaf_level' (got {offload_type!r})")
+        if torch.device(offload_device).type != "cpu":
+            raise ValueError(f"offload_device must be the CPU (got {offload_device!r})")
+        mode = "group" if offload_type == "block_level" else "sequential"
+        self._offload_to(mode, None, onload_device, group_size=int(num_blocks_per_group or 1), use_stream=use_stream)
+
+    def _offload_to(self, mode: str, gpu_id, device, **options) -> None:
+        dev = torch.device(device)
+        if dev.type != "cuda" or not torch.cuda.is_available():
+            _say_once("offload", f"{mode} offload: there is no CUDA device, so there is nothing to offload to and the "
+                                 "pipeline runs on the CPU (Engine.load(..., offload='model') bounds a CPU's memory)")
+            return
+        if dev.index is None:
+            dev = torch.device("cuda", gpu_id or 0)
+        e = self.engine
+        e.enable_offload(None)
+        e.device = dev
+        e.enable_offload(mode, **options)
 
     def fuse_qkv_projections(self, transformer: bool = True, vae: bool = False) -> None:
         """Fuse each attention's q/k/v projections into one GEMM (full-precision weights only)."""
@@ -239,7 +256,8 @@ class CogVideoXPipelineBase(PipelineFiles, LoraPipelineMethods):
             raise ValueError("this pipeline has no text encoder and tokenizer: pass prompt_embeds (and "
                              "negative_prompt_embeds under guidance)")
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-        embeds = encode_ids(te, token_ids(tok, prompt, max_length), device, dtype or self.dtype)
+        with self.engine.residency.use("text_encoder") if self.engine is not None else contextlib.nullcontext():
+            embeds = encode_ids(te, token_ids(tok, prompt, max_length), device, dtype or self.dtype)
         return embeds.repeat_interleave(k, dim=0) if k > 1 else embeds
 
     # ------------------------------------------------------------------ generation
@@ -249,58 +267,7 @@ class CogVideoXPipelineBase(PipelineFiles, LoraPipelineMethods):
         self._attention_kwargs = attention_kwargs
         task = "v2v" if "video" in args else self.checkpoint_task
         with lora_call_scale(self.engine, lora_scale(attention_kwargs)):
-            if self._offload is None:
-                frames = run_call(self, task, **args)
-            else:
-                frames = self._generate_offloaded(_engine_args(args), args["output_type"])
+            frames = run_call(self, task, **args)
         return CogVideoXPipelineOutput(frames) if return_dict else (frames,)
 
-    def _generate_offloaded(self, args: dict, output_type: str):
-        """Text encoding, denoising and decoding, each with only its own component on the GPU."""
-        e, dev = self.engine, self._offload
-        cfg = e.config
-        if args["prompt"] is not None:
-            prompts = [args["prompt"]] if isinstance(args["prompt"], str) else list(args["prompt"])
-            length = args["max_sequence_length"] or (cfg.max_text_seq_length if cfg.use_learned_positional_embeddings
-                                                     else 226)
-            with _on(dev, e.text_encoder):
-                if args["prompt_embeds"] is None:
-                    args["prompt_embeds"] = e.encode(prompts, length)
-                if args["guidance_scale"] > 1 and args["negative_prompt_embeds"] is None:
-                    neg = args["negative_prompt"] if args["negative_prompt"] is not None else ""
-                    args["negative_prompt_embeds"] = e.encode([neg] * len(prompts) if isinstance(neg, str) else list(neg),
-                                                              length)
-            args["prompt"] = args["negative_prompt"] = None
-        encodes = any(args.get(k) is not None for k in ("image", "video", "control_video"))
-        with _on(dev, e.transformer, e.vae if encodes else None):
-            latents = e.generate(**args, output_type="latent").latents
-        if output_type == "latent":
-            return latents
-        with _on(dev, e.vae):
-            return postprocess(e.decode(latents), output_type)
-
-
-
 # ---------------------------------------------------------------------------------------- helpers
-def _engine_args(args: dict) -> dict:
-    """The engine's generate arguments for the offloaded path (cogvx's schedulers, 4k+1 frames)."""
-    out = {k: v for k, v in args.items() if k not in ("timesteps", "eta", "callback_on_step_end_tensor_inputs",
-                                                      "output_type", "control_video_latents")}
-    if args.get("timesteps") is not None:
-        raise ValueError("custom timesteps are not supported with enable_model_cpu_offload()")
-    return out
-
-
-@contextlib.contextmanager
-def _on(device: torch.device, *modules):
-    mods = [m for m in modules if m is not None]
-    for m in mods:
-        m.to(device)
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.to("cpu")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-

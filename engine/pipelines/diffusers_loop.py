@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.positions import latent_frames
+from ..models.tasks import TASKS
 from ..runtime.profiling import Profile
 from .conditioning import condition
 from .diffusers_components import is_cogvx_scheduler
@@ -163,9 +164,11 @@ def run_call(pipe, task: str, *, prompt, negative_prompt, height, width, num_fra
     foreign = not is_cogvx_scheduler(sched)
     if foreign:
         schedule.start = start * sched.order
-    with e.lock:
+    with e.lock, e.residency.session() as stages:  # each stage asks the residency for its component (offload)
+        stages.stage("vae" if TASKS[task].vae_encodes else None)
         cond = condition(plan, vae=e.vae, scheduler=schedule if foreign else sched, schedule=schedule,
                          generator=generator, latents=latents, ofs_dim=cfg.ofs_embed_dim, device=device, dtype=dtype)
+        stages.stage("transformer")
         guidance = Guidance(do_cfg, ())
         positions = e.forward.positions(shape[1], shape[3], shape[4])
         step_cache = getattr(e.transformer, "step_cache", None)
@@ -207,6 +210,7 @@ def run_call(pipe, task: str, *, prompt, negative_prompt, height, width, num_fra
             pipe._current_timestep = None
             if reuse is not None:
                 reuse.reset()
+        stages.stage()  # the transformer goes before the VAE comes (e.decode asks the residency for it)
         if output_type == "latent":
             return x
         return postprocess(e.decode(x[:, extra:]), output_type)

@@ -28,8 +28,8 @@ from ..models.config import TransformerConfig
 from ..models.positions import Positions
 from ..models.presets import get_preset
 from ..models.tasks import TASKS
-from ..models.text_encoder import check_vocab, encode_ids
-from ..models.tokenizer import MAX_LENGTH, PromptTokenizer
+from ..models.text_encoder import check_vocab
+from ..models.tokenizer import PromptTokenizer
 from ..models.transformer import CogVideoXTransformer
 from ..parallel import check_mode, make_mesh, parallel_device
 from ..quantizing import quantize_text_encoder, quantize_transformer
@@ -42,18 +42,19 @@ from .denoise import denoise
 from .guidance import Guidance, guidance_scales
 from .lora import LoraAdapters
 from .forward import Forward
+from .component_calls import ComponentCalls
 from .lora_methods import LoraMethods
+from .offload import OffloadMethods, offload_plan
 from .output import GenerationResult, postprocess
 from .parallel import Parallel
 from .prompts import embed_prompts
-from .quantized_export import save_quantized
 from .request import ModelFacts, Request, plan_request, trace_path
 from .step_cache import StepCache, check_step_cache
 
 __all__ = ["Engine"]
 
 
-class Engine(LoraMethods):
+class Engine(LoraMethods, OffloadMethods, ComponentCalls):
     """A loaded CogVideoX model: text-to-video (and video-to-video on the same checkpoint),
     image-to-video, or Fun-Control, as ``model_index.json`` says.
 
@@ -132,6 +133,7 @@ class Engine(LoraMethods):
         lora: list[tuple[str | os.PathLike, float]] | None = None,
         parallel: str | None = None,
         vae_dtype: str | torch.dtype | None = None,
+        offload: str | None = None,
     ) -> "Engine":
         """Load every component of a diffusers-layout CogVideoX checkpoint.
 
@@ -164,6 +166,7 @@ class Engine(LoraMethods):
             returned (and saved) on rank 0; every rank returns the latents.
         vae_dtype: the VAE's own dtype (None: ``dtype``). "bfloat16" on a CPU with AVX-512 BF16 decodes
             2x faster than float32 (40 dB SQNR of the frames on random weights; benchmarks/sweep.py --e2e).
+        offload: None, "model", "group" or "sequential": where components wait between stages (:meth:`enable_offload`).
         """
         dev = resolve_device(parallel_device(device, check_mode(parallel)))
         mesh = make_mesh(parallel, dev)
@@ -180,11 +183,13 @@ class Engine(LoraMethods):
         backend = resolve_backend(kernels, dev)
         if compile:
             use_cache_dir(compile_cache_dir)  # an unwritable cache fails now, not after the weights load
-        parts = load_components(model_dir, dev, dt, fuse_qkv=fuse_qkv, scheduler=scheduler, recipe=recipe, lora=lora)
+        parts = load_components(model_dir, dev, dt, fuse_qkv=fuse_qkv, scheduler=scheduler, recipe=recipe, lora=lora,
+                                **offload_plan(offload, dev, parallel=parallel, compile=compile))
         merged, pending = parts.pop("lora_merged"), parts.pop("lora_pending")
         engine = cls(**parts, device=dev, dtype=dt, model_dir=model_dir)
         if vae_dt is not None and engine.vae is not None:
             engine.vae.to(vae_dt)
+        engine.enable_offload(offload)
         engine.lora.baked = merged
         for path, scale in pending:
             engine.load_lora(path, scale=scale)
@@ -344,10 +349,13 @@ class Engine(LoraMethods):
             schedule = self.scheduler.schedule(plan.steps)
         with self.lock:
             ctx = tracer(self.device) if trace_file is not None else contextlib.nullcontext()
-            with ctx as trace, PeakMemory(self.device) as mem:
+            with ctx as trace, PeakMemory(self.device) as mem, self.residency.session(prof, self.device) as res:
+                encodes = prompt_embeds is None or plan.cfg and negative_prompt_embeds is None
+                res.stage("text_encoder" if encodes else None)
                 text = embed_prompts(plan, self.tokenizer, self.text_encoder, prompt, negative_prompt, prompt_embeds,
                                      negative_prompt_embeds, device=self.device, dtype=self.dtype, profile=prof)
                 gen = torch.Generator(device=self.device).manual_seed(plan.seed) if plan.seed is not None else generator
+                res.stage("vae" if TASKS[plan.task].vae_encodes else None)
                 with stage(prof, "encode" if TASKS[plan.task].vae_encodes else "prepare", self.device):
                     cond = condition(plan, vae=self.vae, scheduler=self.scheduler, schedule=schedule, generator=gen,
                                      latents=latents, ofs_dim=self.config.ofs_embed_dim, device=self.device,
@@ -359,6 +367,7 @@ class Engine(LoraMethods):
                     text, guidance = par.local(text, guidance)
                     par.comm.reset()
                 positions = self.positions(plan.shape[1], plan.shape[3], plan.shape[4])
+                res.stage("transformer")
                 model = self.forward.model_for(plan, text, cond, guidance, positions, schedule, prof, step_cache)
                 callback = model.watch(callback_on_step_end) if step_cache is not None else callback_on_step_end
                 clock = StepClock(self.device)
@@ -373,6 +382,7 @@ class Engine(LoraMethods):
                     model.report(prof)
                 out = out[:, plan.extra:]
                 frames = None
+                res.stage("vae" if output_type != "latent" else None)
                 if output_type != "latent":
                     with stage(prof, "vae_decode", self.device):
                         video = self.decode(out) if par is None else par.decode(self, out)
@@ -386,32 +396,6 @@ class Engine(LoraMethods):
         return GenerationResult(latents=out, frames=frames, output_type=output_type, timesteps=run_ts,
                                 guidance_scales=list(guidance.scales), seed=plan.seed, task=plan.task, profile=prof,
                                 rank=0 if par is None else par.rank)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Denoised latents [B, F_lat, C, h, w] -> video [B, 3, F, 8h, 8w] in [-1, 1] (VAE decode,
-        frame-batched; tiled when ``engine.vae.enable_tiling()`` was called)."""
-        if self.vae is None:
-            raise ValueError("this engine was loaded without a VAE")
-        c = self.vae.config.latent_channels
-        if latents.ndim != 5 or latents.shape[2] != c:
-            raise ValueError(f"latents must be [B, F_lat, {c}, h, w] for this VAE (got {tuple(latents.shape)})")
-        out = self.vae.decode(self.vae.decoder_input(latents)).to(self.dtype)  # the VAE may have its own dtype
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return out
-
-    def save_quantized(self, out_dir: str | os.PathLike, **kwargs) -> Path:
-        """Write this engine's (quantized) components as a diffusers-layout checkpoint that
-        ``Engine.load`` reads back without re-quantizing; atomic (a temporary directory renamed at the end).
-        kwargs: ``overwrite``, ``max_shard_bytes`` (``cogvx.engine.pipelines.quantized_export.save_quantized``)."""
-        return save_quantized(self, out_dir, **kwargs)
-
-    def encode(self, prompts: list[str], max_length: int = MAX_LENGTH) -> torch.Tensor:
-        """T5 embeddings [B, max_length, text_embed_dim] of prompts, in the engine dtype."""
-        if self.tokenizer is None or self.text_encoder is None:
-            raise ValueError("this engine has no text encoder; pass prompt_embeds")
-        return encode_ids(self.text_encoder, self.tokenizer(prompts, max_length=max_length).input_ids,
-                          self.device, self.dtype)
 
     def positions(self, latent_frames: int, latent_h: int, latent_w: int) -> Positions:
         """Position tables for a latent shape, computed once per shape and kept on the device."""

@@ -34,7 +34,7 @@ VENDOR = HERE / "vendor" / "tests"
 TINY_T5 = "hf-internal-testing/tiny-random-t5"
 TEST_FILES = ("test_cogvideox.py", "test_cogvideox_image2video.py", "test_cogvideox_video2video.py",
               "test_cogvideox_fun_control.py")
-# The names a diffusers user switches to cogvx (the issue: "the pipeline and model classes").
+# The names a diffusers user switches to cogvx: the pipeline and model classes.
 COGVX_NAMES = {"CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline",
                "CogVideoXFunControlPipeline", "CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX"}
 # hf-internal-testing/tiny-random-t5's config.json (its encoder; the decoder fields do not matter here).
