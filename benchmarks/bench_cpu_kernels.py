@@ -4,12 +4,12 @@ in one process:
 - attention at the cpu-bench and cpu-long shapes (2 x 30 heads of 64, 1216 and 9676 tokens): SDPA in
   fp32 (PyTorch's CPU flash kernel: what diffusers runs, and int8dq-cpu), ``chunked_attention`` in bf16
   (int8dq-cpu-bf16attn, compiled) and the int8 kernel (int8dq-cpu-int8attn), one row per variant this
-  CPU runs (cogvx.kernels.cpu_isa: avx512_bf16, avx512_vnni); SQNR against float64
+  CPU runs (cogvx.kernels.cpu_isa: amx, avx512_vnni, avx512_bf16, avx_vnni, avx2); SQNR against float64
   attention on the first two heads. q and v are N(0, 1); k is N(0, 1) scaled and shifted per channel
   (post-LayerNorm keys with their bias), the case the kernel's smoothing is for.
 - the feed-forward's GELU + int8 quantization at the cpu-bench and cpu-long token counts (2 x 1216 and
   2 x 9676 rows of 7680): the PyTorch form compiled by inductor (what int8dq-cpu ran before) against
-  ``gelu_quant_rows`` per variant (avx512_bf16, avx512_vnni, avx2); the share of int8 levels that differ.
+  ``gelu_quant_rows`` per variant; the share of int8 levels that differ.
 
     python benchmarks/bench_cpu_kernels.py [--rounds 3] [--shapes cpu-bench]
 

@@ -2,6 +2,8 @@
  * GELU + int8 quantization is cpu_gelu_quant.c. cpu_isa.py builds this file once per variant:
  *   avx512_bf16: -mavx512bf16, p v as bf16 dot products (vdpbf16ps);
  *   avx512_vnni: without it, p v as fp32 FMAs on the same bf16 v (p kept in fp32: a little more exact).
+ * cpu_attention_amx.c includes this file for its packing (the amx variant); cpu_attention_avx2.c is the
+ * 8-lane port (avx_vnni, avx2).
  *
  * softmax(q k^T / sqrt(64)) v for head dimension 64 (16 and 32 too, for small test models), in the manner
  * of SageAttention (Zhang et al., 2024) and flash attention:
