@@ -3,14 +3,15 @@ in one process:
 
 - attention at the cpu-bench and cpu-long shapes (2 x 30 heads of 64, 1216 and 9676 tokens): SDPA in
   fp32 (PyTorch's CPU flash kernel: what diffusers runs, and int8dq-cpu), ``chunked_attention`` in bf16
-  (int8dq-cpu-bf16attn, compiled) and the int8 kernel (int8dq-cpu-int8attn); SQNR against float64
+  (int8dq-cpu-bf16attn, compiled) and the int8 kernel (int8dq-cpu-int8attn), one row per variant this
+  CPU runs (cogvx.kernels.cpu_isa: amx, avx512_vnni, avx512_bf16, avx_vnni, avx2); SQNR against float64
   attention on the first two heads. q and v are N(0, 1); k is N(0, 1) scaled and shifted per channel
   (post-LayerNorm keys with their bias), the case the kernel's smoothing is for.
 - the feed-forward's GELU + int8 quantization at the cpu-bench and cpu-long token counts (2 x 1216 and
   2 x 9676 rows of 7680): the PyTorch form compiled by inductor (what int8dq-cpu ran before) against
-  ``gelu_quant_rows``; the share of int8 levels that differ.
+  ``gelu_quant_rows`` per variant; the share of int8 levels that differ.
 
-    python benchmarks/bench_cpu_kernels.py [--rounds 3]
+    python benchmarks/bench_cpu_kernels.py [--rounds 3] [--shapes cpu-bench]
 
 Writes benchmarks/results/cpu-kernels-<device>-<date>-<commit>.{json,md,png}.
 """
@@ -25,7 +26,7 @@ import torch
 
 from _util import cpu_model, git_commit, sqnr_db, write_report
 from cogvx.engine.models.attention import chunked_attention
-from cogvx.kernels import cpu_kernels_unavailable, gelu_quant_rows, int8_attention
+from cogvx.kernels import cpu_isa, cpu_kernels_unavailable, gelu_quant_rows, int8_attention
 from cogvx.kernels.cpu_kernels import gelu_quant_rows_reference
 
 SHAPES = {"cpu-bench": 1216, "cpu-long": 9676}
@@ -65,15 +66,21 @@ def _rows(what: str, shape: str, times: dict[str, list[float]], base: str, ratio
              "times_s": [round(t, 5) for t in ts]} for name, ts in times.items()]
 
 
-def attention_rows(rounds: int, g: torch.Generator) -> list[dict]:
+def _here(kernel: str) -> list[str]:
+    return [v for v in cpu_isa.runnable() if kernel in cpu_isa.VARIANTS[v][2]]
+
+
+def attention_rows(rounds: int, g: torch.Generator, shapes) -> list[dict]:
     out = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     chunked = torch.compile(chunked_attention)
-    for preset, seq in SHAPES.items():
+    for preset in shapes:
+        seq = SHAPES[preset]
         q, k, v = _attention_inputs(seq, g)
         qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
-        rows = {"sdpa fp32": lambda: sdpa(q, k, v), "chunked bf16 (compiled)": lambda: chunked(qb, kb, vb),
-                "int8 kernel": lambda: int8_attention(q, k, v)}
+        rows = {"sdpa fp32": lambda: sdpa(q, k, v), "chunked bf16 (compiled)": lambda: chunked(qb, kb, vb)}
+        for isa in _here("attention"):
+            rows[f"int8 kernel ({isa})"] = lambda isa=isa: int8_attention(q, k, v, isa=isa)
         ref = _float64_heads(q, k, v).float()
         quality = {name: sqnr_db(ref, fn()[0, :2].float()) for name, fn in rows.items()}  # also the warm-up
         out += _rows("attention", f"{preset}: 2 x 30 heads x {seq} tokens x 64", _alternate(rows, rounds), "sdpa fp32",
@@ -81,18 +88,20 @@ def attention_rows(rounds: int, g: torch.Generator) -> list[dict]:
     return out
 
 
-def gelu_rows(rounds: int, g: torch.Generator) -> list[dict]:
+def gelu_rows(rounds: int, g: torch.Generator, shapes) -> list[dict]:
     out = []
     compiled = torch.compile(gelu_quant_rows_reference)
-    for preset, seq in SHAPES.items():
-        m = 2 * seq
+    for preset in shapes:
+        m = 2 * SHAPES[preset]
         acc = (3 * torch.randn(m, 7680, generator=g)).bfloat16()
         s, bias = torch.rand(m, 1, generator=g) + 0.5, torch.randn(7680, generator=g)
-        rows = {"inductor (PyTorch form)": lambda: compiled(acc, s, bias), "C kernel": lambda: gelu_quant_rows(acc, s, bias)}
-        (q0, _), (q1, _) = rows["inductor (PyTorch form)"](), rows["C kernel"]()
-        differ = (q0 != q1).double().mean().item()
+        rows = {"inductor (PyTorch form)": lambda: compiled(acc, s, bias)}
+        for isa in _here("gelu_quant"):
+            rows[f"C kernel ({isa})"] = lambda isa=isa: gelu_quant_rows(acc, s, bias, isa=isa)
+        q0 = rows["inductor (PyTorch form)"]()[0]
+        differ = {name: round((q0 != fn()[0]).double().mean().item(), 7) for name, fn in rows.items()}
         out += _rows("GELU + int8 quantization", f"{preset}: {m} x 7680 bf16", _alternate(rows, rounds),
-                     "inductor (PyTorch form)", "x_inductor", "levels_differing", dict.fromkeys(rows, differ))
+                     "inductor (PyTorch form)", "x_inductor", "levels_differing", differ)
     return out
 
 
@@ -133,6 +142,7 @@ def chart(result: dict, png) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args()
     why = cpu_kernels_unavailable()
@@ -141,8 +151,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     commit, dirty = git_commit()
     with torch.inference_mode():
-        rows = attention_rows(args.rounds, g) + gelu_rows(args.rounds, g)
-    meta = {"device_name": f"cpu-{platform.machine()}", "cpu": f"{cpu_model()}, AVX-512 VNNI + BF16",
+        rows = attention_rows(args.rounds, g, args.shapes) + gelu_rows(args.rounds, g, args.shapes)
+    flags = sorted(f for f in cpu_isa.cpu_flags() if f.startswith(("avx", "amx", "fma")))
+    meta = {"device_name": f"cpu-{platform.machine()}", "cpu": f"{cpu_model()} ({' '.join(flags)})",
+            "variants": cpu_isa.runnable(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit, "dirty": dirty,
             "rounds": args.rounds}
     write_report("cpu-kernels", {"meta": meta, "rows": rows}, markdown, chart, out=args.out)

@@ -57,7 +57,7 @@ def cogvx_step(model, recipe: str, inputs, device, *, compiled=True, kernels="au
     return Row(name, "cogvx", recipe, "float32", compiled, "step", lambda: fn(lat, text, t, pos).float())
 
 
-def _diffusers_transformer(model, dtype):
+def diffusers_transformer(model, dtype):
     from diffusers import CogVideoXTransformer3DModel
 
     cfg = model.config
@@ -79,7 +79,7 @@ def _torchao_int8dq(module) -> None:
 def diffusers_step(model, peer: str, inputs, device, *, compiled=True) -> Row:
     """diffusers' CogVideoXTransformer3DModel on ``model``'s weights: "diffusers-fp32", "-bf16", "-int8dq"."""
     dtype = torch.bfloat16 if peer == "diffusers-bf16" else torch.float32
-    ref = _diffusers_transformer(model, dtype)
+    ref = diffusers_transformer(model, dtype)
     if peer == "diffusers-int8dq":
         _torchao_int8dq(ref)
     fn = _compile(ref, compiled, device)
@@ -152,7 +152,7 @@ def diffusers_e2e(e: E2E, base: Engine, peer: str, device) -> Row:
 
     p = get_preset(e.preset)
     dtype = torch.bfloat16 if peer == "diffusers-bf16" else torch.float32
-    tr = _diffusers_transformer(base.transformer, dtype)
+    tr = diffusers_transformer(base.transformer, dtype)
     if peer == "diffusers-int8dq":
         _torchao_int8dq(tr)
     tr = _compile(tr, True, device)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PEER_COLOURS = ["#c44", "#e90", "#6a3", "#36c", "#939"]
+PEER_COLOURS = ["#c44", "#e90", "#6a3", "#36c", "#939", "#0aa", "#777", "#a50"]
 
 
 def _peers(result: dict, kind: str) -> list[str]:
-    return [r["name"] for r in result["rows"] if r["impl"] == "diffusers" and r["kind"] == kind]
+    return [r["name"] for r in result["rows"] if r["impl"] in ("diffusers", "openvino") and r["kind"] == kind]
 
 
 def _ratio(r: dict, peer: str) -> str:

@@ -3,7 +3,9 @@
 
 Rows: cogvx's transformer per ``--recipes`` (compiled, q/k/v fused unless --no-fuse-qkv) and the
 ``--peers``: diffusers' transformer on the same weights compiled in fp32, in bf16, and with torchao's
-``Int8DynamicActivationInt8WeightConfig`` on every Linear (the diffusers-torchao recipe). Each row is
+``Int8DynamicActivationInt8WeightConfig`` on every Linear (the diffusers-torchao recipe), and (where the
+``bench`` extra is installed) the same diffusers transformer converted to OpenVINO, in fp32, bf16 and
+NNCF int8 (peers_openvino.py). Each row is
 built and called once (its compile time), then the rows run in turn, ``--repeats`` rounds, so that a
 drift of the machine's speed hits every row alike. Reported per row: median wall time with p20/p80,
 median process CPU time (a steadier figure on a shared machine), SQNR of its output against the
@@ -20,6 +22,7 @@ Writes benchmarks/results/sweep-<preset>-<device>-<date>-<commit>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import statistics
 import sys
@@ -35,7 +38,12 @@ from cogvx.engine.models.tokenizer import MAX_LENGTH
 from cogvx.engine.models.transformer import build_transformer
 from cogvx.engine.runtime.profiling import transformer_flops
 from peers import PEERS, E2E, base_engine, cogvx_e2e, cogvx_step, diffusers_e2e, diffusers_step
+from peers_openvino import OPENVINO_PEERS, openvino_step
 from report import chart, markdown
+
+
+PEER_IMPLS = ("diffusers", "openvino")  # rows every other row is compared with
+_HAS_OPENVINO = all(importlib.util.find_spec(m) for m in ("openvino", "nncf"))
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -99,7 +107,7 @@ def add_ratios(results: list[dict]) -> None:
     for res in results:
         res["ratios"] = {}
         for peer in results:
-            if peer["impl"] != "diffusers" or peer["kind"] != res["kind"]:
+            if peer["impl"] not in PEER_IMPLS or peer["kind"] != res["kind"]:
                 continue
             paired = [a / b for a, b in zip(res["times_s"], peer["times_s"])]
             res["ratios"][peer["name"]] = dict(
@@ -136,7 +144,8 @@ def run(args) -> dict:
     with torch.inference_mode():
         reference = base(*inputs).float()  # eager fp32 cogvx: every step row's quality reference
     rows = [cogvx_step(base, r, inputs, device, fuse_qkv=args.fuse_qkv) for r in args.recipes]
-    rows += [diffusers_step(base, p, inputs, device) for p in args.peers]
+    rows += [diffusers_step(base, p, inputs, device) for p in args.peers if p in PEERS]
+    rows += [openvino_step(base, p, inputs, torch.get_num_threads()) for p in args.peers if p in OPENVINO_PEERS]
     for r in rows:
         r.extra["reference"] = reference
     print(f"{args.preset}: {len(rows)} step rows, {flops / 1e9:.0f} GFLOP/step "
@@ -170,7 +179,7 @@ def run(args) -> dict:
 
 def _meta(args, cfg, frames, height, width, lat, text, nv, flops, attn_flops) -> dict:
     versions = {"torch": torch.__version__}
-    for mod in ("diffusers", "torchao", "transformers"):
+    for mod in ("diffusers", "torchao", "transformers", "openvino", "nncf"):
         try:
             versions[mod] = __import__(mod, fromlist=["__version__"]).__version__
         except Exception:
@@ -195,7 +204,9 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="cpu-bench", choices=sorted(PRESETS))
     p.add_argument("--recipes", nargs="+", default=["none", "int8dq", "int8dq-cpu"],
                    help="cogvx rows ('none': fp32); the first is the quality reference's twin")
-    p.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS)
+    p.add_argument("--peers", nargs="*", default=list(PEERS) + list(OPENVINO_PEERS if _HAS_OPENVINO else ()),
+                   choices=PEERS + OPENVINO_PEERS, help="default: the diffusers rows, and the OpenVINO rows where "
+                   "openvino and nncf are installed (pip install '.[bench]')")
     p.add_argument("--no-fuse-qkv", dest="fuse_qkv", action="store_false")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", nargs="*", default=["int8dq-cpu"],

@@ -42,6 +42,10 @@ def apply_runtime_settings(transformer, runtime: Runtime) -> None:
         transformer.set_fp8_activations(True)
     on_cpu = next(transformer.parameters()).device.type == "cpu"
     if runtime.fused_gelu_quant and on_cpu:
+        why = transformer.fused_gelu_quant_missing()
+        if why:
+            warnings.warn(f"the recipe's fused GELU + int8 quantization kernel does not run here: {why}; the "
+                          "feed-forward runs the same ops unfused (slower)", RuntimeWarning, stacklevel=2)
         transformer.set_fused_gelu_quant(True)
     if runtime.attention_kernel == "int8-cuda":  # the recipe's numerics on every device (the reference off CUDA)
         transformer.set_int8_gpu_attention(True)

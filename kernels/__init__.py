@@ -2,8 +2,8 @@
 
 The model code imports only the names below; which file holds which op is this package's business:
 adaln.py, adaln_fp8.py, qk_norm_rope.py, rope_flash_attention.py, sage_attention.py (one op each;
-sage_quant.py: its int8 quantization kernel), cpu_kernels.py (the
-C kernels for AVX-512 VNNI + BF16 CPUs: int8 attention, GELU + int8 quantization; built on first use),
+sage_quant.py: its int8 quantization kernel), cpu_kernels.py (the C kernels for x86-64 CPUs: int8
+attention, GELU + int8 quantization; built on first use, the variant this CPU runs chosen by cpu_isa.py),
 rope.py (the shared RoPE reference and table checks), policy.py (which implementation runs), aot.py
 (compile every kernel for sm_80/89/90 and check registers, spills and shared memory, no GPU needed).
 
@@ -22,6 +22,7 @@ _PUBLIC = {
     "adaptive_layernorm_fp8": ("adaln_fp8", "adaptive_layernorm_fp8"),
     "attention": ("rope_flash_attention", "attention"),
     "attention_for": ("policy", "attention_for"),
+    "cpu_kernel_variant": ("cpu_kernels", "variant"),
     "cpu_kernels_unavailable": ("cpu_kernels", "unavailable"),
     "fp8_rowwise_linear": ("adaln_fp8", "fp8_rowwise_linear"),
     "gelu_quant_rows": ("cpu_kernels", "gelu_quant_rows"),

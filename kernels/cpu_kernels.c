@@ -1,8 +1,12 @@
-/* Two kernels for AVX-512 CPUs with VNNI and BF16 (no AMX needed): attention (this part) and the
- * feed-forward's GELU fused with int8 quantization (the end of the file).
+/* The int8 attention for AVX-512 CPUs with VNNI, with or without BF16 (no AMX needed); the feed-forward's
+ * GELU + int8 quantization is cpu_gelu_quant.c. cpu_isa.py builds this file once per variant:
+ *   avx512_bf16: -mavx512bf16, p v as bf16 dot products (vdpbf16ps);
+ *   avx512_vnni: without it, p v as fp32 FMAs on the same bf16 v (p kept in fp32: a little more exact).
+ * cpu_attention_amx.c includes this file for its packing (the amx variant); cpu_attention_avx2.c is the
+ * 8-lane port (avx_vnni, avx2).
  *
- * Attention: softmax(q k^T / sqrt(64)) v for head dimension 64 (16 and 32 too, for small test models),
- * in the manner of SageAttention (Zhang et al., 2024) and flash attention:
+ * softmax(q k^T / sqrt(64)) v for head dimension 64 (16 and 32 too, for small test models), in the manner
+ * of SageAttention (Zhang et al., 2024) and flash attention:
  *
  *   - k is smoothed (its mean over the tokens of the head is subtracted; softmax is unchanged, since
  *     q . mean(k) is the same for every key of a query row), then q and k are quantized to int8 per
@@ -10,12 +14,12 @@
  *   - q k^T runs as int8 dot products with int32 sums (vpdpbusd; k stored as unsigned k + 128 and the
  *     128 * sum(q) it adds subtracted again), dequantized to fp32 and put in base 2 (log2 e folded in);
  *   - an online softmax per block of 64 keys in fp32, 2^x by a cubic on the fraction and vscalefps;
- *   - p v with p and v rounded to bf16 and fp32 sums (vdpbf16ps); one division by the row sum at the end.
+ *   - p v with v rounded to bf16 and fp32 sums: p rounded to bf16 too and vdpbf16ps (avx512_bf16), or
+ *     p in fp32 and FMAs on v widened from bf16 (avx512_vnni); one division by the row sum at the end.
  *
  * One call does every (batch, head): first each head's q, k, v are quantized and packed (k in groups of
  * 16 keys, 4 bytes of each key per 32-bit lane; v as bf16 pairs of consecutive keys), then tiles of 32
  * query rows run against all keys, 4 rows at a time. Threads: OpenMP (the runtime torch already loaded).
- * Built and checked by cpu_kernels.py, which says what it needs and falls back when a CPU lacks it.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -120,7 +124,11 @@ INLINE void attend_tile(const int hd, int S, int Sk, int r0, const int8_t *q8, c
                         const uint8_t *kp, const float *ksc, const uint16_t *vp, float *out, long os) {
     float o[QT][HD_MAX] __attribute__((aligned(64)));
     float mrow[QT], lrow[QT];
+#ifdef __AVX512BF16__
     uint16_t pbuf[RG][KB] __attribute__((aligned(64)));
+#else
+    float pbuf[RG][KB] __attribute__((aligned(64)));
+#endif
     for (int r = 0; r < QT; r++) { mrow[r] = -INFINITY; lrow[r] = 0.f; }
     memset(o, 0, sizeof o);
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
@@ -173,8 +181,12 @@ INLINE void attend_tile(const int hd, int S, int Sk, int r0, const int8_t *q8, c
                     sum = _mm512_add_ps(sum, t[g]);
                 }
                 lrow[i] = lrow[i] * alpha[r] + _mm512_reduce_add_ps(sum);
+#ifdef __AVX512BF16__
                 for (int g = 0; g < KB / 16; g += 2)
                     _mm512_store_si512(pbuf[r] + 16 * g, (__m512i)_mm512_cvtne2ps_pbh(t[g + 1], t[g]));
+#else
+                for (int g = 0; g < KB / 16; g++) _mm512_store_ps(pbuf[r] + 16 * g, t[g]);
+#endif
             }
             /* o = alpha o + p v over the block's 32 key pairs */
             __m512 acc_o[RG][HD_MAX / 16];
@@ -183,6 +195,7 @@ INLINE void attend_tile(const int hd, int S, int Sk, int r0, const int8_t *q8, c
                 for (int c = 0; c < hd / 16; c++) acc_o[r][c] = _mm512_mul_ps(_mm512_load_ps(o[rg + r] + 16 * c), a);
             }
             for (int p = 0; p < KB / 2; p++) {
+#ifdef __AVX512BF16__
                 __m512bh vv[HD_MAX / 16];
                 for (int c = 0; c < hd / 16; c++) vv[c] = (__m512bh)_mm512_loadu_si512(vblk + (long)p * hd + 16 * c);
                 for (int r = 0; r < RG; r++) {
@@ -191,6 +204,19 @@ INLINE void attend_tile(const int hd, int S, int Sk, int r0, const int8_t *q8, c
                     __m512bh pb = (__m512bh)_mm512_set1_epi32(w);
                     for (int c = 0; c < hd / 16; c++) acc_o[r][c] = _mm512_dpbf16_ps(acc_o[r][c], pb, vv[c]);
                 }
+#else           /* the bf16 pair widened: key 2p is the low half (shifted up), key 2p + 1 the high half */
+                __m512 ve[HD_MAX / 16], vo[HD_MAX / 16];
+                for (int c = 0; c < hd / 16; c++) {
+                    __m512i w = _mm512_loadu_si512(vblk + (long)p * hd + 16 * c);
+                    ve[c] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+                    vo[c] = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xFFFF0000u)));
+                }
+                for (int r = 0; r < RG; r++) {
+                    __m512 pe = _mm512_set1_ps(pbuf[r][2 * p]), po = _mm512_set1_ps(pbuf[r][2 * p + 1]);
+                    for (int c = 0; c < hd / 16; c++)
+                        acc_o[r][c] = _mm512_fmadd_ps(po, vo[c], _mm512_fmadd_ps(pe, ve[c], acc_o[r][c]));
+                }
+#endif
             }
             for (int r = 0; r < RG; r++)
                 for (int c = 0; c < hd / 16; c++) _mm512_store_ps(o[rg + r] + 16 * c, acc_o[r][c]);
@@ -251,67 +277,6 @@ int cogvx_int8_attention(int hd, int B, int H, int S, const float *q, const long
                     kp + (long)bh * Sk * hd, ksc + (long)bh * Sk, vp + (long)bh * Sk * hd,
                     out + b * ost[0] + h * ost[1], ost[2]);
         }
-    }
-    return 0;
-}
-
-/* ---------------------------------------------------------------------------------------------------------
- * GELU (tanh) of an int8 GEMM's output, quantized per row for the next int8 GEMM (the feed-forward's
- * down projection), in one pass over memory:
- *   y = acc[m, n] * s[m] + bias[n];  g = gelu_tanh(y) = y / (1 + e^(-2 u)), u = sqrt(2 / pi) (y + 0.044715 y^3)
- *   amax = max(max_n |g|, 1e-12);  q = clamp(round(g * (127 / amax)), -127, 127) + 128 (u8);  scale = amax / 127
- * e^x as 2^(x log2 e) with a quintic on the fraction (relative error 1e-7: fp32's own rounding). A row's g
- * is kept in a buffer between the max and the quantization (N <= 16384). */
-
-/* 2^x for any x (clamped to [-126, 126]): a quintic on the fraction, then vscalefps. */
-static inline __m512 exp2_any(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.f)), _mm512_set1_ps(126.f));
-    __m512 f = _mm512_sub_ps(x, _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.8671e-3f), f, _mm512_set1_ps(9.01709e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.579987e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4016446e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9315131e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, x);
-}
-
-static inline __m512 load16(const void *src, int bf16, long i) {
-    if (!bf16) return _mm512_loadu_ps((const float *)src + i);
-    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-#define GELU_MAX_N 16384
-
-/* acc [M, N] (bf16 when acc_bf16, else fp32), s [M], bias [N] or NULL -> q [M, N] u8, scale [M].
- * N a multiple of 16, at most GELU_MAX_N. Returns 0, or -1 for another N. */
-int cogvx_gelu_quant(int M, int N, const void *acc, int acc_bf16, const float *s, const float *bias, uint8_t *q,
-                     float *scale, int threads) {
-    if (N % 16 || N > GELU_MAX_N) return -1;
-    const float c1 = -2.f * 0.7978845608028654f * LOG2E, c3 = c1 * 0.044715f;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int m = 0; m < M; m++) {
-        float g[GELU_MAX_N] __attribute__((aligned(64)));
-        const __m512 sm = _mm512_set1_ps(s[m]), one = _mm512_set1_ps(1.f);
-        __m512 mx = _mm512_setzero_ps();
-        for (int n = 0; n < N; n += 16) {
-            __m512 y = _mm512_mul_ps(load16(acc, acc_bf16, (long)m * N + n), sm);
-            if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias + n));
-            __m512 y2 = _mm512_mul_ps(y, y);
-            __m512 t = _mm512_mul_ps(y, _mm512_fmadd_ps(y2, _mm512_set1_ps(c3), _mm512_set1_ps(c1)));
-            __m512 gv = _mm512_div_ps(y, _mm512_add_ps(one, exp2_any(t)));
-            _mm512_store_ps(g + n, gv);
-            mx = _mm512_max_ps(mx, _mm512_abs_ps(gv));
-        }
-        float amax = fmaxf(_mm512_reduce_max_ps(mx), 1e-12f);
-        const __m512 inv = _mm512_set1_ps(127.f / amax);
-        const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), zp = _mm512_set1_epi32(128);
-        for (int n = 0; n < N; n += 16) {
-            __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(g + n), inv));
-            i = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(i, lo), hi), zp);
-            _mm_storeu_si128((__m128i *)(q + (long)m * N + n), _mm512_cvtusepi32_epi8(i));
-        }
-        scale[m] = amax / 127.f;
     }
     return 0;
 }

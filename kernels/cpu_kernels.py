@@ -1,117 +1,72 @@
-"""C kernels for AVX-512 CPUs with VNNI and BF16 (cpu_kernels.c): int8 attention, and the feed-forward's
-GELU fused with the per-row int8 quantization of the next GEMM's input.
+"""C kernels for x86-64 CPUs (cpu_kernels.c, cpu_gelu_quant.c; which build runs: cpu_isa.py): int8
+attention, and the feed-forward's GELU fused with the per-row int8 quantization of the next GEMM's input.
 
 ``int8_attention(q, k, v)`` computes softmax(q k^T / sqrt(Dh)) v on CPU tensors for head dimension 64
 (every CogVideoX model; 16 and 32 for small test models), as the op ``cogvx::int8_attention_cpu``
-(opaque to torch.compile: no graph break). Numerics are those of SageAttention: k smoothed by its mean
-over tokens, q and k int8 per token, fp32 online softmax, p and v rounded to bf16 with fp32 sums.
-Against float64 attention it measured 36-38 dB SQNR on unit-variance inputs with shifted keys (bf16
-SDPA: 45-47 dB without the shift; blocked bf16 attention: 40 dB with it; benchmarks/bench_cpu_kernels.py),
-3.7-4.3x faster than SDPA's fp32 flash kernel here. tests/test_cpu_kernels.py holds it to 33 dB
-against float64 and to 60 dB against a float64 model of its own numerics.
+(opaque to torch.compile: no graph break), on CPUs with AVX-512 VNNI or AVX2. Numerics are those of
+SageAttention: k smoothed by its mean over tokens, q and k int8 per token, fp32 online softmax, v
+rounded to bf16 with fp32 sums; p rounded to bf16 too in the ``avx512_bf16`` variant (vdpbf16ps), kept
+in fp32 with FMAs in the others (``avx512_vnni``; ``avx_vnni`` and ``avx2`` in 8 lanes, at about twice
+the AVX-512 time). Against float64 attention
+the bf16 variant measured 36-38 dB SQNR on unit-variance inputs with shifted keys (bf16 SDPA: 45-47 dB
+without the shift; blocked bf16 attention: 40 dB with it; benchmarks/bench_cpu_kernels.py), 3.7-4.3x
+faster than SDPA's fp32 flash kernel on an AMD EPYC; on a Sapphire Rapids-class Xeon (AMX), at the
+cpu-bench shape, 0.64x SDPA fp32's time (avx512_vnni; avx512_bf16 0.77x), and with MKL, oneDNN and ATen
+capped at AVX2 there (an AVX2-only CPU's view) avx_vnni 0.80x and avx2 0.94x. tests/test_cpu_kernels.py holds every variant the
+machine runs to 33 dB against float64 and to 60 dB against a float64 model of its own numerics. Where
+the CPU has AMX, the attention's two products run on its tiles (``amx``: 0.44x the time of avx512_bf16
+there; the softmax stays on AVX-512), as do the GEMMs around it (oneDNN's).
 
 ``gelu_quant_rows(acc, row_scale, bias)`` is int8dq-cpu's feed-forward middle in one pass over memory
 (op ``cogvx::gelu_quant_cpu``): y = acc * row_scale + bias, g = GELU-tanh(y), then g quantized per row as
-the next int8 linear takes it (u8 q + 128, fp32 scale). Inductor fuses the same ops into a loop that
-writes g in fp32 to memory and reads it back, with a vectorized tanh of its own: 39 ms per cpu-bench
-layer here against the kernel's 3.7 ms (a sixth of the int8 step before). ``gelu_quant_rows_reference``
-is the PyTorch form.
+the next int8 linear takes it (u8 q + 128, fp32 scale); AVX-512F or AVX2 + FMA, the same numbers. Inductor
+fuses the same ops into a loop that writes g in fp32 to memory and reads it back, with a vectorized tanh
+of its own: 39 ms per cpu-bench layer on an AMD EPYC against the kernel's 3.7 ms.
+``gelu_quant_rows_reference`` is the PyTorch form.
 
-The C source is compiled once per machine with the system C compiler (``$CC``, else ``cc``) into
-``$COGVX_CACHE`` (default ``~/.cache/cogvx``), keyed by the source's hash, and loaded with ctypes; it
-runs on the OpenMP threads torch already uses. ``unavailable()`` says why it cannot run here (not
-x86-64 Linux, a CPU without AVX-512 VNNI or BF16, no compiler, or a failed build): the model then
-keeps the PyTorch path (SDPA attention, inductor's GELU + quantization loop).
+``unavailable(kernel=...)`` says why a kernel cannot run here (not x86-64 Linux, a CPU without the
+instructions, no compiler, or a failed build): the model then keeps the PyTorch path (SDPA attention,
+inductor's GELU + quantization loop) and the recipe warns. Every function takes ``isa=`` to run a given
+variant (``cpu_isa.VARIANTS``; default: ``$COGVX_CPU_ISA``, else the best this CPU runs).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-__all__ = ["HEAD_DIMS", "gelu_quant_rows", "gelu_quant_rows_reference", "int8_attention", "unavailable"]
+from . import cpu_isa
+
+__all__ = ["HEAD_DIMS", "gelu_quant_rows", "gelu_quant_rows_reference", "int8_attention", "unavailable", "variant"]
 
 HEAD_DIMS = (16, 32, 64)  # 64: every CogVideoX model; 16 and 32: small test models
-_SOURCE = Path(__file__).with_name("cpu_kernels.c")
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16")
-_CFLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-           "-mavx512vnni", "-mavx512bf16", "-mfma")
 _QT, _KB = 32, 64  # query rows per tile and keys per block, as in cpu_kernels.c
+_KERNELS = tuple(cpu_isa.KERNELS)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+def variant(kernel: str = "attention", isa: str | None = None) -> str | None:
+    """The build of ``kernel`` ("attention" or "gelu_quant") that runs here (a name of
+    ``cpu_isa.VARIANTS``), or None where none does; ``isa`` caps it (default: $COGVX_CPU_ISA)."""
+    return cpu_isa.select(isa, kernel)[0]
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("COGVX_CACHE") or Path.home() / ".cache" / "cogvx") / "kernels"
+def _library(kernel: str, isa: str | None) -> tuple[ctypes.CDLL | None, str]:
+    name, why = cpu_isa.select(isa, kernel)
+    return cpu_isa.library(name) if name else (None, why)
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
-def _missing() -> str:
-    """What this machine lacks to build and run the kernels ("" when nothing), without building them."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"needs x86-64 Linux (this is {platform.system()} {platform.machine()})"
-    missing = [f for f in _CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
-    return "" if _compiler() else "no C compiler found (set CC, or install gcc)"
-
-
-@lru_cache(maxsize=1)
-def _library() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded library, "") or (None, why it cannot run here)."""
-    why = _missing()
-    if why:
-        return None, why
-    cc = _compiler()
-    source = _SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join(_CFLAGS).encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"cpu_kernels-{tag}.so"
-    if not lib.exists():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-        os.close(fd)
-        build = subprocess.run([cc, *_CFLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-        if build.returncode:
-            os.unlink(tmp)
-            return None, f"building {_SOURCE.name} with {cc} failed: {build.stderr.strip()[-500:]}"
-        os.replace(tmp, lib)  # atomic: concurrent builders leave one complete file
-    dll = ctypes.CDLL(str(lib))
-    fn = dll.cogvx_int8_attention
-    ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    fn.argtypes = [i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f32, i32, ptr, ptr, ptr, ptr, ptr, ptr]
-    fn.restype = i32
-    fn = dll.cogvx_gelu_quant
-    fn.argtypes = [i32, i32, ptr, i32, ptr, ptr, ptr, ptr, i32]
-    fn.restype = i32
-    return dll, ""
-
-
-def unavailable(head_dim: int | None = None, build: bool = True) -> str:
-    """Why the kernels cannot run on this machine (the attention: for heads of ``head_dim``), or "" when
-    they can. ``build``: build them (once per machine) and load them to be sure; False: only check the
-    platform, the CPU's flags and the compiler. Not for compiled code: call it when setting a model up."""
+def unavailable(head_dim: int | None = None, build: bool = True, kernel: str = "attention",
+                isa: str | None = None) -> str:
+    """Why ``kernel`` ("attention", for heads of ``head_dim``; or "gelu_quant") cannot run on this
+    machine, or "" when it can. ``build``: build it (once per machine) and load it to be sure; False:
+    only check the platform, the CPU's flags and the compiler. Not for compiled code: call it when
+    setting a model up."""
+    if kernel not in _KERNELS:
+        raise ValueError(f"kernel {kernel!r} is not one of {', '.join(_KERNELS)}")
     if head_dim is not None and head_dim not in HEAD_DIMS:
         return f"it takes head dimensions {', '.join(map(str, HEAD_DIMS))} (got {head_dim})"
-    return _library()[1] if build else _missing()
+    return _library(kernel, isa)[1] if build else cpu_isa.missing(isa, kernel)
 
 
 def _strides(t: torch.Tensor) -> ctypes.Array:
@@ -119,8 +74,8 @@ def _strides(t: torch.Tensor) -> ctypes.Array:
 
 
 @torch.library.custom_op("cogvx::int8_attention_cpu", mutates_args=())
-def _int8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    dll, why = _library()
+def _int8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, isa: str) -> torch.Tensor:
+    dll, why = _library("attention", isa or None)
     if dll is None:
         raise RuntimeError(f"cogvx int8 CPU attention cannot run here: {why}")
     b, h, s, d = q.shape
@@ -132,27 +87,30 @@ def _int8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     qc, qcorr = torch.empty(heads, sq), torch.empty(heads, sq, dtype=torch.int32)
     kp, ksc = torch.empty(heads, sk, d, dtype=torch.uint8), torch.empty(heads, sk)
     vp = torch.empty(heads, sk, d, dtype=torch.int16)
-    dll.cogvx_int8_attention(d, b, h, s, q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(),
-                             _strides(v), o.data_ptr(), _strides(o), d ** -0.5, torch.get_num_threads(),
-                             q8.data_ptr(), qc.data_ptr(), qcorr.data_ptr(), kp.data_ptr(), ksc.data_ptr(),
-                             vp.data_ptr())
+    rc = dll.cogvx_int8_attention(d, b, h, s, q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(),
+                                  _strides(v), o.data_ptr(), _strides(o), d ** -0.5, torch.get_num_threads(),
+                                  q8.data_ptr(), qc.data_ptr(), qcorr.data_ptr(), kp.data_ptr(), ksc.data_ptr(),
+                                  vp.data_ptr())
+    if rc == -2:
+        raise RuntimeError(f"Linux refused this process the AMX tile state; set {cpu_isa.ENV}=avx512_vnni")
     return out
 
 
 @_int8_attention_op.register_fake
-def _(q, k, v):
+def _(q, k, v, isa):
     b, h, s, d = q.shape
     return q.new_empty(b, s, h, d, dtype=torch.float32)
 
 
-def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, isa: str | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh)) v for q, k, v [B, H, S, Dh] on the CPU (any dtype, any strides) -> [B, H, S, Dh]
-    float32 (a transposed view of a [B, S, H, 64] tensor). Raises RuntimeError where ``unavailable()``."""
+    float32 (a transposed view of a [B, S, H, 64] tensor). ``isa``: the variant (default: the module's
+    choice). Raises RuntimeError where ``unavailable()``."""
     if q.device.type != "cpu" or q.shape[-1] not in HEAD_DIMS or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"int8_attention takes q, k, v of one shape [B, H, S, Dh] on the CPU, Dh one of "
                          f"{', '.join(map(str, HEAD_DIMS))}; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)} on {q.device}")
-    return _int8_attention_op(q, k, v).transpose(1, 2)
+    return _int8_attention_op(q, k, v, isa or "").transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------- GELU + quantize
@@ -172,8 +130,9 @@ def gelu_quant_rows_reference(acc: torch.Tensor, row_scale: torch.Tensor, bias: 
 
 
 @torch.library.custom_op("cogvx::gelu_quant_cpu", mutates_args=())
-def _gelu_quant_op(acc: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    dll = _library()[0]
+def _gelu_quant_op(acc: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None,
+                   isa: str) -> tuple[torch.Tensor, torch.Tensor]:
+    dll = _library("gelu_quant", isa or None)[0]
     if dll is None:  # callers check unavailable() when setting up; this keeps a stray call correct
         return gelu_quant_rows_reference(acc, row_scale, bias)
     m, n = acc.shape
@@ -188,16 +147,17 @@ def _gelu_quant_op(acc: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tenso
 
 
 @_gelu_quant_op.register_fake
-def _(acc, row_scale, bias):
+def _(acc, row_scale, bias, isa):
     return acc.new_empty(acc.shape, dtype=torch.uint8), acc.new_empty((acc.shape[0], 1), dtype=torch.float32)
 
 
-def gelu_quant_rows(acc: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None):
+def gelu_quant_rows(acc: torch.Tensor, row_scale: torch.Tensor, bias: torch.Tensor | None, isa: str | None = None):
     """GELU-tanh of ``acc * row_scale + bias``, quantized per row: acc [M, N] bf16 or fp32 (an int8 GEMM's
     output before its per-row rescale), row_scale [M, 1], bias [N] or None -> (q + 128 as u8 [M, N],
     fp32 scale [M, 1]), the input form of the next int8 linear. The C kernel on the CPU for N a multiple
     of 16 up to 16384 (the PyTorch reference inside the op where ``unavailable()``: check it first, as
-    ``set_fused_gelu_quant`` does, so that compiled code fuses the reference instead); else the reference."""
+    ``set_fused_gelu_quant`` does, so that compiled code fuses the reference instead); else the reference.
+    ``isa``: the variant (default: the module's choice)."""
     if acc.device.type == "cpu" and acc.shape[-1] % 16 == 0 and acc.shape[-1] <= GELU_MAX_N:
-        return _gelu_quant_op(acc, row_scale, bias)
+        return _gelu_quant_op(acc, row_scale, bias, isa or "")
     return gelu_quant_rows_reference(acc, row_scale, bias)

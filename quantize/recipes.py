@@ -31,7 +31,8 @@ e4m3 keeps 4). Recipes that also quantize activations (int8dq, quanto-w8a8, and 
 LLM.int8 matmul quantizes activations row-wise) lose more end to end than their single-forward SQNR
 suggests: the error compounds over the denoising steps.
 
-Speed on the CPU (AMD EPYC, 2 cores, AVX-512 with VNNI and BF16, no AMX; benchmarks/sweep.py, rows
+Speed on the CPU (AMD EPYC, 2 cores, AVX-512 with VNNI and BF16, no AMX; for a Sapphire Rapids Xeon with
+AMX, where OpenVINO int8 is faster, see the README's benchmark section; benchmarks/sweep.py, rows
 alternated in one process, compiled, fp32 activations). int8 dynamic quantization is *faster* than
 fp32 on such a CPU (VNNI int8 GEMMs run at 4-5x the fp32 rate), not slower. int8dq-cpu-int8attn is
 the fastest here: its step takes 0.16x (cpu-bench, commit d9a1300) and 0.23x (cpu-long, fdfc26b) the
@@ -124,8 +125,10 @@ CPU_FAST_NOTE = ("runs; int8 GEMMs at the VNNI peak (oneDNN u8 x s8 on prepacked
                  "C kernel; attention in SDPA: cpu-bench step 0.24x diffusers fp32, as fast as diffusers + torchao int8dq")
 CPU_BF16_ATTN_NOTE = ("runs; int8dq-cpu with, compiled, short-sequence attention as blocked bf16 GEMMs: cpu-bench step "
                       "0.92x diffusers + torchao int8dq; long sequences keep SDPA")
-CPU_INT8_ATTN_NOTE = ("runs; the fastest here (AVX-512 VNNI + BF16): attention as int8 q k^T + bf16 p v in one C kernel, "
-                      "step 0.16x (cpu-bench) / 0.23x (cpu-long) diffusers fp32, 0.65x / 0.38x diffusers + torchao int8dq")
+CPU_INT8_ATTN_NOTE = ("runs; cogvx's fastest on a CPU: attention as int8 q k^T in one C kernel; AMD EPYC (AVX-512 "
+                      "VNNI + BF16): step 0.16x (cpu-bench) / 0.23x (cpu-long) diffusers fp32, 0.65x / 0.38x diffusers "
+                      "+ torchao int8dq; Sapphire Rapids Xeon (AMX): 0.66x / 0.45x torchao int8dq, 1.19x / 0.72x "
+                      "OpenVINO int8")
 INT8_CUDA_ATTN_NOTE = ("GPU-only; not yet measured on a GPU (speed and end-to-end accuracy unknown; the attention "
                        "kernel is tested under the Triton interpreter: 41 dB against float64 attention)")
 _INT8DQ_NOTE = "runs; VNNI makes it faster than fp32 here (cpu-bench step ~0.28x fp32 compiled)"
@@ -159,8 +162,8 @@ _RECIPES = [
            "writing bf16", _NATIVE, _FUSED, cpu_note=CPU_FAST_NOTE),
     Recipe("int8dq-cpu-bf16attn", "int8dq-cpu with attention in bf16", _NATIVE,
            Runtime(fused_gelu_quant=True, attention_dtype="bfloat16"), cpu_note=CPU_BF16_ATTN_NOTE),
-    Recipe("int8dq-cpu-int8attn", "int8dq-cpu with int8 q k^T and bf16 p v attention (SageAttention-style "
-           "C kernel for AVX-512 VNNI + BF16 CPUs; SDPA elsewhere)", _NATIVE,
+    Recipe("int8dq-cpu-int8attn", "int8dq-cpu with int8 q k^T attention (SageAttention-style C kernel for "
+           "AMX, AVX-512 VNNI or AVX2 CPUs; SDPA elsewhere)", _NATIVE,
            Runtime(fused_gelu_quant=True, attention_kernel="int8-cpu"), cpu_note=CPU_INT8_ATTN_NOTE),
     Recipe("bnb-nf4", "bitsandbytes 4-bit NormalFloat, blocks of 64, double-quantized scales",
            BnbOptions("nf4", blocksize=64, compress_statistics=True)),

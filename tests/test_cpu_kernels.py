@@ -1,8 +1,9 @@
-"""The C kernels for AVX-512 VNNI + BF16 CPUs (cogvx.kernels.cpu_kernels): the int8 attention (recipe
-int8dq-cpu-int8attn) against float64 attention and a float64 model of its documented numerics; the fused
-GELU + int8 quantization (every int8dq-cpu recipe) against float64; both in the transformer compiled with
-no graph break; and what happens on a machine that cannot run them. (Accuracy floors and the save/reload
-round trip of the recipes live in test_quantize_accuracy.py with every other recipe.)"""
+"""The C kernels for x86-64 CPUs (cogvx.kernels.cpu_kernels), every variant this CPU runs (cpu_isa.VARIANTS;
+a lower one forced with isa= or $COGVX_CPU_ISA): the int8 attention (recipe int8dq-cpu-int8attn) against
+float64 attention and a float64 model of the variant's documented numerics; the fused GELU + int8
+quantization (every int8dq-cpu recipe) against float64; both in the transformer compiled with no graph
+break; and what happens on a machine that cannot run them. (Accuracy floors and the save/reload round
+trip of the recipes live in test_quantize_accuracy.py with every other recipe.)"""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from cogvx.engine.models.presets import PRESETS
 from cogvx.engine.models.transformer import build_transformer
 from cogvx.engine.quantizing import apply_runtime_settings, quantize_transformer
 from cogvx.engine.runtime.compiling import compile_module, dynamo_counts
-from cogvx.kernels import cpu_kernels, gelu_quant_rows, int8_attention, cpu_kernels_unavailable
+from cogvx.kernels import cpu_isa, cpu_kernels, gelu_quant_rows, int8_attention, cpu_kernels_unavailable
 from cogvx.quantize.metrics import sqnr
 from cogvx.quantize.settings import Runtime
 from helpers import attention_float64
@@ -24,16 +25,30 @@ from tiny_transformer import tiny_quantized_transformer
 
 WHY = cpu_kernels_unavailable()
 needs_kernel = pytest.mark.skipif(bool(WHY), reason=f"int8 CPU attention cannot run here: {WHY}")
+needs_gelu = pytest.mark.skipif(bool(cpu_kernels_unavailable(kernel="gelu_quant")),
+                                reason=f"GELU + quantization kernel cannot run here: "
+                                       f"{cpu_kernels_unavailable(kernel='gelu_quant')}")
+
+
+def _variants(kernel: str):
+    """Every variant holding ``kernel``; those this CPU cannot execute skip, saying what it lacks."""
+    out = []
+    for name, (need, _, kernels) in cpu_isa.VARIANTS.items():
+        if kernel in kernels:
+            why = "" if name in cpu_isa.runnable() else cpu_isa.library(name)[1]
+            out.append(pytest.param(name, id=name, marks=pytest.mark.skipif(bool(why), reason=f"{name}: {why}")))
+    return out
 
 
 def _bf16(x: torch.Tensor) -> torch.Tensor:
     return x.float().bfloat16().double()
 
 
-def _documented_numerics(q, k, v):
+def _documented_numerics(q, k, v, isa):
     """cpu_kernels.c's numerics in float64: k minus its mean over tokens, q and k int8 per token
-    (round half to even of x * 127 / amax), exact integer scores, exact softmax, p and v rounded to bf16
-    for the product, the row sum of the unrounded p."""
+    (round half to even of x * 127 / amax), exact integer scores, exact softmax, v rounded to bf16 for
+    the product and p too in the avx512_bf16 and amx variants (the others keep it fp32), the row sum of the
+    unrounded p."""
     q, k, v = q.double(), k.double(), v.double()
     k = k - k.mean(dim=-2, keepdim=True)
 
@@ -46,7 +61,7 @@ def _documented_numerics(q, k, v):
     k8, sk = quant(k)
     s = (q8 @ k8.transpose(-1, -2)) * sq * sk.transpose(-1, -2) / q.shape[-1] ** 0.5
     p = torch.exp(s - s.amax(-1, keepdim=True))
-    return (_bf16(p) @ _bf16(v)) / p.sum(-1, keepdim=True)
+    return ((_bf16(p) if isa in ("avx512_bf16", "amx") else p) @ _bf16(v)) / p.sum(-1, keepdim=True)
 
 
 def _qkv(b, h, s, d, seed, layout="bhsd"):
@@ -62,28 +77,28 @@ def _qkv(b, h, s, d, seed, layout="bhsd"):
 CASES = [(1, 1, 1, 64), (1, 2, 7, 64), (2, 3, 65, 64), (1, 2, 130, 32), (2, 2, 97, 16), (1, 4, 1000, 64)]
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", _variants("attention"))
 @pytest.mark.parametrize("b, h, s, d", CASES, ids=[f"{b}x{h}x{s}x{d}" for b, h, s, d in CASES])
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
-def test_matches_float64_and_its_documented_numerics(b, h, s, d, layout):
+def test_matches_float64_and_its_documented_numerics(b, h, s, d, layout, isa):
     """Against float64 attention: the int8 q k^T costs what SageAttention's does (measured 36-43 dB on
-    these inputs; bf16 SDPA: 45-47 dB). Against the float64 model of its own numerics: only the 2^x
-    polynomial (1e-4) and fp32 sums remain (measured > 70 dB)."""
+    these inputs; bf16 SDPA: 45-47 dB). Against the float64 model of the variant's own numerics: only
+    the 2^x polynomial (1e-4) and fp32 sums remain (measured > 70 dB)."""
     q, k, v = _qkv(b, h, s, d, seed=s * d + b, layout=layout)
-    out = int8_attention(q, k, v)
+    out = int8_attention(q, k, v, isa=isa)
     assert out.shape == (b, h, s, d) and out.dtype == torch.float32
     assert sqnr(attention_float64(q, k, v).float(), out) > (33.0 if s > 1 else 50.0)  # one key: the bf16 v itself
-    assert sqnr(_documented_numerics(q, k, v).float(), out) > 60.0
+    assert sqnr(_documented_numerics(q, k, v, isa).float(), out) > 60.0
 
 
-@needs_kernel
-def test_other_dtypes_and_zero_rows():
+@pytest.mark.parametrize("isa", _variants("attention"))
+def test_other_dtypes_and_zero_rows(isa):
     q, k, v = _qkv(2, 2, 70, 64, seed=3)
-    out = int8_attention(q, k, v)
-    low = int8_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())  # converted to fp32 on the way in
+    out = int8_attention(q, k, v, isa=isa)
+    low = int8_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), isa=isa)  # converted to fp32 on the way in
     assert low.dtype == torch.float32 and sqnr(out, low) > 35.0
     q[:, :, :5] = 0  # a row of zeros attends uniformly: the mean of v (in bf16)
-    got = int8_attention(q, k, v)[:, :, :5]
+    got = int8_attention(q, k, v, isa=isa)[:, :, :5]
     want = _bf16(v).mean(dim=2, keepdim=True).expand_as(got)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
 
@@ -97,34 +112,59 @@ def test_bad_inputs_are_clear_errors():
     assert cpu_kernels_unavailable(64) == cpu_kernels_unavailable()
 
 
-def test_machines_that_cannot_run_it_say_why_and_keep_sdpa(monkeypatch, tmp_path):
-    """A CPU without VNNI / BF16, or a compiler that fails: the reason, and the recipe warns and falls back
-    to SDPA (its int8 linears still apply)."""
+def test_machines_that_cannot_run_it_say_why_and_keep_the_pytorch_path(monkeypatch, tmp_path):
+    """A CPU without AVX2 (nor AVX-512 VNNI), or a compiler that fails: the reason; the recipe warns for
+    each kernel it cannot run and keeps the PyTorch path (its int8 linears still apply); ``cogvx recipes``
+    says so."""
     monkeypatch.setenv("COGVX_CACHE", str(tmp_path))
-    cpu_kernels._library.cache_clear()
+    monkeypatch.delenv(cpu_isa.ENV, raising=False)
+    cpu_isa.library.cache_clear()
     try:
-        monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: {"avx512f", "avx512bw"})
-        why = cpu_kernels_unavailable()
-        assert why.startswith("this CPU lacks avx512vl, avx512dq, avx512_vnni, avx512_bf16") or \
-            why.startswith("needs x86-64 Linux")
+        monkeypatch.setattr(cpu_isa, "cpu_flags", lambda: frozenset({"avx512f", "avx512bw"}))
+        why, why_gelu = cpu_kernels_unavailable(), cpu_kernels_unavailable(kernel="gelu_quant")
+        assert why == why_gelu and (why == "this CPU lacks avx2, fma" or why.startswith("needs x86-64 Linux"))
         model = build_transformer(PRESETS["tiny"].transformer, device="cpu")
-        with pytest.warns(RuntimeWarning, match="int8 CPU attention does not run here: .*attention runs as SDPA"):
-            apply_runtime_settings(model, Runtime(attention_kernel="int8-cpu"))
-        assert not any(b.attn1.int8_cpu for b in model.transformer_blocks)
-        quantize_transformer(model, "int8dq-cpu")  # the feed-forward keeps inductor's unfused GELU + quantization
-        assert model.set_fused_gelu_quant(True) == 0
+        with pytest.warns(RuntimeWarning, match="GELU .* does not run here"):
+            quantize_transformer(model, "int8dq-cpu")  # applies the recipe's settings: warns once
+        with pytest.warns(RuntimeWarning) as got:
+            apply_runtime_settings(model, Runtime(attention_kernel="int8-cpu", fused_gelu_quant=True))
+        said = " | ".join(str(w.message) for w in got)
+        assert "int8 CPU attention does not run here: " in said and "attention runs as SDPA" in said
+        assert "GELU + int8 quantization kernel does not run here: " in said and "runs the same ops unfused" in said
+        assert not any(b.attn1.int8_cpu or b.ff.fused_gelu_quant for b in model.transformer_blocks)
         row = next(r for r in recipes_table("cpu") if r["name"] == "int8dq-cpu-int8attn")
         assert row["runs_here"] and row["reason"].startswith("runs with SDPA attention: its int8 attention kernel "
                                                              "cannot run here (")
+        assert "runs the GELU unfused: its GELU + quantization kernel cannot run here (" in row["reason"]
         if not why.startswith("needs"):
-            cpu_kernels._library.cache_clear()
-            monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: set(cpu_kernels._CPU_FLAGS))
+            cpu_isa.library.cache_clear()
+            monkeypatch.setattr(cpu_isa, "cpu_flags", lambda: frozenset(cpu_isa.VARIANTS["avx512_bf16"][0]))
             monkeypatch.setenv("CC", "false")
-            assert cpu_kernels_unavailable().startswith("building cpu_kernels.c with false failed")
+            assert cpu_kernels_unavailable().startswith("building cpu_kernels.c and cpu_gelu_quant.c with false failed")
     finally:
-        cpu_kernels._library.cache_clear()
+        cpu_isa.library.cache_clear()
     with pytest.raises(ValueError, match="attention_kernel 'int4' is not one of 'int8-cpu'"):
         Runtime(attention_kernel="int4")
+
+
+@pytest.mark.skipif(len(cpu_isa.runnable()) < 2, reason=f"this CPU runs {cpu_isa.runnable()}: nothing lower to force")
+def test_a_forced_lower_variant_is_what_runs_and_what_cogvx_recipes_says(monkeypatch):
+    """COGVX_CPU_ISA caps the variant (the best at or below it that this CPU runs): the op, the model and
+    ``cogvx recipes`` all take it; a name that is no variant is a clear error."""
+    best, lowest = cpu_isa.runnable()[0], cpu_isa.runnable()[-1]
+    assert cpu_kernels.variant() == best
+    monkeypatch.setenv(cpu_isa.ENV, lowest)
+    assert cpu_kernels.variant("gelu_quant") == lowest and cpu_kernels.variant("attention") == lowest
+    row = next(r for r in recipes_table("cpu") if r["name"] == "int8dq-cpu-int8attn")
+    assert row["reason"].startswith(f"int8 attention kernel: {lowest}; GELU + quantization kernel: {lowest}; runs")
+    q, k, v = _qkv(1, 2, 77, 64, seed=5)
+    forced = int8_attention(q, k, v)
+    assert sqnr(_documented_numerics(q, k, v, lowest).float(), forced) > 60.0
+    torch.testing.assert_close(forced, int8_attention(q, k, v, isa=lowest), rtol=0, atol=0)
+    monkeypatch.setenv(cpu_isa.ENV, "avx512")
+    with pytest.raises(ValueError, match="COGVX_CPU_ISA='avx512' is not a CPU kernel variant; choose one of "
+                                         "amx, avx512_bf16, avx512_vnni, avx_vnni, avx2"):
+        cpu_kernels_unavailable()
 
 
 @needs_kernel
@@ -166,14 +206,14 @@ def _gelu_quant_float64(acc, s, bias):
     return torch.clamp(torch.round(g * (127 / amax)), -127, 127) + 128, amax / 127
 
 
-@needs_kernel
+@pytest.mark.parametrize("isa", _variants("gelu_quant"))
 @pytest.mark.parametrize("m, n, dtype", [(1, 16, torch.float32), (37, 192, torch.bfloat16), (300, 7680, torch.bfloat16)])
-def test_gelu_quant_matches_float64(m, n, dtype):
+def test_gelu_quant_matches_float64(m, n, dtype, isa):
     """Quantized levels equal float64's but where g * 127 / amax lies within fp32 rounding of a .5 (one
     level; measured 1e-6 of the elements at 300 x 7680); scales to fp32 rounding."""
     g = torch.Generator().manual_seed(n)
     acc, s, bias = (3 * torch.randn(m, n, generator=g)).to(dtype), torch.rand(m, 1, generator=g) + 0.5, torch.randn(n, generator=g)
-    q, scale = gelu_quant_rows(acc, s, bias)
+    q, scale = gelu_quant_rows(acc, s, bias, isa=isa)
     q64, scale64 = _gelu_quant_float64(acc, s, bias)
     assert q.dtype == torch.uint8 and q.shape == (m, n) and scale.shape == (m, 1)
     diff = (q.double() - q64).abs()
@@ -189,7 +229,7 @@ def test_gelu_quant_shapes_the_kernel_does_not_take_use_the_reference():
     torch.testing.assert_close(scale.double(), scale64, rtol=1e-6, atol=0)
 
 
-@needs_kernel
+@needs_gelu
 def test_fused_feed_forward_equals_the_unfused_one():
     """int8dq-cpu's feed-forward with and without the fusion: the same int8 levels, so the same output
     up to the one-level flips of test_gelu_quant_matches_float64."""

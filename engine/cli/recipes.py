@@ -8,7 +8,7 @@ import json
 
 import torch
 
-from cogvx.kernels import cpu_kernels_unavailable
+from cogvx.kernels import cpu_kernel_variant, cpu_kernels_unavailable
 from cogvx.quantize import RECIPES, availability
 
 from ..runtime.devices import default_device, resolve_device
@@ -26,13 +26,27 @@ def recipes_table(device: str | torch.device | None = None) -> list[dict]:
     rows = []
     for r in RECIPES.values():
         ok, why = availability(r, dev, import_backend=False)
-        if ok and dev.type == "cpu" and r.runtime.attention_kernel == "int8-cpu":
-            missing = cpu_kernels_unavailable(build=False)
-            if missing:  # the recipe still runs: its int8 linears, with SDPA for attention
-                why = f"runs with SDPA attention: its int8 attention kernel cannot run here ({missing})"
+        if ok and dev.type == "cpu":  # what its C kernels do here first, then the recipe's CPU note
+            why = "; ".join(x for x in (_cpu_kernels_note(r.runtime), why) if x)
         rows.append({"name": r.name, "backend": r.backend, "description": r.description, "runs_here": ok,
                      "reason": why})
     return rows
+
+
+def _cpu_kernels_note(runtime) -> str:
+    """What a recipe's C kernels do on this CPU (which build runs, or what runs instead): "" for none."""
+    notes = []
+    for kernel, wanted, name, instead in (
+            ("attention", runtime.attention_kernel == "int8-cpu", "int8 attention", "runs with SDPA attention"),
+            ("gelu_quant", runtime.fused_gelu_quant, "GELU + quantization", "runs the GELU unfused")):
+        if not wanted:
+            continue
+        missing = cpu_kernels_unavailable(build=False, kernel=kernel)
+        if missing:  # the recipe still runs: its int8 linears, with the PyTorch path for this part
+            notes.append(f"{instead}: its {name} kernel cannot run here ({missing})")
+        else:
+            notes.append(f"{name} kernel: {cpu_kernel_variant(kernel)}")
+    return "; ".join(notes)
 
 
 def run(args: argparse.Namespace) -> int:

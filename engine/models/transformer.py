@@ -235,7 +235,7 @@ class CogVideoXTransformer(nn.Module):
         ``gemm``, ``gemm_quantized`` and ``finish`` (int8dq-cpu's; a module filter may leave some in full
         precision), on a CPU that runs the kernel (elsewhere the unfused ops are the same numbers).
         Returns how many blocks fuse."""
-        n, on = 0, on and not cpu_kernels_unavailable()
+        n, on = 0, on and not cpu_kernels_unavailable(kernel="gelu_quant")
         for blk in self.transformer_blocks:
             up, down = blk.ff.net[0].proj, blk.ff.net[2]
             blk.ff.fused_gelu_quant = on and all(hasattr(m, a) for m, a in
@@ -243,9 +243,14 @@ class CogVideoXTransformer(nn.Module):
             n += blk.ff.fused_gelu_quant
         return n
 
+    @staticmethod
+    def fused_gelu_quant_missing() -> str:
+        """Why this machine cannot run the fused GELU + quantization kernel ("" when it can)."""
+        return cpu_kernels_unavailable(kernel="gelu_quant")
+
     def set_int8_cpu_attention(self, on: bool = True) -> str:
-        """Attend on the CPU with ``cogvx.kernels.int8_attention`` (int8 q k^T, bf16 p v; AVX-512 VNNI and
-        BF16; head dimension 64, or 16 / 32 in small test models); other devices keep SDPA. Returns why it cannot run on this machine
+        """Attend on the CPU with ``cogvx.kernels.int8_attention`` (int8 q k^T, bf16 v; AVX-512 VNNI, with
+        or without BF16; head dimension 64, or 16 / 32 in small test models); other devices keep SDPA. Returns why it cannot run on this machine
         ("" when it can); attention then stays as it was."""
         why = cpu_kernels_unavailable(self.config.attention_head_dim) if on else ""
         for blk in self.transformer_blocks:
