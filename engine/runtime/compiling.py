@@ -74,13 +74,15 @@ def compile_module(module, mode, device: torch.device, backend: str = "inductor"
     generate is a bug the tests look for). ``backend``: inductor, or a debugging backend of
     torch.compile ("eager", "aot_eager": the same graphs, no code generation)."""
     check_compile_mode(mode)
+    import torch._inductor.config as inductor_config
+
+    # Inference on the CPU: fold the weights into the graph so the CPU GEMMs use prepacked layouts. The
+    # switch is global and dynamo reads it too (it then guards on each weight's identity), so it is set for
+    # every compile: off for CUDA and the debugging backends, whose graphs take the weights as inputs (an
+    # offloaded component read back, or moved, runs the same graph).
+    inductor_config.freezing = backend == "inductor" and device.type == "cpu"
     if backend != "inductor":
         return torch.compile(module, fullgraph=True, dynamic=False, backend=backend)
-    if device.type == "cpu":
-        import torch._inductor.config as inductor_config
-
-        # Inference only: fold the weights into the graph so the CPU GEMMs use prepacked layouts.
-        inductor_config.freezing = True
     return torch.compile(module, fullgraph=True, dynamic=False,
                          mode="max-autotune-no-cudagraphs" if mode == "max-autotune" else None)
 

@@ -126,8 +126,12 @@ class Materialized:
     def bring(self, module: nn.Module) -> None:
         if not is_released(module):
             return  # still in memory (kept at the last release)
-        fresh = self.loader(module)
-        transplant(module, fresh)
+        # Read outside inference mode (generate runs in it): the weights come back as the same kind of
+        # tensor they were at load, so a compiled graph's guards (dispatch keys) still hold and nothing
+        # recompiles, and in-place ops on them (LoRA, prepacked caches) keep working.
+        with torch.inference_mode(False):
+            fresh = self.loader(module)
+            transplant(module, fresh)
         release_tensors(fresh)  # should anything keep the fresh module alive, it holds no weights
         del fresh
         self.after(module)
