@@ -150,3 +150,14 @@ def test_learned_positions_reject_other_resolution(saved):
     x = torch.zeros(1, 3, kw["in_channels"], 8, 12)
     with pytest.raises(ValueError, match="learned positional embeddings"):
         ours(x, torch.zeros(1, 7, 20), torch.tensor([1]), make_positions(ours.config, 3, 8, 12))
+
+
+def test_learned_position_table_starts_as_diffusers_does():
+    """A transformer built from a config alone (the diffusers drop-in's ``CogVideoXTransformer3DModel(**config)``)
+    starts with diffusers' learned-position table, zeros for the text rows and the 3D sin-cos table for the
+    video rows, not uninitialized memory that ``save_pretrained`` would write out."""
+    cfg = TRANSFORMER_VARIANTS["learned"]
+    theirs = CogVideoXTransformer3DModel(**cfg).patch_embed.pos_embedding
+    ours = build_transformer(TransformerConfig.from_dict(cfg), device="cpu").patch_embed.pos_embedding
+    assert ours.shape == theirs.shape and torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=1e-6)

@@ -64,7 +64,11 @@ class PatchEmbed(nn.Module):
         self.text_proj = nn.Linear(cfg.text_embed_dim, d)
         if cfg.use_learned_positional_embeddings:
             t, h, w = video_grid(cfg, cfg.sample_latent_frames, cfg.sample_height, cfg.sample_width)
-            self.register_buffer("pos_embedding", torch.empty(1, cfg.max_text_seq_length + t * h * w, d))
+            # diffusers' initial value (what a checkpoint overwrites): zeros for the text rows, the 3D sin-cos
+            # table for the video rows; a module built from a config alone then holds no uninitialized memory.
+            pe = torch.zeros(1, cfg.max_text_seq_length + t * h * w, d)
+            pe[0, cfg.max_text_seq_length:] = sincos_embedding(cfg, (t, h, w))
+            self.register_buffer("pos_embedding", pe)
         else:
             self.pos_embedding = None
 
