@@ -1,19 +1,121 @@
-/* The int8 attention of cpu_kernels.c on AMX tiles (Intel Sapphire Rapids and later): the same packing and
- * numerics as its avx512_bf16 variant (k smoothed, q and k int8 per token, int32 scores, fp32 online
- * softmax with the cubic 2^x, p and v in bf16, fp32 sums), with the two products on the tile unit:
- *   q k^T: TDPBSUD, A = 16 query rows of int8 q, B = a group of 16 keys as packed (k + 128, 4 bytes per
- *          key per 32-bit lane: AMX's B layout already), minus 128 * sum(q) as before;
- *   p v:   TDPBF16PS, A = 16 rows of bf16 p (32 keys), B = 16 bf16 key pairs x 16 columns of v (the
- *          packed pair layout), C = 16 rows x 16 columns of the output, loaded and stored around it.
- * The softmax and the per-block rescaling of the output stay on AVX-512. cpu_isa.py builds this file
- * with -mamx-tile -mamx-int8 -mamx-bf16 on top of the avx512_bf16 flags. */
-#define cogvx_int8_attention cogvx_int8_attention_avx512 /* this file defines its own entry point */
-#include "cpu_kernels.c"
-#undef cogvx_int8_attention
+/* The int8 attention on AMX tiles (Intel Sapphire Rapids and later), with the numerics of cpu_kernels.c's
+ * avx512_bf16 variant (k smoothed, q and k int8 per token, exact int32 scores, fp32 softmax in base 2
+ * with the cubic 2^x, p and v in bf16, fp32 sums, the row sum of the unrounded p), computed transposed:
+ * a tile of 16 query rows holds, in one vector, one key's scores for all 16 rows, so the softmax's
+ * maxima and sums run down the keys lane by lane, with no horizontal reduction and one 2^x per vector.
+ *
+ *   s^T = k q^T: TDPBSSD, A = 16 keys of int8 k (row-major, hd bytes each), B = the tile's 16 rows of
+ *                int8 q (hd / 4 rows of 16 rows x 4 bytes: AMX's B layout);
+ *   o^T += v^T p^T: TDPBF16PS, A = 16 dimensions of v^T (32 keys of bf16 each), B = 16 key pairs of p^T
+ *                (16 rows x a bf16 pair of consecutive keys); o^T (hd x 16 rows, fp32) stays in tiles 0-3
+ *                for the whole row of keys.
+ *
+ * The running maximum is lazy (as FlashAttention-4's) and an integer (in base 2): p is taken against
+ * 2^mi, mi the first block's row maximum rounded up, and a block of 64 keys rescales o^T (tiles stored,
+ * multiplied, loaded back) only where a row's maximum exceeds mi by more than TAU, to its own maximum
+ * rounded up; otherwise p may exceed 1 by up to 2^TAU, which bf16 and the fp32 sums carry. Since mi is
+ * an integer, the cubic sees the same fraction and bf16 rounds p the same whatever mi is (a power of
+ * two apart), and the rescaling is exact: the result is softmax with p = bf16(2^(x - ceil(max x))),
+ * up to the cubic's error and the order of the sums.
+ * cpu_isa.py builds this file with -mamx-tile -mamx-int8 -mamx-bf16 on top of the avx512_bf16 flags. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define QR 16 /* query rows per tile row block */
+#include "cpu_attention.h"
+#include "cpu_avx512.h"
+
+#define QR 16 /* query rows per tile (one task) */
+#define KB 64 /* keys per block */
+#define TAU 8.f
+
+/* 2^x for finite x of either sign: the cubic of exp2_neg without its clamp (no -inf reaches it here). */
+static inline __m512 exp2_finite(__m512 x) {
+    __m512 f = _mm512_sub_ps(x, _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.07706306f), f, _mm512_set1_ps(0.22764935f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69511581f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, x);
+}
+
+/* r[i][j] <- r[j][i] for a 16 x 16 matrix of 32-bit lanes: four rounds of swapping off-diagonal blocks. */
+static inline void transpose16(__m512i r[16]) {
+    for (int s = 8; s >= 1; s >>= 1) {
+        int lo[16], hi[16];
+        for (int c = 0; c < 16; c++) {
+            lo[c] = (c & s) ? 16 + c - s : c; /* row i: its own low columns, then row i + s's low columns */
+            hi[c] = (c & s) ? 16 + c : c + s; /* row i + s: row i's high columns, then its own high ones */
+        }
+        const __m512i ilo = _mm512_loadu_si512(lo), ihi = _mm512_loadu_si512(hi);
+        for (int i = 0; i < 16; i++) {
+            if (i & s) continue;
+            __m512i a = r[i], b = r[i + s];
+            r[i] = _mm512_permutex2var_epi32(a, ilo, b);
+            r[i + s] = _mm512_permutex2var_epi32(a, ihi, b);
+        }
+    }
+}
+
+/* Quantize and pack one head: q in AMX B layout per tile of 16 rows (q8[tile][d / 4][row][d % 4]), k as
+ * row-major int8 (kp[key][d]), v^T in bf16 per chunk of 32 keys (vp[chunk][d][key]); rows past S are 0.
+ * qcorr is not used (TDPBSSD multiplies signed by signed). */
+INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long qs, const float *k, long ks,
+                      const float *v, long vs, float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp,
+                      float *ksc, uint16_t *vp) {
+    (void)qcorr;
+    for (int i = 0; i < Sq; i++) {
+        int8_t row[HD_MAX] = {0};
+        float c = 0.f;
+        if (i < S) {
+            const float *x = q + i * qs;
+            __m512 m = _mm512_abs_ps(_mm512_loadu_ps(x));
+            for (int d = 16; d < hd; d += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + d)));
+            float amax = _mm512_reduce_max_ps(m);
+            __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+            for (int d = 0; d < hd; d += 16) quant16(x + d, inv, row + d);
+            c = amax / 127.f * qscale;
+        }
+        uint32_t *dst = (uint32_t *)(q8 + (long)(i / QR) * QR * hd);
+        for (int w = 0; w < hd / 4; w++) memcpy(dst + w * QR + i % QR, row + 4 * w, 4);
+        qc[i] = c;
+    }
+    __m512 mean[HD_MAX / 16];
+    for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_setzero_ps();
+    for (int j = 0; j < S; j++)
+        for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_add_ps(mean[c], _mm512_loadu_ps(k + j * ks + 16 * c));
+    for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_mul_ps(mean[c], _mm512_set1_ps(1.f / S));
+    for (int j = 0; j < S; j++) {
+        float row[HD_MAX];
+        __m512 m = _mm512_setzero_ps();
+        for (int c = 0; c < hd / 16; c++) {
+            __m512 y = _mm512_sub_ps(_mm512_loadu_ps(k + j * ks + 16 * c), mean[c]);
+            _mm512_storeu_ps(row + 16 * c, y);
+            m = _mm512_max_ps(m, _mm512_abs_ps(y));
+        }
+        float amax = _mm512_reduce_max_ps(m);
+        __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        for (int d = 0; d < hd; d += 16) quant16(row + d, inv, (int8_t *)kp + (long)j * hd + d);
+        ksc[j] = amax / 127.f;
+    }
+    memset(kp + (long)S * hd, 0, (long)(Sk - S) * hd);
+    for (int j = S; j < Sk; j++) ksc[j] = 0.f;
+    /* v^T: per chunk of 32 keys and 16 dimensions, the 16 bf16 key pairs (pair-major) transposed */
+    for (int ch = 0; ch < Sk / 32; ch++)
+        for (int c = 0; c < hd; c += 16) {
+            __m512i r[16];
+            for (int p = 0; p < 16; p++) {
+                int j = ch * 32 + 2 * p;
+                __m512 a = j < S ? _mm512_loadu_ps(v + j * vs + c) : _mm512_setzero_ps();
+                __m512 b = j + 1 < S ? _mm512_loadu_ps(v + (j + 1) * vs + c) : _mm512_setzero_ps();
+                r[p] = bf16_pair(a, b);
+            }
+            transpose16(r);
+            for (int d = 0; d < 16; d++) _mm512_storeu_si512(vp + ((long)ch * hd + c + d) * 32, r[d]);
+        }
+}
 
 /* Linux hands out the AMX tile state only on request (once per process; idempotent). */
 static int amx_ready(void) {
@@ -31,124 +133,128 @@ struct tilecfg {
     uint8_t rows[16];
 };
 
-/* tiles 0-3: scores of 16 rows x 16 keys (int32); 4: q rows (16 x hd bytes); 5: a key group (hd/4 rows);
- * 6: p (16 rows x 32 bf16); 7: v pairs (16 rows x 16 columns of bf16 pairs). Tile 0 also holds the output. */
+/* tiles 0-3: o^T, 16 dimensions x 16 rows (fp32) each; 4: the tile's q (B); 5: 16 keys of k (A);
+ * 6: s^T of 16 keys, then p^T (B, 16 key pairs); 7: 16 dimensions of v^T (A, 32 keys). */
 static void configure(int hd) {
     struct tilecfg c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int t = 0; t < 8; t++) { c.colsb[t] = 64; c.rows[t] = 16; }
-    c.colsb[4] = (uint16_t)hd;
-    c.rows[5] = (uint8_t)(hd / 4);
+    c.rows[4] = (uint8_t)(hd / 4);
+    c.colsb[5] = (uint16_t)hd;
+    __asm__ volatile("" : : "r"(&c) : "memory"); /* gcc 12 drops the stores ldtilecfg reads without it */
     _tile_loadconfig(&c);
 }
 
-INLINE void attend_tile_amx(const int hd, int S, int Sk, int r0, const int8_t *q8, const float *qc, const int32_t *qcorr,
-                            const uint8_t *kp, const float *ksc, const uint16_t *vp, float *out, long os) {
-    float o[QR][HD_MAX] __attribute__((aligned(64)));
-    int32_t sc[QR][KB] __attribute__((aligned(64)));
-    uint16_t pbuf[QR][KB] __attribute__((aligned(64)));
-    float mrow[QR], lrow[QR];
-    for (int r = 0; r < QR; r++) { mrow[r] = -INFINITY; lrow[r] = 0.f; }
-    memset(o, 0, sizeof o);
-    const __m512 ninf = _mm512_set1_ps(-INFINITY);
-    _tile_loadd(4, q8 + (long)r0 * hd, hd);
-    for (int kb = 0; kb < Sk; kb += KB) {
-        const uint8_t *kblk = kp + (long)kb * hd;
-        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-#define QK(g)                                                 \
-    _tile_loadd(5, kblk + (long)(g) * 16 * hd, 64);           \
-    _tile_dpbsud(g, 4, 5);                                    \
-    _tile_stored(g, &sc[0][16 * (g)], KB * 4);
-        QK(0) QK(1) QK(2) QK(3)
-#undef QK
-        __m512 ks[KB / 16];
-        __mmask16 valid[KB / 16];
-        for (int g = 0; g < KB / 16; g++) {
-            ks[g] = _mm512_loadu_ps(ksc + kb + 16 * g);
-            int left = S - kb - 16 * g;
-            valid[g] = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+static void release(void) { _tile_release(); }
+
+/* The tile macros take the tile's number as a literal: one line per o^T tile. */
+#define EACH_O(hd, OP) \
+    OP(0);             \
+    if ((hd) > 16) OP(1); \
+    if ((hd) > 32) { OP(2); OP(3); }
+
+INLINE void attend_tile(const int hd, int S, int Sk, int r0, const int8_t *q8, const float *qc, const int32_t *qcorr,
+                        const uint8_t *kp, const float *ksc, const uint16_t *vp, float *out, long os) {
+    (void)qcorr;
+    if (r0 >= S) return; /* a tile of padding rows only (Sq is S rounded up to 32) */
+    int32_t sc[KB][QR] __attribute__((aligned(64)));
+    float xs[KB][QR] __attribute__((aligned(64)));
+    uint32_t pt[KB / 2][QR] __attribute__((aligned(64)));
+    float ot[HD_MAX][QR] __attribute__((aligned(64)));
+    const __m512 qcv = _mm512_loadu_ps(qc + r0);
+    /* p^T pairs: element 2n is key j of row n (bf16 element n of cvtne2ps), 2n + 1 key j + 1 (element 16 + n) */
+    uint16_t il[32];
+    for (int n = 0; n < 16; n++) { il[2 * n] = (uint16_t)n; il[2 * n + 1] = (uint16_t)(16 + n); }
+    const __m512i inter = _mm512_loadu_si512(il);
+    __m512 mi = _mm512_setzero_ps(), l = _mm512_setzero_ps();
+#define ZERO(t) _tile_zero(t)
+    EACH_O(hd, ZERO)
+#undef ZERO
+    _tile_loadd(4, q8 + (long)r0 * hd, 64);
+    for (int kb = 0; kb < S; kb += KB) {
+        const int n = S - kb < KB ? S - kb : KB;
+        for (int g = 0; g < n; g += 16) {
+            _tile_zero(6);
+            _tile_loadd(5, kp + (long)(kb + g) * hd, hd);
+            _tile_dpbssd(6, 5, 4);
+            _tile_stored(6, sc[g], 64);
         }
-        for (int r = 0; r < QR; r++) {
-            __m512 cr = _mm512_set1_ps(qc[r0 + r]);
-            __m512i corr = _mm512_set1_epi32(qcorr[r0 + r]);
-            __m512 t[KB / 16], mx = ninf;
-            for (int g = 0; g < KB / 16; g++) {
-                __m512i s = _mm512_load_si512(&sc[r][16 * g]);
-                t[g] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, corr)), _mm512_mul_ps(ks[g], cr));
-                t[g] = _mm512_mask_blend_ps(valid[g], ninf, t[g]);
-                mx = _mm512_max_ps(mx, t[g]);
-            }
-            float mnew = fmaxf(mrow[r], _mm512_reduce_max_ps(mx));
-            float alpha = mrow[r] == -INFINITY ? 0.f : exp2f(mrow[r] - mnew);
-            mrow[r] = mnew;
-            __m512 mv = _mm512_set1_ps(mnew == -INFINITY ? 0.f : mnew), sum = _mm512_setzero_ps();
-            for (int g = 0; g < KB / 16; g++) {
-                t[g] = exp2_neg(_mm512_sub_ps(t[g], mv));
-                sum = _mm512_add_ps(sum, t[g]);
-            }
-            lrow[r] = lrow[r] * alpha + _mm512_reduce_add_ps(sum);
-            for (int g = 0; g < KB / 16; g += 2)
-                _mm512_store_si512(pbuf[r] + 16 * g, (__m512i)_mm512_cvtne2ps_pbh(t[g + 1], t[g]));
-            __m512 a = _mm512_set1_ps(alpha);
-            for (int c = 0; c < hd; c += 16) _mm512_store_ps(o[r] + c, _mm512_mul_ps(_mm512_load_ps(o[r] + c), a));
+        /* x = s * k scale (the q scale, >= 0, is applied with the maximum below); the block's maxima */
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < n; j++) {
+            __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sc[j])), _mm512_set1_ps(ksc[kb + j]));
+            _mm512_store_ps(xs[j], x);
+            mx = _mm512_max_ps(mx, x);
         }
-        const uint8_t *vblk = (const uint8_t *)(vp + (long)kb * hd);
-        _tile_loadd(6, &pbuf[0][0], KB * 2);
-        _tile_loadd(1, &pbuf[0][32], KB * 2);
-        for (int c = 0; c < hd; c += 16) {
-            _tile_loadd(0, o[0] + c, HD_MAX * 4);
-            _tile_loadd(7, vblk + (long)c * 4, hd * 4); /* pairs 0-15 of the block */
-            _tile_dpbf16ps(0, 6, 7);
-            _tile_loadd(7, vblk + (long)16 * hd * 4 + (long)c * 4, hd * 4); /* pairs 16-31 */
-            _tile_dpbf16ps(0, 1, 7);
-            _tile_stored(0, o[0] + c, HD_MAX * 4);
+        const __m512 b2 = _mm512_mul_ps(mx, qcv); /* the block's maxima in base 2 */
+        if (kb == 0) {
+            mi = _mm512_roundscale_ps(b2, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+        } else {
+            __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(b2, mi), _mm512_set1_ps(TAU), _CMP_GT_OQ);
+            if (up) { /* rows whose maximum grew past 2^TAU: rescale their o^T columns and sums, exactly */
+                __m512 mnew = _mm512_mask_blend_ps(up, mi, _mm512_roundscale_ps(b2, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+                __m512 alpha = _mm512_scalef_ps(_mm512_set1_ps(1.f), _mm512_sub_ps(mi, mnew));
+                l = _mm512_mul_ps(l, alpha);
+#define STORE(t) _tile_stored(t, ot[16 * (t)], 64)
+#define LOAD(t) _tile_loadd(t, ot[16 * (t)], 64)
+                EACH_O(hd, STORE)
+                for (int d = 0; d < hd; d++) _mm512_store_ps(ot[d], _mm512_mul_ps(_mm512_load_ps(ot[d]), alpha));
+                EACH_O(hd, LOAD)
+#undef LOAD
+                mi = mnew;
+            }
+        }
+        /* p = 2^(qc x - mi), its fp32 sum, and bf16 pairs of consecutive keys */
+        const __m512 mq = mi;
+        __m512 sum = _mm512_setzero_ps();
+        int j = 0;
+        for (; j + 1 < n; j += 2) {
+            __m512 p0 = exp2_finite(_mm512_fmsub_ps(_mm512_load_ps(xs[j]), qcv, mq));
+            __m512 p1 = exp2_finite(_mm512_fmsub_ps(_mm512_load_ps(xs[j + 1]), qcv, mq));
+            sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+            _mm512_store_si512(pt[j / 2], _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(p1, p0)));
+        }
+        const int halves = (n + 31) / 32;
+        if (j < n) { /* an odd key last: its pair's second key is p = 0 */
+            __m512 p0 = exp2_finite(_mm512_fmsub_ps(_mm512_load_ps(xs[j]), qcv, mq));
+            sum = _mm512_add_ps(sum, p0);
+            _mm512_store_si512(pt[j / 2], _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), p0)));
+            j += 2;
+        }
+        for (; j < 32 * halves; j += 2) _mm512_store_si512(pt[j / 2], _mm512_setzero_si512());
+        l = _mm512_add_ps(l, sum);
+        for (int h = 0; h < halves; h++) {
+            const uint16_t *vt = vp + ((long)(kb / 32 + h) * hd) * 32;
+            _tile_loadd(6, pt[16 * h], 64);
+#define PV(t)                                      \
+    _tile_loadd(7, vt + (long)16 * (t) * 32, 64);  \
+    _tile_dpbf16ps(t, 7, 6)
+            EACH_O(hd, PV)
+#undef PV
         }
     }
-    for (int r = 0; r < QR && r0 + r < S; r++) {
-        __m512 inv = _mm512_set1_ps(1.f / lrow[r]);
-        for (int c = 0; c < hd; c += 16)
-            _mm512_storeu_ps(out + (long)(r0 + r) * os + c, _mm512_mul_ps(_mm512_load_ps(o[r] + c), inv));
+    EACH_O(hd, STORE)
+#undef STORE
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), l);
+    const int rows = S - r0 < QR ? S - r0 : QR;
+    for (int c = 0; c < hd; c += 16) {
+        __m512i r[16];
+        for (int d = 0; d < 16; d++) r[d] = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(ot[c + d]), inv));
+        transpose16(r);
+        for (int i = 0; i < rows; i++) _mm512_storeu_si512(out + (long)(r0 + i) * os + c, r[i]);
     }
 }
 
-#define AMX_INSTANCE(D)                                                                                           \
-    static void attend_amx_##D(int S, int Sk, int r0, const int8_t *q8, const float *qc, const int32_t *qcorr,    \
-                               const uint8_t *kp, const float *ksc, const uint16_t *vp, float *out, long os) {    \
-        attend_tile_amx(D, S, Sk, r0, q8, qc, qcorr, kp, ksc, vp, out, os);                                        \
-    }
-AMX_INSTANCE(16)
-AMX_INSTANCE(32)
-AMX_INSTANCE(64)
+INSTANCE(16)
+INSTANCE(32)
+INSTANCE(64)
 
-/* cpu_kernels.c's interface and workspaces. Returns 0, -1 for another hd, -2 where Linux refuses AMX. */
+/* cpu_kernels.py's interface. Returns 0, -1 for another hd, -2 where Linux refuses AMX. */
 int cogvx_int8_attention(int hd, int B, int H, int S, const float *q, const long *qst, const float *k,
                          const long *kst, const float *v, const long *vst, float *out, const long *ost, float scale,
                          int threads, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp, float *ksc, uint16_t *vp) {
-    pack_fn pack = hd == 16 ? pack_head_16 : hd == 32 ? pack_head_32 : hd == 64 ? pack_head_64 : 0;
-    tile_fn tile_of = hd == 16 ? attend_amx_16 : hd == 32 ? attend_amx_32 : hd == 64 ? attend_amx_64 : 0;
-    if (!pack) return -1;
     if (!amx_ready()) return -2;
-    const int Sq = (S + QT - 1) / QT * QT, Sk = (S + KB - 1) / KB * KB, heads = B * H, tiles = Sq / QR;
-    const float qscale = scale * LOG2E;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(dynamic, 1)
-        for (int bh = 0; bh < heads; bh++) {
-            int b = bh / H, h = bh % H;
-            pack(S, Sq, Sk, q + b * qst[0] + h * qst[1], qst[2], k + b * kst[0] + h * kst[1], kst[2],
-                 v + b * vst[0] + h * vst[1], vst[2], qscale, q8 + (long)bh * Sq * hd, qc + (long)bh * Sq,
-                 qcorr + (long)bh * Sq, kp + (long)bh * Sk * hd, ksc + (long)bh * Sk, vp + (long)bh * Sk * hd);
-        }
-        configure(hd);
-#pragma omp for schedule(dynamic, 1)
-        for (long t = 0; t < (long)heads * tiles; t++) {
-            int bh = (int)(t / tiles), tile = (int)(t % tiles), b = bh / H, h = bh % H;
-            tile_of(S, Sk, tile * QR, q8 + (long)bh * Sq * hd, qc + (long)bh * Sq, qcorr + (long)bh * Sq,
-                    kp + (long)bh * Sk * hd, ksc + (long)bh * Sk, vp + (long)bh * Sk * hd,
-                    out + b * ost[0] + h * ost[1], ost[2]);
-        }
-        _tile_release();
-    }
-    return 0;
+    return run_attention(hd, QR, PACK_OF(hd), TILE_OF(hd), configure, release, B, H, S, q, qst, k, kst, v, vst, out,
+                         ost, scale, threads, q8, qc, qcorr, kp, ksc, vp);
 }

@@ -12,12 +12,11 @@
 #include <stdint.h>
 #include <string.h>
 
-#define HD_MAX 64
-#define INLINE static inline __attribute__((always_inline))
+#include "cpu_attention.h"
+
 #define KB 32 /* keys per block */
 #define QT 32 /* query rows per tile */
 #define RG 2  /* query rows per micro-kernel */
-#define LOG2E 1.4426950408889634f
 
 static inline float hmax8(__m256 x) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
@@ -227,50 +226,8 @@ INLINE void attend_tile(const int hd, int S, int Sk, int r0, const int8_t *q8, c
     }
 }
 
-typedef void (*pack_fn)(int, int, int, const float *, long, const float *, long, const float *, long, float, int8_t *,
-                        float *, int32_t *, uint8_t *, float *, uint16_t *);
-typedef void (*tile_fn)(int, int, int, const int8_t *, const float *, const int32_t *, const uint8_t *, const float *,
-                        const uint16_t *, float *, long);
-#define INSTANCE(D)                                                                                                  \
-    static void pack_head_##D(int S, int Sq, int Sk, const float *q, long qs, const float *k, long ks, const float *v, \
-                              long vs, float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp, float *ksc,  \
-                              uint16_t *vp) {                                                                         \
-        pack_head(D, S, Sq, Sk, q, qs, k, ks, v, vs, qscale, q8, qc, qcorr, kp, ksc, vp);                            \
-    }                                                                                                                \
-    static void attend_tile_##D(int S, int Sk, int r0, const int8_t *q8, const float *qc, const int32_t *qcorr,       \
-                                const uint8_t *kp, const float *ksc, const uint16_t *vp, float *out, long os) {       \
-        attend_tile(D, S, Sk, r0, q8, qc, qcorr, kp, ksc, vp, out, os);                                               \
-    }
 INSTANCE(16)
 INSTANCE(32)
 INSTANCE(64)
 
-/* The interface of cpu_kernels.c's cogvx_int8_attention (workspaces sized the same way: Sq = S rounded up
- * to 32, Sk = S rounded up to 64, which is a multiple of this file's 32-key blocks). */
-int cogvx_int8_attention(int hd, int B, int H, int S, const float *q, const long *qst, const float *k,
-                         const long *kst, const float *v, const long *vst, float *out, const long *ost, float scale,
-                         int threads, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp, float *ksc, uint16_t *vp) {
-    pack_fn pack = hd == 16 ? pack_head_16 : hd == 32 ? pack_head_32 : hd == 64 ? pack_head_64 : 0;
-    tile_fn tile_of = hd == 16 ? attend_tile_16 : hd == 32 ? attend_tile_32 : hd == 64 ? attend_tile_64 : 0;
-    if (!pack) return -1;
-    const int Sq = (S + QT - 1) / QT * QT, Sk = (S + 63) / 64 * 64, heads = B * H, tiles = Sq / QT;
-    const float qscale = scale * LOG2E;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(dynamic, 1)
-        for (int bh = 0; bh < heads; bh++) {
-            int b = bh / H, h = bh % H;
-            pack(S, Sq, Sk, q + b * qst[0] + h * qst[1], qst[2], k + b * kst[0] + h * kst[1], kst[2],
-                 v + b * vst[0] + h * vst[1], vst[2], qscale, q8 + (long)bh * Sq * hd, qc + (long)bh * Sq,
-                 qcorr + (long)bh * Sq, kp + (long)bh * Sk * hd, ksc + (long)bh * Sk, vp + (long)bh * Sk * hd);
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (long t = 0; t < (long)heads * tiles; t++) {
-            int bh = (int)(t / tiles), tile = (int)(t % tiles), b = bh / H, h = bh % H;
-            tile_of(S, Sk, tile * QT, q8 + (long)bh * Sq * hd, qc + (long)bh * Sq, qcorr + (long)bh * Sq,
-                    kp + (long)bh * Sk * hd, ksc + (long)bh * Sk, vp + (long)bh * Sk * hd,
-                    out + b * ost[0] + h * ost[1], ost[2]);
-        }
-    }
-    return 0;
-}
+ENTRY_POINT(QT, 0, 0)

@@ -1,15 +1,18 @@
 """Which build of the CPU C kernels runs on this machine: one dispatch point for cpu_kernels.py.
 
-The C sources (cpu_kernels.c: the int8 attention on AVX-512; cpu_attention_avx2.c: the same on AVX2;
-cpu_gelu_quant.c: GELU + int8 quantization, either width) are built
-once per variant with the system C compiler (``$CC``, else ``cc``) into ``$COGVX_CACHE`` (default
-``~/.cache/cogvx``), keyed by the sources' and the flags' hash, and loaded with ctypes. Variants, best
+The C sources (cpu_kernels.c: the int8 attention on AVX-512; cpu_attention_amx.c: on AMX tiles;
+cpu_attention_avx2.c: on AVX2; cpu_attention.h: the driver they share; cpu_gelu_quant.c: GELU + int8
+quantization, either width) are built once per variant with the system C compiler (``$CC``, else
+``cc``) into ``$COGVX_CACHE`` (default ``~/.cache/cogvx``), keyed by the sources' and the flags' hash,
+and loaded with ctypes. Variants, best
 first (``VARIANTS``):
 
-- ``amx``: AVX-512 BF16 + AMX int8 / bf16 (Sapphire Rapids and later Xeons): the attention's q k^T on
-  TDPBSUD tiles and p v on TDPBF16PS tiles, the softmax on AVX-512 (cpu_attention_amx.c; the numerics
-  of avx512_bf16); measured 0.44x avx512_bf16's time and 0.53x avx512_vnni's at 2 x 30 heads x 1216
-  tokens (7 alternating rounds, CPU time alike).
+- ``amx``: AVX-512 BF16 + AMX int8 / bf16 (Sapphire Rapids and later Xeons): the attention computed
+  transposed (one vector holds one key's scores for 16 query rows, so the softmax needs no horizontal
+  reduction), k q^T on TDPBSSD tiles and v^T p^T on TDPBF16PS tiles with o^T resident in tiles, a lazy
+  power-of-two running maximum (cpu_attention_amx.c); measured 0.28x avx512_vnni's time at 2 x 30 heads
+  x 9676 tokens and 0.37x at 1216 tokens (1154 / 4097 ms and 27 / 72 ms), and 0.55x the time of its
+  previous form (q k^T rows, per-row reductions) at 9676 tokens.
 - ``avx512_bf16``: AVX-512 F/BW/VL/DQ + VNNI + BF16 (Sapphire Rapids and later Xeons, AMD Zen 4 / 5):
   the attention's p v as bf16 dot products (vdpbf16ps), the GELU + quantization in 16 lanes.
 - ``avx512_vnni``: the same without BF16 (Ice Lake / Cascade Lake Xeons): p v as fp32 FMAs on the same
@@ -169,7 +172,7 @@ def library(variant: str) -> tuple[ctypes.CDLL | None, str]:
         return None, why or "no C compiler found (set CC, or install gcc)"
     files = sources(variant)
     flags = (*_BASE_CFLAGS, *cflags)
-    hashed = sorted(_HERE.glob("cpu_*.c"))  # every C file: cpu_attention_amx.c includes cpu_kernels.c
+    hashed = sorted(_HERE.glob("cpu_*.[ch]"))  # every C file and header (the builds include the headers)
     tag = hashlib.sha256(b"".join(s.read_bytes() for s in hashed) + " ".join(flags).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"cpu_kernels-{variant}-{tag}.so"
     if not lib.exists():

@@ -2,8 +2,8 @@
  * GELU + int8 quantization is cpu_gelu_quant.c. cpu_isa.py builds this file once per variant:
  *   avx512_bf16: -mavx512bf16, p v as bf16 dot products (vdpbf16ps);
  *   avx512_vnni: without it, p v as fp32 FMAs on the same bf16 v (p kept in fp32: a little more exact).
- * cpu_attention_amx.c includes this file for its packing (the amx variant); cpu_attention_avx2.c is the
- * 8-lane port (avx_vnni, avx2).
+ * cpu_attention_amx.c is the AMX build (its own layouts), cpu_attention_avx2.c the 8-lane port (avx_vnni,
+ * avx2); cpu_attention.h holds the driver all three share, cpu_avx512.h the AVX-512 helpers.
  *
  * softmax(q k^T / sqrt(64)) v for head dimension 64 (16 and 32 too, for small test models), in the manner
  * of SageAttention (Zhang et al., 2024) and flash attention:
@@ -26,40 +26,12 @@
 #include <stdint.h>
 #include <string.h>
 
-#define HD_MAX 64   /* largest head dimension (16, 32 or 64) */
-#define INLINE static inline __attribute__((always_inline))
+#include "cpu_attention.h"
+#include "cpu_avx512.h"
+
 #define KB 64       /* keys per block */
 #define QT 32       /* query rows per tile (one task) */
 #define RG 4        /* query rows per micro-kernel */
-#define LOG2E 1.4426950408889634f
-
-/* 2^x for x <= 0 (x may be -inf): a cubic on the fraction (exact at 0, so a row's largest p is 1), then
- * vscalefps multiplies by 2^floor(x). Relative error below 9e-5, under the bf16 rounding that p gets for
- * the p v product. */
-static inline __m512 exp2_neg(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
-    __m512 f = _mm512_sub_ps(x, _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.07706306f), f, _mm512_set1_ps(0.22764935f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69511581f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, x);
-}
-
-/* Round 16 floats to int8 (nearest even) with scale inv; store 16 bytes. Returns the int32 values. */
-static inline __m512i quant16(const float *x, __m512 inv, int8_t *dst) {
-    __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), inv));
-    _mm_storeu_si128((__m128i *)dst, _mm512_cvtsepi32_epi8(i));
-    return i;
-}
-
-/* bf16 of two floats per 32-bit lane: low half a (key 2p), high half b (key 2p + 1), round to nearest even. */
-static inline __m512i bf16_pair(__m512 a, __m512 b) {
-    __m512i ia = _mm512_castps_si512(a), ib = _mm512_castps_si512(b);
-    const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
-    ia = _mm512_srli_epi32(_mm512_add_epi32(ia, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(ia, 16), one))), 16);
-    ib = _mm512_add_epi32(ib, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(ib, 16), one)));
-    return _mm512_or_si512(ia, _mm512_and_si512(ib, _mm512_set1_epi32((int)0xFFFF0000u)));
-}
 
 /* Quantize and pack one head. q, k, v: rows of 64 floats at row strides qs, ks, vs. */
 INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long qs, const float *k, long ks, const float *v, long vs,
@@ -229,54 +201,8 @@ INLINE void attend_tile(const int hd, int S, int Sk, int r0, const int8_t *q8, c
     }
 }
 
-/* One instance of each per head dimension, hd a constant in it (the loops unroll). The OpenMP region
- * below calls them through pointers: a constant passed into the region would be a runtime value there. */
-typedef void (*pack_fn)(int, int, int, const float *, long, const float *, long, const float *, long, float, int8_t *,
-                        float *, int32_t *, uint8_t *, float *, uint16_t *);
-typedef void (*tile_fn)(int, int, int, const int8_t *, const float *, const int32_t *, const uint8_t *, const float *,
-                        const uint16_t *, float *, long);
-#define INSTANCE(D)                                                                                                  \
-    static void pack_head_##D(int S, int Sq, int Sk, const float *q, long qs, const float *k, long ks, const float *v, \
-                              long vs, float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp, float *ksc,  \
-                              uint16_t *vp) {                                                                         \
-        pack_head(D, S, Sq, Sk, q, qs, k, ks, v, vs, qscale, q8, qc, qcorr, kp, ksc, vp);                            \
-    }                                                                                                                \
-    static void attend_tile_##D(int S, int Sk, int r0, const int8_t *q8, const float *qc, const int32_t *qcorr,       \
-                                const uint8_t *kp, const float *ksc, const uint16_t *vp, float *out, long os) {       \
-        attend_tile(D, S, Sk, r0, q8, qc, qcorr, kp, ksc, vp, out, os);                                               \
-    }
 INSTANCE(16)
 INSTANCE(32)
 INSTANCE(64)
 
-/* q, k, v: [B, H, S, hd] float32 at element strides (sb, sh, ss) each, last stride 1; hd 16, 32 or 64.
- * out: [B, H, S, hd] float32 at strides (ob, oh, os). Workspaces (per head, heads = B * H):
- * q8 Sq * hd bytes, qc Sq floats, qcorr Sq ints, kp Sk * hd bytes, ksc Sk floats, vp Sk * hd uint16,
- * with Sq = S rounded up to 32 and Sk = S rounded up to 64. Returns 0, or -1 for another hd. */
-int cogvx_int8_attention(int hd, int B, int H, int S, const float *q, const long *qst, const float *k,
-                         const long *kst, const float *v, const long *vst, float *out, const long *ost, float scale,
-                         int threads, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp, float *ksc, uint16_t *vp) {
-    pack_fn pack = hd == 16 ? pack_head_16 : hd == 32 ? pack_head_32 : hd == 64 ? pack_head_64 : 0;
-    tile_fn tile_of = hd == 16 ? attend_tile_16 : hd == 32 ? attend_tile_32 : hd == 64 ? attend_tile_64 : 0;
-    if (!pack) return -1;
-    const int Sq = (S + QT - 1) / QT * QT, Sk = (S + KB - 1) / KB * KB, heads = B * H, tiles = Sq / QT;
-    const float qscale = scale * LOG2E;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(dynamic, 1)
-        for (int bh = 0; bh < heads; bh++) {
-            int b = bh / H, h = bh % H;
-            pack(S, Sq, Sk, q + b * qst[0] + h * qst[1], qst[2], k + b * kst[0] + h * kst[1], kst[2],
-                 v + b * vst[0] + h * vst[1], vst[2], qscale, q8 + (long)bh * Sq * hd, qc + (long)bh * Sq,
-                 qcorr + (long)bh * Sq, kp + (long)bh * Sk * hd, ksc + (long)bh * Sk, vp + (long)bh * Sk * hd);
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (long t = 0; t < (long)heads * tiles; t++) {
-            int bh = (int)(t / tiles), tile = (int)(t % tiles), b = bh / H, h = bh % H;
-            tile_of(S, Sk, tile * QT, q8 + (long)bh * Sq * hd, qc + (long)bh * Sq, qcorr + (long)bh * Sq,
-                    kp + (long)bh * Sk * hd, ksc + (long)bh * Sk, vp + (long)bh * Sk * hd,
-                    out + b * ost[0] + h * ost[1], ost[2]);
-        }
-    }
-    return 0;
-}
+ENTRY_POINT(QT, 0, 0)

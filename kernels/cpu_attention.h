@@ -1,0 +1,85 @@
+/* What every build of the CPU int8 attention shares (cpu_kernels.c, cpu_attention_amx.c,
+ * cpu_attention_avx2.c): the per-head-dimension instances and the one OpenMP driver.
+ *
+ * A build defines, before including this file, two always-inline functions with hd as their first
+ * parameter:
+ *   pack_head(hd, S, Sq, Sk, q, qs, k, ks, v, vs, qscale, q8, qc, qcorr, kp, ksc, vp): quantize and pack
+ *     one head into its workspaces (layouts: the build's own);
+ *   attend_tile(hd, S, Sk, r0, q8, qc, qcorr, kp, ksc, vp, out, os): query rows [r0, r0 + qt) of that
+ *     head against its S keys, writing the rows < S of out (row stride os).
+ * INSTANCE(16) INSTANCE(32) INSTANCE(64) then make one function of each per head dimension, hd a constant
+ * in it (the loops unroll): the OpenMP region calls them through pointers, since a constant passed into
+ * the region would be a runtime value there. run_attention() is the build's cogvx_int8_attention body.
+ *
+ * Workspaces (per head, heads = B * H; Sq = S rounded up to 32, Sk = S rounded up to 64): q8 Sq * hd
+ * bytes, qc Sq floats, qcorr Sq ints, kp Sk * hd bytes, ksc Sk floats, vp Sk * hd uint16. */
+#include <stdint.h>
+
+#define HD_MAX 64 /* largest head dimension (16, 32 or 64) */
+#define INLINE static inline __attribute__((always_inline))
+#define LOG2E 1.4426950408889634f
+#define SQ_ROUND 32 /* Sq and Sk as cpu_kernels.py sizes the workspaces */
+#define SK_ROUND 64
+
+typedef void (*pack_fn)(int, int, int, const float *, long, const float *, long, const float *, long, float, int8_t *,
+                        float *, int32_t *, uint8_t *, float *, uint16_t *);
+typedef void (*tile_fn)(int, int, int, const int8_t *, const float *, const int32_t *, const uint8_t *, const float *,
+                        const uint16_t *, float *, long);
+
+#define INSTANCE(D)                                                                                                  \
+    static void pack_head_##D(int S, int Sq, int Sk, const float *q, long qs, const float *k, long ks, const float *v, \
+                              long vs, float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp, float *ksc,  \
+                              uint16_t *vp) {                                                                         \
+        pack_head(D, S, Sq, Sk, q, qs, k, ks, v, vs, qscale, q8, qc, qcorr, kp, ksc, vp);                            \
+    }                                                                                                                \
+    static void attend_tile_##D(int S, int Sk, int r0, const int8_t *q8, const float *qc, const int32_t *qcorr,       \
+                                const uint8_t *kp, const float *ksc, const uint16_t *vp, float *out, long os) {       \
+        attend_tile(D, S, Sk, r0, q8, qc, qcorr, kp, ksc, vp, out, os);                                               \
+    }
+
+/* The instances for hd (0 for a head dimension the kernel does not take). */
+#define PACK_OF(hd) ((hd) == 16 ? pack_head_16 : (hd) == 32 ? pack_head_32 : (hd) == 64 ? pack_head_64 : 0)
+#define TILE_OF(hd) ((hd) == 16 ? attend_tile_16 : (hd) == 32 ? attend_tile_32 : (hd) == 64 ? attend_tile_64 : 0)
+
+/* q, k, v: [B, H, S, hd] float32 at element strides (sb, sh, ss) each, last stride 1; out likewise. First
+ * every head is packed, then tiles of qt query rows run, dynamically scheduled. begin / end (may be 0) run
+ * on each thread around its tiles (AMX: the tile configuration). Returns 0, or -1 for another hd. */
+static int run_attention(int hd, int qt, pack_fn pack, tile_fn tile_of, void (*begin)(int), void (*end)(void), int B,
+                         int H, int S, const float *q, const long *qst, const float *k, const long *kst, const float *v,
+                         const long *vst, float *out, const long *ost, float scale, int threads, int8_t *q8, float *qc,
+                         int32_t *qcorr, uint8_t *kp, float *ksc, uint16_t *vp) {
+    if (!pack || !tile_of) return -1;
+    const int Sq = (S + SQ_ROUND - 1) / SQ_ROUND * SQ_ROUND, Sk = (S + SK_ROUND - 1) / SK_ROUND * SK_ROUND;
+    const int heads = B * H, tiles = Sq / qt;
+    const float qscale = scale * LOG2E;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int bh = 0; bh < heads; bh++) {
+            int b = bh / H, h = bh % H;
+            pack(S, Sq, Sk, q + b * qst[0] + h * qst[1], qst[2], k + b * kst[0] + h * kst[1], kst[2],
+                 v + b * vst[0] + h * vst[1], vst[2], qscale, q8 + (long)bh * Sq * hd, qc + (long)bh * Sq,
+                 qcorr + (long)bh * Sq, kp + (long)bh * Sk * hd, ksc + (long)bh * Sk, vp + (long)bh * Sk * hd);
+        }
+        if (begin) begin(hd);
+#pragma omp for schedule(dynamic, 1)
+        for (long t = 0; t < (long)heads * tiles; t++) {
+            int bh = (int)(t / tiles), tile = (int)(t % tiles), b = bh / H, h = bh % H;
+            tile_of(S, Sk, tile * qt, q8 + (long)bh * Sq * hd, qc + (long)bh * Sq, qcorr + (long)bh * Sq,
+                    kp + (long)bh * Sk * hd, ksc + (long)bh * Sk, vp + (long)bh * Sk * hd,
+                    out + b * ost[0] + h * ost[1], ost[2]);
+        }
+        if (end) end();
+    }
+    return 0;
+}
+
+/* The entry point of a build (the interface cpu_kernels.py calls), its tiles qt query rows each. */
+#define ENTRY_POINT(qt, begin, end)                                                                                 \
+    int cogvx_int8_attention(int hd, int B, int H, int S, const float *q, const long *qst, const float *k,          \
+                             const long *kst, const float *v, const long *vst, float *out, const long *ost,         \
+                             float scale, int threads, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp,          \
+                             float *ksc, uint16_t *vp) {                                                            \
+        return run_attention(hd, qt, PACK_OF(hd), TILE_OF(hd), begin, end, B, H, S, q, qst, k, kst, v, vst, out,    \
+                             ost, scale, threads, q8, qc, qcorr, kp, ksc, vp);                                      \
+    }
