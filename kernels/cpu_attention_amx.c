@@ -32,9 +32,10 @@
 #define KB 64 /* keys per block */
 #define TAU 8.f
 
-/* 2^x for finite x of either sign: the cubic of exp2_neg without its clamp (no -inf reaches it here). */
+/* 2^x for finite x of either sign: the cubic of exp2_neg without its clamp (no -inf reaches it here);
+ * vscalefps takes floor(x) itself. */
 static inline __m512 exp2_finite(__m512 x) {
-    __m512 f = _mm512_sub_ps(x, _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); /* x - floor(x), one vreduceps */
     __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.07706306f), f, _mm512_set1_ps(0.22764935f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69511581f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
