@@ -3,8 +3,8 @@
  *
  * A build defines, before including this file, two always-inline functions with hd as their first
  * parameter:
- *   pack_head(hd, S, Sq, Sk, q, qs, k, ks, v, vs, qscale, q8, qc, qcorr, kp, ksc, vp): quantize and pack
- *     one head into its workspaces (layouts: the build's own);
+ *   pack_head(hd, S, Sq, Sk, q, qs, k, ks, v, vs, qscale, q8, qc, qcorr, kp, ksc, vp, prep): quantize and
+ *     pack one head into its workspaces (layouts: the build's own), reading q and k rows by prep_row();
  *   attend_tile(hd, S, Sk, r0, q8, qc, qcorr, kp, ksc, vp, out, os): query rows [r0, r0 + qt) of that
  *     head against its S keys, writing the rows < S of out (row stride os).
  * INSTANCE(16) INSTANCE(32) INSTANCE(64) then make one function of each per head dimension, hd a constant
@@ -13,6 +13,7 @@
  *
  * Workspaces (per head, heads = B * H; Sq = S rounded up to 32, Sk = S rounded up to 64): q8 Sq * hd
  * bytes, qc Sq floats, qcorr Sq ints, kp Sk * hd bytes, ksc Sk floats, vp Sk * hd uint16. */
+#include <math.h>
 #include <stdint.h>
 
 #define HD_MAX 64 /* largest head dimension (16, 32 or 64) */
@@ -21,16 +22,48 @@
 #define SQ_ROUND 32 /* Sq and Sk as cpu_kernels.py sizes the workspaces */
 #define SK_ROUND 64
 
+/* What the attention module does to q and k before attending, done by the packing as it reads them (NULL:
+ * q and k arrive ready): per-head LayerNorm over hd with its affine (w, b may be NULL), then RoPE on the
+ * video rows [n_text, n_text + n_rope) from the [n_rope, hd] fp32 tables (cos NULL: no RoPE). */
+struct prep {
+    const float *qw, *qb, *kw, *kb, *cos, *sin;
+    float eps;
+    int n_text, n_rope;
+};
+
+/* Row `row` of q (is_k 0) or k (1) as the attention takes it: x itself without prep, else normalized (and
+ * rotated) into tmp, in fp32 as torch's layer_norm (biased variance) and the RoPE reference compute it. */
+INLINE const float *prep_row(const struct prep *p, const int hd, const float *x, int row, int is_k, float *tmp) {
+    if (!p) return x;
+    const float *w = is_k ? p->kw : p->qw, *b = is_k ? p->kb : p->qb;
+    float mean = 0.f, var = 0.f;
+    for (int d = 0; d < hd; d++) mean += x[d];
+    mean /= hd;
+    for (int d = 0; d < hd; d++) var += (x[d] - mean) * (x[d] - mean);
+    const float r = 1.f / sqrtf(var / hd + p->eps);
+    for (int d = 0; d < hd; d++) tmp[d] = (x[d] - mean) * r * (w ? w[d] : 1.f) + (b ? b[d] : 0.f);
+    const int vr = row - p->n_text;
+    if (p->cos && vr >= 0 && vr < p->n_rope) {
+        const float *c = p->cos + (long)vr * hd, *s = p->sin + (long)vr * hd;
+        for (int d = 0; d < hd; d += 2) {
+            const float x0 = tmp[d], x1 = tmp[d + 1];
+            tmp[d] = x0 * c[d] - x1 * s[d];
+            tmp[d + 1] = x1 * c[d + 1] + x0 * s[d + 1];
+        }
+    }
+    return tmp;
+}
+
 typedef void (*pack_fn)(int, int, int, const float *, long, const float *, long, const float *, long, float, int8_t *,
-                        float *, int32_t *, uint8_t *, float *, uint16_t *);
+                        float *, int32_t *, uint8_t *, float *, uint16_t *, const struct prep *);
 typedef void (*tile_fn)(int, int, int, const int8_t *, const float *, const int32_t *, const uint8_t *, const float *,
                         const uint16_t *, float *, long);
 
 #define INSTANCE(D)                                                                                                  \
     static void pack_head_##D(int S, int Sq, int Sk, const float *q, long qs, const float *k, long ks, const float *v, \
                               long vs, float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp, float *ksc,  \
-                              uint16_t *vp) {                                                                         \
-        pack_head(D, S, Sq, Sk, q, qs, k, ks, v, vs, qscale, q8, qc, qcorr, kp, ksc, vp);                            \
+                              uint16_t *vp, const struct prep *pr) {                                                  \
+        pack_head(D, S, Sq, Sk, q, qs, k, ks, v, vs, qscale, q8, qc, qcorr, kp, ksc, vp, pr);                        \
     }                                                                                                                \
     static void attend_tile_##D(int S, int Sk, int r0, const int8_t *q8, const float *qc, const int32_t *qcorr,       \
                                 const uint8_t *kp, const float *ksc, const uint16_t *vp, float *out, long os) {       \
@@ -47,7 +80,7 @@ typedef void (*tile_fn)(int, int, int, const int8_t *, const float *, const int3
 static int run_attention(int hd, int qt, pack_fn pack, tile_fn tile_of, void (*begin)(int), void (*end)(void), int B,
                          int H, int S, const float *q, const long *qst, const float *k, const long *kst, const float *v,
                          const long *vst, float *out, const long *ost, float scale, int threads, int8_t *q8, float *qc,
-                         int32_t *qcorr, uint8_t *kp, float *ksc, uint16_t *vp) {
+                         int32_t *qcorr, uint8_t *kp, float *ksc, uint16_t *vp, const struct prep *pr) {
     if (!pack || !tile_of) return -1;
     const int Sq = (S + SQ_ROUND - 1) / SQ_ROUND * SQ_ROUND, Sk = (S + SK_ROUND - 1) / SK_ROUND * SK_ROUND;
     const int heads = B * H, tiles = Sq / qt;
@@ -59,7 +92,7 @@ static int run_attention(int hd, int qt, pack_fn pack, tile_fn tile_of, void (*b
             int b = bh / H, h = bh % H;
             pack(S, Sq, Sk, q + b * qst[0] + h * qst[1], qst[2], k + b * kst[0] + h * kst[1], kst[2],
                  v + b * vst[0] + h * vst[1], vst[2], qscale, q8 + (long)bh * Sq * hd, qc + (long)bh * Sq,
-                 qcorr + (long)bh * Sq, kp + (long)bh * Sk * hd, ksc + (long)bh * Sk, vp + (long)bh * Sk * hd);
+                 qcorr + (long)bh * Sq, kp + (long)bh * Sk * hd, ksc + (long)bh * Sk, vp + (long)bh * Sk * hd, pr);
         }
         if (begin) begin(hd);
 #pragma omp for schedule(dynamic, 1)
@@ -79,7 +112,7 @@ static int run_attention(int hd, int qt, pack_fn pack, tile_fn tile_of, void (*b
     int cogvx_int8_attention(int hd, int B, int H, int S, const float *q, const long *qst, const float *k,          \
                              const long *kst, const float *v, const long *vst, float *out, const long *ost,         \
                              float scale, int threads, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp,          \
-                             float *ksc, uint16_t *vp) {                                                            \
+                             float *ksc, uint16_t *vp, const struct prep *pr) {                                     \
         return run_attention(hd, qt, PACK_OF(hd), TILE_OF(hd), begin, end, B, H, S, q, qst, k, kst, v, vst, out,    \
-                             ost, scale, threads, q8, qc, qcorr, kp, ksc, vp);                                      \
+                             ost, scale, threads, q8, qc, qcorr, kp, ksc, vp, pr);                                  \
     }

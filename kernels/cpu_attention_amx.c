@@ -65,13 +65,14 @@ static inline void transpose16(__m512i r[16]) {
  * qcorr is not used (TDPBSSD multiplies signed by signed). */
 INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long qs, const float *k, long ks,
                       const float *v, long vs, float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp,
-                      float *ksc, uint16_t *vp) {
+                      float *ksc, uint16_t *vp, const struct prep *pr) {
     (void)qcorr;
     for (int i = 0; i < Sq; i++) {
         int8_t row[HD_MAX] = {0};
         float c = 0.f;
         if (i < S) {
-            const float *x = q + i * qs;
+            float qt_[HD_MAX];
+        const float *x = prep_row(pr, hd, q + i * qs, i, 0, qt_);
             __m512 m = _mm512_abs_ps(_mm512_loadu_ps(x));
             for (int d = 16; d < hd; d += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + d)));
             float amax = _mm512_reduce_max_ps(m);
@@ -85,14 +86,19 @@ INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long 
     }
     __m512 mean[HD_MAX / 16];
     for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_setzero_ps();
-    for (int j = 0; j < S; j++)
-        for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_add_ps(mean[c], _mm512_loadu_ps(k + j * ks + 16 * c));
+    for (int j = 0; j < S; j++) {
+        float kt_[HD_MAX];
+        const float *kr = prep_row(pr, hd, k + j * ks, j, 1, kt_);
+        for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_add_ps(mean[c], _mm512_loadu_ps(kr + 16 * c));
+    }
     for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_mul_ps(mean[c], _mm512_set1_ps(1.f / S));
     for (int j = 0; j < S; j++) {
+        float kt_[HD_MAX];
+        const float *kr = prep_row(pr, hd, k + j * ks, j, 1, kt_);
         float row[HD_MAX];
         __m512 m = _mm512_setzero_ps();
         for (int c = 0; c < hd / 16; c++) {
-            __m512 y = _mm512_sub_ps(_mm512_loadu_ps(k + j * ks + 16 * c), mean[c]);
+            __m512 y = _mm512_sub_ps(_mm512_loadu_ps(kr + 16 * c), mean[c]);
             _mm512_storeu_ps(row + 16 * c, y);
             m = _mm512_max_ps(m, _mm512_abs_ps(y));
         }
@@ -254,8 +260,9 @@ INSTANCE(64)
 /* cpu_kernels.py's interface. Returns 0, -1 for another hd, -2 where Linux refuses AMX. */
 int cogvx_int8_attention(int hd, int B, int H, int S, const float *q, const long *qst, const float *k,
                          const long *kst, const float *v, const long *vst, float *out, const long *ost, float scale,
-                         int threads, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp, float *ksc, uint16_t *vp) {
+                         int threads, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp, float *ksc, uint16_t *vp,
+                         const struct prep *pr) {
     if (!amx_ready()) return -2;
     return run_attention(hd, QR, PACK_OF(hd), TILE_OF(hd), configure, release, B, H, S, q, qst, k, kst, v, vst, out,
-                         ost, scale, threads, q8, qc, qcorr, kp, ksc, vp);
+                         ost, scale, threads, q8, qc, qcorr, kp, ksc, vp, pr);
 }

@@ -75,11 +75,12 @@ static inline __m256i bf16_pair(__m256 a, __m256 b) {
 
 INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long qs, const float *k, long ks,
                       const float *v, long vs, float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp,
-                      float *ksc, uint16_t *vp) {
+                      float *ksc, uint16_t *vp, const struct prep *pr) {
     for (int i = 0; i < Sq; i++) {
         int8_t *dst = q8 + (long)i * hd;
         if (i >= S) { memset(dst, 0, hd); qc[i] = 0.f; qcorr[i] = 0; continue; }
-        const float *x = q + i * qs;
+        float qt_[HD_MAX];
+        const float *x = prep_row(pr, hd, q + i * qs, i, 0, qt_);
         __m256 m = _mm256_setzero_ps();
         for (int c = 0; c < hd; c += 8) m = _mm256_max_ps(m, abs8(_mm256_loadu_ps(x + c)));
         float amax = hmax8(m);
@@ -91,17 +92,22 @@ INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long 
     }
     __m256 mean[HD_MAX / 8];
     for (int c = 0; c < hd / 8; c++) mean[c] = _mm256_setzero_ps();
-    for (int j = 0; j < S; j++)
-        for (int c = 0; c < hd / 8; c++) mean[c] = _mm256_add_ps(mean[c], _mm256_loadu_ps(k + j * ks + 8 * c));
+    for (int j = 0; j < S; j++) {
+        float kt_[HD_MAX];
+        const float *kr = prep_row(pr, hd, k + j * ks, j, 1, kt_);
+        for (int c = 0; c < hd / 8; c++) mean[c] = _mm256_add_ps(mean[c], _mm256_loadu_ps(kr + 8 * c));
+    }
     for (int c = 0; c < hd / 8; c++) mean[c] = _mm256_mul_ps(mean[c], _mm256_set1_ps(1.f / S));
     uint32_t pad = 0u ^ K_XOR; /* a padded key: k = 0 */
     for (int j = S / 8 * 8; j < Sk; j++)
         for (int c = 0; c < hd / 4; c++) ((uint32_t *)(kp + (long)(j / 8) * 8 * hd))[c * 8 + j % 8] = pad;
     for (int j = 0; j < S; j++) {
+        float kt_[HD_MAX];
+        const float *kr = prep_row(pr, hd, k + j * ks, j, 1, kt_);
         float row[HD_MAX];
         __m256 m = _mm256_setzero_ps();
         for (int c = 0; c < hd / 8; c++) {
-            __m256 y = _mm256_sub_ps(_mm256_loadu_ps(k + j * ks + 8 * c), mean[c]);
+            __m256 y = _mm256_sub_ps(_mm256_loadu_ps(kr + 8 * c), mean[c]);
             _mm256_storeu_ps(row + 8 * c, y);
             m = _mm256_max_ps(m, abs8(y));
         }

@@ -154,7 +154,7 @@ def _signatures(dll: ctypes.CDLL, kernels: tuple[str, ...]) -> None:
     if "attention" in kernels:  # every variant today; kept for a build without it
         fn = dll.cogvx_int8_attention
         fn.argtypes = [i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f32, i32, ptr, ptr, ptr, ptr,
-                       ptr, ptr]
+                       ptr, ptr, ptr]
         fn.restype = i32
     fn = dll.cogvx_gelu_quant
     fn.argtypes = [i32, i32, ptr, i32, ptr, ptr, ptr, ptr, i32]

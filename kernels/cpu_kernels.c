@@ -35,12 +35,13 @@
 
 /* Quantize and pack one head. q, k, v: rows of 64 floats at row strides qs, ks, vs. */
 INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long qs, const float *k, long ks, const float *v, long vs,
-                      float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp, float *ksc, uint16_t *vp) {
+                      float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp, float *ksc, uint16_t *vp, const struct prep *pr) {
     /* q: per-token int8, c_i = amax_i / 127 * qscale, correction 128 * sum(q8_i) */
     for (int i = 0; i < Sq; i++) {
         int8_t *dst = q8 + (long)i * hd;
         if (i >= S) { memset(dst, 0, hd); qc[i] = 0.f; qcorr[i] = 0; continue; }
-        const float *x = q + i * qs;
+        float qt_[HD_MAX];
+        const float *x = prep_row(pr, hd, q + i * qs, i, 0, qt_);
         __m512 m = _mm512_abs_ps(_mm512_loadu_ps(x));
         for (int c = 16; c < hd; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + c)));
         float amax = _mm512_reduce_max_ps(m);
@@ -54,15 +55,20 @@ INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long 
      * kp[group][d / 4][key % 16][d % 4] */
     __m512 mean[HD_MAX / 16];
     for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_setzero_ps();
-    for (int j = 0; j < S; j++)
-        for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_add_ps(mean[c], _mm512_loadu_ps(k + j * ks + 16 * c));
+    for (int j = 0; j < S; j++) {
+        float kt_[HD_MAX];
+        const float *kr = prep_row(pr, hd, k + j * ks, j, 1, kt_);
+        for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_add_ps(mean[c], _mm512_loadu_ps(kr + 16 * c));
+    }
     for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_mul_ps(mean[c], _mm512_set1_ps(1.f / S));
     memset(kp + (long)(S / 16) * 16 * hd, 128, (long)(Sk - S / 16 * 16) * hd);
     for (int j = 0; j < S; j++) {
+        float kt_[HD_MAX];
+        const float *kr = prep_row(pr, hd, k + j * ks, j, 1, kt_);
         float row[HD_MAX];
         __m512 m = _mm512_setzero_ps();
         for (int c = 0; c < hd / 16; c++) {
-            __m512 y = _mm512_sub_ps(_mm512_loadu_ps(k + j * ks + 16 * c), mean[c]);
+            __m512 y = _mm512_sub_ps(_mm512_loadu_ps(kr + 16 * c), mean[c]);
             _mm512_storeu_ps(row + 16 * c, y);
             m = _mm512_max_ps(m, _mm512_abs_ps(y));
         }

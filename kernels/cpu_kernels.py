@@ -14,8 +14,12 @@ faster than SDPA's fp32 flash kernel on an AMD EPYC; on a Sapphire Rapids-class 
 cpu-bench shape, 0.64x SDPA fp32's time (avx512_vnni; avx512_bf16 0.77x), and with MKL, oneDNN and ATen
 capped at AVX2 there (an AVX2-only CPU's view) avx_vnni 0.80x and avx2 0.94x. tests/test_cpu_kernels.py holds every variant the
 machine runs to 33 dB against float64 and to 60 dB against a float64 model of its own numerics. Where
-the CPU has AMX, the attention's two products run on its tiles (``amx``: 0.44x the time of avx512_bf16
-there; the softmax stays on AVX-512), as do the GEMMs around it (oneDNN's).
+the CPU has AMX, the attention's two products run on its tiles, computed transposed so the softmax
+needs no horizontal reduction (``amx``: 0.28x avx512_vnni's time there at 2 x 30 heads x 9676 tokens;
+the softmax stays on AVX-512; p taken against a power of two, see cpu_attention_amx.c), as do the GEMMs
+around it (oneDNN's). With ``norms=`` (and ``rope=``) the kernel also does the attention module's
+per-head LayerNorm of q and k (and RoPE) as it reads them, so they take no pass over memory of their
+own.
 
 ``gelu_quant_rows(acc, row_scale, bias)`` is int8dq-cpu's feed-forward middle in one pass over memory
 (op ``cogvx::gelu_quant_cpu``): y = acc * row_scale + bias, g = GELU-tanh(y), then g quantized per row as
@@ -73,13 +77,31 @@ def _strides(t: torch.Tensor) -> ctypes.Array:
     return (ctypes.c_long * 3)(*t.stride()[:3])
 
 
+class _Prep(ctypes.Structure):  # struct prep of cpu_attention.h
+    _fields_ = [(n, ctypes.c_void_p) for n in ("qw", "qb", "kw", "kb", "cos", "sin")] + [
+        ("eps", ctypes.c_float), ("n_text", ctypes.c_int), ("n_rope", ctypes.c_int)]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 @torch.library.custom_op("cogvx::int8_attention_cpu", mutates_args=())
-def _int8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, isa: str) -> torch.Tensor:
+def _int8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, isa: str, norm: bool,
+                       q_weight: torch.Tensor | None, q_bias: torch.Tensor | None, k_weight: torch.Tensor | None,
+                       k_bias: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                       n_text: int, eps: float) -> torch.Tensor:
     dll, why = _library("attention", isa or None)
     if dll is None:
         raise RuntimeError(f"cogvx int8 CPU attention cannot run here: {why}")
     b, h, s, d = q.shape
     q, k, v = (t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.float().contiguous() for t in (q, k, v))
+    prep = None
+    if norm:
+        affine = [None if w is None else w.float().contiguous() for w in (q_weight, q_bias, k_weight, k_bias)]
+        tables = [None if t is None else t.float().contiguous() for t in (cos, sin)]
+        n_rope = 0 if tables[0] is None else min(tables[0].shape[0], max(s - n_text, 0))
+        prep = _Prep(*map(_ptr, affine + tables), eps, n_text, n_rope)
     sq, sk, heads = -(-s // _QT) * _QT, -(-s // _KB) * _KB, b * h
     out = torch.empty(b, s, h, d)  # the layout the output projection reads
     o = out.transpose(1, 2)
@@ -90,27 +112,39 @@ def _int8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, isa: s
     rc = dll.cogvx_int8_attention(d, b, h, s, q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(),
                                   _strides(v), o.data_ptr(), _strides(o), d ** -0.5, torch.get_num_threads(),
                                   q8.data_ptr(), qc.data_ptr(), qcorr.data_ptr(), kp.data_ptr(), ksc.data_ptr(),
-                                  vp.data_ptr())
+                                  vp.data_ptr(), None if prep is None else ctypes.byref(prep))
     if rc == -2:
         raise RuntimeError(f"Linux refused this process the AMX tile state; set {cpu_isa.ENV}=avx512_vnni")
     return out
 
 
 @_int8_attention_op.register_fake
-def _(q, k, v, isa):
+def _(q, k, v, isa, norm, q_weight, q_bias, k_weight, k_bias, cos, sin, n_text, eps):
     b, h, s, d = q.shape
     return q.new_empty(b, s, h, d, dtype=torch.float32)
 
 
-def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, isa: str | None = None, *,
+                   norms: tuple | None = None, rope: tuple | None = None, n_text: int = 0,
+                   eps: float = 1e-6) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh)) v for q, k, v [B, H, S, Dh] on the CPU (any dtype, any strides) -> [B, H, S, Dh]
     float32 (a transposed view of a [B, S, H, 64] tensor). ``isa``: the variant (default: the module's
-    choice). Raises RuntimeError where ``unavailable()``."""
+    choice). Raises RuntimeError where ``unavailable()``.
+
+    ``norms`` = (q_weight, q_bias, k_weight, k_bias) (each [Dh] or None): q and k are first normalized per
+    head (LayerNorm over Dh, ``eps``) and, with ``rope`` = (cos, sin) [N_video, Dh] fp32, rotated on the
+    video rows [n_text, n_text + N_video), as ``qk_norm_rope_reference`` does, by the kernel as it reads
+    them (no pass over memory of their own)."""
     if q.device.type != "cpu" or q.shape[-1] not in HEAD_DIMS or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"int8_attention takes q, k, v of one shape [B, H, S, Dh] on the CPU, Dh one of "
                          f"{', '.join(map(str, HEAD_DIMS))}; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)} on {q.device}")
-    return _int8_attention_op(q, k, v, isa or "").transpose(1, 2)
+    if norms is None and rope is not None:
+        raise ValueError("int8_attention applies rope= only with norms= (the module's order: LayerNorm, then RoPE)")
+    qw, qb, kw, kb = norms if norms is not None else (None,) * 4
+    cos, sin = rope if rope is not None else (None, None)
+    return _int8_attention_op(q, k, v, isa or "", norms is not None, qw, qb, kw, kb, cos, sin, n_text,
+                              float(eps)).transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------- GELU + quantize

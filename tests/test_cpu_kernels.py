@@ -19,6 +19,7 @@ from cogvx.engine.models.transformer import build_transformer
 from cogvx.engine.quantizing import apply_runtime_settings, quantize_transformer
 from cogvx.engine.runtime.compiling import compile_module, dynamo_counts
 from cogvx.kernels import cpu_isa, cpu_kernels, gelu_quant_rows, int8_attention, cpu_kernels_unavailable
+from cogvx.kernels.qk_norm_rope import qk_norm_rope_reference
 from cogvx.quantize.metrics import sqnr
 from cogvx.quantize.settings import Runtime
 from helpers import attention_float64
@@ -112,6 +113,31 @@ def test_a_row_maximum_growing_block_after_block(isa):
     out = int8_attention(q, k, v, isa=isa)
     assert sqnr(attention_float64(q, k, v).float(), out) > 27.0  # peaked rows: int8 costs more (29.5 dB)
     assert sqnr(_documented_numerics(q, k, v, isa).float(), out) > (70.0 if isa == "amx" else 60.0)
+
+
+@pytest.mark.parametrize("isa", _variants("attention"))
+@pytest.mark.parametrize("affine, with_rope", [(True, True), (False, True), (True, False)],
+                         ids=["affine-rope", "rope", "affine"])
+def test_norm_and_rope_in_the_kernel_equal_them_done_before_it(isa, affine, with_rope):
+    """q, k, v as strided views of the fused projection [B, S, 3, H, Dh]; the kernel's per-head LayerNorm
+    and RoPE (on the video rows with a table row; the last 10 rows are past the table) against
+    qk_norm_rope_reference followed by the kernel, and against float64 attention of the normalized q, k."""
+    b, s, h, d, n_text, n_video = 2, 150, 3, 64, 20, 120
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(b, s, 3, h, d, generator=g) * 3 + 1).unbind(2)
+    norms = tuple(torch.randn(d, generator=g) * 0.3 + (1.0 if i % 2 == 0 else 0.0) if affine else None
+                  for i in range(4))
+    rope = None
+    if with_rope:
+        ang = torch.rand(n_video, d // 2, generator=g).mul(6.3).repeat_interleave(2, dim=-1)
+        rope = (ang.cos(), ang.sin())
+    cos, sin = rope if rope else (None, None)
+    qr, kr = qk_norm_rope_reference(q, k, *norms, cos, sin, n_text, 1e-6)
+    want = int8_attention(qr, kr, v.transpose(1, 2), isa=isa)
+    got = int8_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), isa=isa, norms=norms, rope=rope,
+                         n_text=n_text, eps=1e-6)
+    assert sqnr(want, got) > 80.0  # measured 125-135 dB (fp32 LayerNorm sums in another order); n_text off by one: 6.5
+    assert sqnr(attention_float64(qr, kr, v.transpose(1, 2)).float(), got) > 33.0
 
 
 @pytest.mark.parametrize("isa", _variants("attention"))

@@ -133,10 +133,11 @@ class Attention(nn.Module):
         if self.attention == "flash":  # RoPE applied inside the attention kernel, on its Q/K tiles
             q, k = qk_norm_rope(q, k, *norms, None, None, n_text, self.norm_q.eps, backend=self.backend)
             return rope_attention(q, k, v.transpose(1, 2), cos, sin, n_text, backend="triton")
+        if self.int8_cpu and q.device.type == "cpu":  # the kernel normalizes and rotates q, k as it reads them
+            return int8_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), norms=norms,
+                                  rope=rope, n_text=n_text, eps=self.norm_q.eps).to(q.dtype)
         q, k = qk_norm_rope(q, k, *norms, cos, sin, n_text, self.norm_q.eps, backend=self.backend)
         v, q_dtype = v.transpose(1, 2), q.dtype
-        if self.int8_cpu and q.device.type == "cpu":
-            return int8_attention(q, k, v).to(q_dtype)
         if self.sdpa_dtype is not None and self.sdpa_dtype != q_dtype:  # casts fuse into the ops around
             q, k, v = q.to(self.sdpa_dtype), k.to(self.sdpa_dtype), v.to(self.sdpa_dtype)
             if torch.compiler.is_compiling() and use_chunked_attention(q):
