@@ -3,8 +3,9 @@
  *
  * A build defines, before including this file, two always-inline functions with hd as their first
  * parameter:
- *   pack_head(hd, S, Sq, Sk, q, qs, k, ks, v, vs, qscale, q8, qc, qcorr, kp, ksc, vp, prep): quantize and
- *     pack one head into its workspaces (layouts: the build's own), reading q and k rows by prep_row();
+ *   pack_head(hd, S, Sq, Sk, q, k, v, qscale, q8, qc, qcorr, kp, ksc, vp, prep): quantize and pack one
+ *     head (q, k, v: struct src) into its workspaces (layouts: the build's own), reading rows by
+ *     load_row() and q, k through prep_row();
  *   attend_tile(hd, S, Sk, r0, q8, qc, qcorr, kp, ksc, vp, out, os): query rows [r0, r0 + qt) of that
  *     head against its S keys, writing the rows < S of out (row stride os).
  * INSTANCE(16) INSTANCE(32) INSTANCE(64) then make one function of each per head dimension, hd a constant
@@ -15,6 +16,7 @@
  * bytes, qc Sq floats, qcorr Sq ints, kp Sk * hd bytes, ksc Sk floats, vp Sk * hd uint16. */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define HD_MAX 64 /* largest head dimension (16, 32 or 64) */
 #define INLINE static inline __attribute__((always_inline))
@@ -22,25 +24,67 @@
 #define SQ_ROUND 32 /* Sq and Sk as cpu_kernels.py sizes the workspaces */
 #define SK_ROUND 64
 
-/* What the attention module does to q and k before attending, done by the packing as it reads them (NULL:
- * q and k arrive ready): per-head LayerNorm over hd with its affine (w, b may be NULL), then RoPE on the
- * video rows [n_text, n_text + n_rope) from the [n_rope, hd] fp32 tables (cos NULL: no RoPE). */
+/* One head of q, k or v as the caller holds it: rows at `stride` elements, fp32 or bf16, each row times a
+ * per-token factor and plus a per-column bias where given (the int8 q/k/v projection's output before its
+ * rescale: its bf16 GEMM result, the token scales, the bias), read by load_row(). */
+struct src {
+    const char *base;
+    long stride;
+    int bf16;
+    const float *scale, *bias;
+};
+
+/* Row i as fp32: the caller's memory itself where it is fp32 with nothing to apply, else tmp. */
+INLINE const float *load_row(const struct src *s, const int hd, int i, float *tmp) {
+    if (!s->bf16 && !s->scale && !s->bias) return (const float *)s->base + (long)i * s->stride;
+    const float f = s->scale ? s->scale[i] : 1.f;
+    if (s->bf16) {
+        const uint16_t *x = (const uint16_t *)s->base + (long)i * s->stride;
+        uint32_t u[HD_MAX];
+#pragma omp simd
+        for (int d = 0; d < hd; d++) u[d] = (uint32_t)x[d] << 16;
+        memcpy(tmp, u, (size_t)hd * 4);
+    } else {
+        memcpy(tmp, (const float *)s->base + (long)i * s->stride, (size_t)hd * 4);
+    }
+    if (s->bias) {
+#pragma omp simd
+        for (int d = 0; d < hd; d++) tmp[d] = tmp[d] * f + s->bias[d];
+    } else {
+#pragma omp simd
+        for (int d = 0; d < hd; d++) tmp[d] *= f;
+    }
+    return tmp;
+}
+
+/* What comes with q, k, v (NULL: fp32 rows, nothing to apply). In: bf16 rows, the [B * S] token factors
+ * (row_scale) and [H * hd] biases of q, k and v (each may be NULL), as struct src applies them. Then
+ * (norm) what the attention module does to q and k before attending, done as the packing reads them:
+ * per-head LayerNorm over hd with its affine (w, b may be NULL), then RoPE on the video rows
+ * [n_text, n_text + n_rope) from the [n_rope, hd] fp32 tables (cos NULL: no RoPE). */
 struct prep {
+    int bf16;
+    const float *row_scale, *bias[3];
+    int norm;
     const float *qw, *qb, *kw, *kb, *cos, *sin;
     float eps;
     int n_text, n_rope;
 };
 
-/* Row `row` of q (is_k 0) or k (1) as the attention takes it: x itself without prep, else normalized (and
- * rotated) into tmp, in fp32 as torch's layer_norm (biased variance) and the RoPE reference compute it. */
+/* Row `row` of q (is_k 0) or k (1) as the attention takes it: x itself without prep->norm, else normalized
+ * (and rotated) into tmp (x may be tmp), in fp32 as torch's layer_norm (biased variance) and the RoPE
+ * reference compute it. */
 INLINE const float *prep_row(const struct prep *p, const int hd, const float *x, int row, int is_k, float *tmp) {
-    if (!p) return x;
+    if (!p || !p->norm) return x;
     const float *w = is_k ? p->kw : p->qw, *b = is_k ? p->kb : p->qb;
     float mean = 0.f, var = 0.f;
+#pragma omp simd reduction(+ : mean)
     for (int d = 0; d < hd; d++) mean += x[d];
     mean /= hd;
+#pragma omp simd reduction(+ : var)
     for (int d = 0; d < hd; d++) var += (x[d] - mean) * (x[d] - mean);
     const float r = 1.f / sqrtf(var / hd + p->eps);
+#pragma omp simd
     for (int d = 0; d < hd; d++) tmp[d] = (x[d] - mean) * r * (w ? w[d] : 1.f) + (b ? b[d] : 0.f);
     const int vr = row - p->n_text;
     if (p->cos && vr >= 0 && vr < p->n_rope) {
@@ -54,16 +98,16 @@ INLINE const float *prep_row(const struct prep *p, const int hd, const float *x,
     return tmp;
 }
 
-typedef void (*pack_fn)(int, int, int, const float *, long, const float *, long, const float *, long, float, int8_t *,
+typedef void (*pack_fn)(int, int, int, const struct src *, const struct src *, const struct src *, float, int8_t *,
                         float *, int32_t *, uint8_t *, float *, uint16_t *, const struct prep *);
 typedef void (*tile_fn)(int, int, int, const int8_t *, const float *, const int32_t *, const uint8_t *, const float *,
                         const uint16_t *, float *, long);
 
 #define INSTANCE(D)                                                                                                  \
-    static void pack_head_##D(int S, int Sq, int Sk, const float *q, long qs, const float *k, long ks, const float *v, \
-                              long vs, float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp, float *ksc,  \
+    static void pack_head_##D(int S, int Sq, int Sk, const struct src *q, const struct src *k, const struct src *v,   \
+                              float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp, float *ksc,           \
                               uint16_t *vp, const struct prep *pr) {                                                  \
-        pack_head(D, S, Sq, Sk, q, qs, k, ks, v, vs, qscale, q8, qc, qcorr, kp, ksc, vp, pr);                        \
+        pack_head(D, S, Sq, Sk, q, k, v, qscale, q8, qc, qcorr, kp, ksc, vp, pr);                                    \
     }                                                                                                                \
     static void attend_tile_##D(int S, int Sk, int r0, const int8_t *q8, const float *qc, const int32_t *qcorr,       \
                                 const uint8_t *kp, const float *ksc, const uint16_t *vp, float *out, long os) {       \
@@ -78,7 +122,7 @@ typedef void (*tile_fn)(int, int, int, const int8_t *, const float *, const int3
  * every head is packed, then tiles of qt query rows run, dynamically scheduled. begin / end (may be 0) run
  * on each thread around its tiles (AMX: the tile configuration). Returns 0, or -1 for another hd. */
 static int run_attention(int hd, int qt, pack_fn pack, tile_fn tile_of, void (*begin)(int), void (*end)(void), int B,
-                         int H, int S, const float *q, const long *qst, const float *k, const long *kst, const float *v,
+                         int H, int S, const void *q, const long *qst, const void *k, const long *kst, const void *v,
                          const long *vst, float *out, const long *ost, float scale, int threads, int8_t *q8, float *qc,
                          int32_t *qcorr, uint8_t *kp, float *ksc, uint16_t *vp, const struct prep *pr) {
     if (!pack || !tile_of) return -1;
@@ -90,9 +134,17 @@ static int run_attention(int hd, int qt, pack_fn pack, tile_fn tile_of, void (*b
 #pragma omp for schedule(dynamic, 1)
         for (int bh = 0; bh < heads; bh++) {
             int b = bh / H, h = bh % H;
-            pack(S, Sq, Sk, q + b * qst[0] + h * qst[1], qst[2], k + b * kst[0] + h * kst[1], kst[2],
-                 v + b * vst[0] + h * vst[1], vst[2], qscale, q8 + (long)bh * Sq * hd, qc + (long)bh * Sq,
-                 qcorr + (long)bh * Sq, kp + (long)bh * Sk * hd, ksc + (long)bh * Sk, vp + (long)bh * Sk * hd, pr);
+            const int bf = pr && pr->bf16;
+            const long esz = bf ? 2 : 4;
+            const float *rs = pr && pr->row_scale ? pr->row_scale + (long)b * S : 0;
+            const struct src qs = {(const char *)q + (b * qst[0] + h * qst[1]) * esz, qst[2], bf, rs,
+                                   pr && pr->bias[0] ? pr->bias[0] + (long)h * hd : 0};
+            const struct src ks = {(const char *)k + (b * kst[0] + h * kst[1]) * esz, kst[2], bf, rs,
+                                   pr && pr->bias[1] ? pr->bias[1] + (long)h * hd : 0};
+            const struct src vs = {(const char *)v + (b * vst[0] + h * vst[1]) * esz, vst[2], bf, rs,
+                                   pr && pr->bias[2] ? pr->bias[2] + (long)h * hd : 0};
+            pack(S, Sq, Sk, &qs, &ks, &vs, qscale, q8 + (long)bh * Sq * hd, qc + (long)bh * Sq, qcorr + (long)bh * Sq,
+                 kp + (long)bh * Sk * hd, ksc + (long)bh * Sk, vp + (long)bh * Sk * hd, pr);
         }
         if (begin) begin(hd);
 #pragma omp for schedule(dynamic, 1)
@@ -109,8 +161,8 @@ static int run_attention(int hd, int qt, pack_fn pack, tile_fn tile_of, void (*b
 
 /* The entry point of a build (the interface cpu_kernels.py calls), its tiles qt query rows each. */
 #define ENTRY_POINT(qt, begin, end)                                                                                 \
-    int cogvx_int8_attention(int hd, int B, int H, int S, const float *q, const long *qst, const float *k,          \
-                             const long *kst, const float *v, const long *vst, float *out, const long *ost,         \
+    int cogvx_int8_attention(int hd, int B, int H, int S, const void *q, const long *qst, const void *k,            \
+                             const long *kst, const void *v, const long *vst, float *out, const long *ost,          \
                              float scale, int threads, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp,          \
                              float *ksc, uint16_t *vp, const struct prep *pr) {                                     \
         return run_attention(hd, qt, PACK_OF(hd), TILE_OF(hd), begin, end, B, H, S, q, qst, k, kst, v, vst, out,    \

@@ -63,8 +63,8 @@ static inline void transpose16(__m512i r[16]) {
 /* Quantize and pack one head: q in AMX B layout per tile of 16 rows (q8[tile][d / 4][row][d % 4]), k as
  * row-major int8 (kp[key][d]), v^T in bf16 per chunk of 32 keys (vp[chunk][d][key]); rows past S are 0.
  * qcorr is not used (TDPBSSD multiplies signed by signed). */
-INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long qs, const float *k, long ks,
-                      const float *v, long vs, float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp,
+INLINE void pack_head(const int hd, int S, int Sq, int Sk, const struct src *q, const struct src *k,
+                      const struct src *v, float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp,
                       float *ksc, uint16_t *vp, const struct prep *pr) {
     (void)qcorr;
     for (int i = 0; i < Sq; i++) {
@@ -72,7 +72,7 @@ INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long 
         float c = 0.f;
         if (i < S) {
             float qt_[HD_MAX];
-        const float *x = prep_row(pr, hd, q + i * qs, i, 0, qt_);
+        const float *x = prep_row(pr, hd, load_row(q, hd, i, qt_), i, 0, qt_);
             __m512 m = _mm512_abs_ps(_mm512_loadu_ps(x));
             for (int d = 16; d < hd; d += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + d)));
             float amax = _mm512_reduce_max_ps(m);
@@ -88,13 +88,13 @@ INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long 
     for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_setzero_ps();
     for (int j = 0; j < S; j++) {
         float kt_[HD_MAX];
-        const float *kr = prep_row(pr, hd, k + j * ks, j, 1, kt_);
+        const float *kr = prep_row(pr, hd, load_row(k, hd, j, kt_), j, 1, kt_);
         for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_add_ps(mean[c], _mm512_loadu_ps(kr + 16 * c));
     }
     for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_mul_ps(mean[c], _mm512_set1_ps(1.f / S));
     for (int j = 0; j < S; j++) {
         float kt_[HD_MAX];
-        const float *kr = prep_row(pr, hd, k + j * ks, j, 1, kt_);
+        const float *kr = prep_row(pr, hd, load_row(k, hd, j, kt_), j, 1, kt_);
         float row[HD_MAX];
         __m512 m = _mm512_setzero_ps();
         for (int c = 0; c < hd / 16; c++) {
@@ -110,18 +110,22 @@ INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long 
     memset(kp + (long)S * hd, 0, (long)(Sk - S) * hd);
     for (int j = S; j < Sk; j++) ksc[j] = 0.f;
     /* v^T: per chunk of 32 keys and 16 dimensions, the 16 bf16 key pairs (pair-major) transposed */
-    for (int ch = 0; ch < Sk / 32; ch++)
+    for (int ch = 0; ch < Sk / 32; ch++) {
+        float vt_[32][HD_MAX];
+        const float *row[32];
+        for (int r = 0; r < 32; r++) row[r] = ch * 32 + r < S ? load_row(v, hd, ch * 32 + r, vt_[r]) : 0;
         for (int c = 0; c < hd; c += 16) {
             __m512i r[16];
             for (int p = 0; p < 16; p++) {
-                int j = ch * 32 + 2 * p;
-                __m512 a = j < S ? _mm512_loadu_ps(v + j * vs + c) : _mm512_setzero_ps();
-                __m512 b = j + 1 < S ? _mm512_loadu_ps(v + (j + 1) * vs + c) : _mm512_setzero_ps();
+                const float *ra = row[2 * p], *rb = row[2 * p + 1];
+                __m512 a = ra ? _mm512_loadu_ps(ra + c) : _mm512_setzero_ps();
+                __m512 b = rb ? _mm512_loadu_ps(rb + c) : _mm512_setzero_ps();
                 r[p] = bf16_pair(a, b);
             }
             transpose16(r);
             for (int d = 0; d < 16; d++) _mm512_storeu_si512(vp + ((long)ch * hd + c + d) * 32, r[d]);
         }
+    }
 }
 
 /* Linux hands out the AMX tile state only on request (once per process; idempotent). */
@@ -258,8 +262,8 @@ INSTANCE(32)
 INSTANCE(64)
 
 /* cpu_kernels.py's interface. Returns 0, -1 for another hd, -2 where Linux refuses AMX. */
-int cogvx_int8_attention(int hd, int B, int H, int S, const float *q, const long *qst, const float *k,
-                         const long *kst, const float *v, const long *vst, float *out, const long *ost, float scale,
+int cogvx_int8_attention(int hd, int B, int H, int S, const void *q, const long *qst, const void *k,
+                         const long *kst, const void *v, const long *vst, float *out, const long *ost, float scale,
                          int threads, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp, float *ksc, uint16_t *vp,
                          const struct prep *pr) {
     if (!amx_ready()) return -2;

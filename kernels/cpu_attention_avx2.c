@@ -73,14 +73,14 @@ static inline __m256i bf16_pair(__m256 a, __m256 b) {
 #define QCORR(sum) 0
 #endif
 
-INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long qs, const float *k, long ks,
-                      const float *v, long vs, float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp,
+INLINE void pack_head(const int hd, int S, int Sq, int Sk, const struct src *q, const struct src *k,
+                      const struct src *v, float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp,
                       float *ksc, uint16_t *vp, const struct prep *pr) {
     for (int i = 0; i < Sq; i++) {
         int8_t *dst = q8 + (long)i * hd;
         if (i >= S) { memset(dst, 0, hd); qc[i] = 0.f; qcorr[i] = 0; continue; }
         float qt_[HD_MAX];
-        const float *x = prep_row(pr, hd, q + i * qs, i, 0, qt_);
+        const float *x = prep_row(pr, hd, load_row(q, hd, i, qt_), i, 0, qt_);
         __m256 m = _mm256_setzero_ps();
         for (int c = 0; c < hd; c += 8) m = _mm256_max_ps(m, abs8(_mm256_loadu_ps(x + c)));
         float amax = hmax8(m);
@@ -94,7 +94,7 @@ INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long 
     for (int c = 0; c < hd / 8; c++) mean[c] = _mm256_setzero_ps();
     for (int j = 0; j < S; j++) {
         float kt_[HD_MAX];
-        const float *kr = prep_row(pr, hd, k + j * ks, j, 1, kt_);
+        const float *kr = prep_row(pr, hd, load_row(k, hd, j, kt_), j, 1, kt_);
         for (int c = 0; c < hd / 8; c++) mean[c] = _mm256_add_ps(mean[c], _mm256_loadu_ps(kr + 8 * c));
     }
     for (int c = 0; c < hd / 8; c++) mean[c] = _mm256_mul_ps(mean[c], _mm256_set1_ps(1.f / S));
@@ -103,7 +103,7 @@ INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long 
         for (int c = 0; c < hd / 4; c++) ((uint32_t *)(kp + (long)(j / 8) * 8 * hd))[c * 8 + j % 8] = pad;
     for (int j = 0; j < S; j++) {
         float kt_[HD_MAX];
-        const float *kr = prep_row(pr, hd, k + j * ks, j, 1, kt_);
+        const float *kr = prep_row(pr, hd, load_row(k, hd, j, kt_), j, 1, kt_);
         float row[HD_MAX];
         __m256 m = _mm256_setzero_ps();
         for (int c = 0; c < hd / 8; c++) {
@@ -127,9 +127,11 @@ INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long 
     for (int p = 0; p < Sk / 2; p++) {
         uint32_t *dst = (uint32_t *)(vp + (long)p * 2 * hd);
         int j = 2 * p;
+        float va_[HD_MAX], vb_[HD_MAX];
+        const float *ra = j < S ? load_row(v, hd, j, va_) : 0, *rb = j + 1 < S ? load_row(v, hd, j + 1, vb_) : 0;
         for (int c = 0; c < hd; c += 8) {
-            __m256 a = j < S ? _mm256_loadu_ps(v + j * vs + c) : _mm256_setzero_ps();
-            __m256 b = j + 1 < S ? _mm256_loadu_ps(v + (j + 1) * vs + c) : _mm256_setzero_ps();
+            __m256 a = ra ? _mm256_loadu_ps(ra + c) : _mm256_setzero_ps();
+            __m256 b = rb ? _mm256_loadu_ps(rb + c) : _mm256_setzero_ps();
             _mm256_storeu_si256((__m256i *)(dst + c), bf16_pair(a, b));
         }
     }

@@ -33,15 +33,16 @@
 #define QT 32       /* query rows per tile (one task) */
 #define RG 4        /* query rows per micro-kernel */
 
-/* Quantize and pack one head. q, k, v: rows of 64 floats at row strides qs, ks, vs. */
-INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long qs, const float *k, long ks, const float *v, long vs,
-                      float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp, float *ksc, uint16_t *vp, const struct prep *pr) {
+/* Quantize and pack one head (q, k, v: rows of hd values, struct src). */
+INLINE void pack_head(const int hd, int S, int Sq, int Sk, const struct src *q, const struct src *k,
+                      const struct src *v, float qscale, int8_t *q8, float *qc, int32_t *qcorr, uint8_t *kp,
+                      float *ksc, uint16_t *vp, const struct prep *pr) {
     /* q: per-token int8, c_i = amax_i / 127 * qscale, correction 128 * sum(q8_i) */
     for (int i = 0; i < Sq; i++) {
         int8_t *dst = q8 + (long)i * hd;
         if (i >= S) { memset(dst, 0, hd); qc[i] = 0.f; qcorr[i] = 0; continue; }
         float qt_[HD_MAX];
-        const float *x = prep_row(pr, hd, q + i * qs, i, 0, qt_);
+        const float *x = prep_row(pr, hd, load_row(q, hd, i, qt_), i, 0, qt_);
         __m512 m = _mm512_abs_ps(_mm512_loadu_ps(x));
         for (int c = 16; c < hd; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + c)));
         float amax = _mm512_reduce_max_ps(m);
@@ -57,14 +58,14 @@ INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long 
     for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_setzero_ps();
     for (int j = 0; j < S; j++) {
         float kt_[HD_MAX];
-        const float *kr = prep_row(pr, hd, k + j * ks, j, 1, kt_);
+        const float *kr = prep_row(pr, hd, load_row(k, hd, j, kt_), j, 1, kt_);
         for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_add_ps(mean[c], _mm512_loadu_ps(kr + 16 * c));
     }
     for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_mul_ps(mean[c], _mm512_set1_ps(1.f / S));
     memset(kp + (long)(S / 16) * 16 * hd, 128, (long)(Sk - S / 16 * 16) * hd);
     for (int j = 0; j < S; j++) {
         float kt_[HD_MAX];
-        const float *kr = prep_row(pr, hd, k + j * ks, j, 1, kt_);
+        const float *kr = prep_row(pr, hd, load_row(k, hd, j, kt_), j, 1, kt_);
         float row[HD_MAX];
         __m512 m = _mm512_setzero_ps();
         for (int c = 0; c < hd / 16; c++) {
@@ -89,9 +90,11 @@ INLINE void pack_head(const int hd, int S, int Sq, int Sk, const float *q, long 
     for (int p = 0; p < Sk / 2; p++) {
         uint32_t *dst = (uint32_t *)(vp + (long)p * 2 * hd);
         int j = 2 * p;
+        float va_[HD_MAX], vb_[HD_MAX];
+        const float *ra = j < S ? load_row(v, hd, j, va_) : 0, *rb = j + 1 < S ? load_row(v, hd, j + 1, vb_) : 0;
         for (int c = 0; c < hd; c += 16) {
-            __m512 a = j < S ? _mm512_loadu_ps(v + j * vs + c) : _mm512_setzero_ps();
-            __m512 b = j + 1 < S ? _mm512_loadu_ps(v + (j + 1) * vs + c) : _mm512_setzero_ps();
+            __m512 a = ra ? _mm512_loadu_ps(ra + c) : _mm512_setzero_ps();
+            __m512 b = rb ? _mm512_loadu_ps(rb + c) : _mm512_setzero_ps();
             _mm512_storeu_si512(dst + c, bf16_pair(a, b));
         }
     }

@@ -78,8 +78,13 @@ def _strides(t: torch.Tensor) -> ctypes.Array:
 
 
 class _Prep(ctypes.Structure):  # struct prep of cpu_attention.h
-    _fields_ = [(n, ctypes.c_void_p) for n in ("qw", "qb", "kw", "kb", "cos", "sin")] + [
-        ("eps", ctypes.c_float), ("n_text", ctypes.c_int), ("n_rope", ctypes.c_int)]
+    _fields_ = [("bf16", ctypes.c_int), ("row_scale", ctypes.c_void_p), ("bias", ctypes.c_void_p * 3),
+                ("norm", ctypes.c_int)] + [(n, ctypes.c_void_p) for n in ("qw", "qb", "kw", "kb", "cos", "sin")] + [
+                ("eps", ctypes.c_float), ("n_text", ctypes.c_int), ("n_rope", ctypes.c_int)]
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float().contiguous()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -87,21 +92,26 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 @torch.library.custom_op("cogvx::int8_attention_cpu", mutates_args=())
-def _int8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, isa: str, norm: bool,
-                       q_weight: torch.Tensor | None, q_bias: torch.Tensor | None, k_weight: torch.Tensor | None,
-                       k_bias: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                       n_text: int, eps: float) -> torch.Tensor:
+def _int8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, isa: str,
+                       row_scale: torch.Tensor | None, q_in_bias: torch.Tensor | None, k_in_bias: torch.Tensor | None,
+                       v_in_bias: torch.Tensor | None, norm: bool, q_weight: torch.Tensor | None,
+                       q_bias: torch.Tensor | None, k_weight: torch.Tensor | None, k_bias: torch.Tensor | None,
+                       cos: torch.Tensor | None, sin: torch.Tensor | None, n_text: int, eps: float) -> torch.Tensor:
     dll, why = _library("attention", isa or None)
     if dll is None:
         raise RuntimeError(f"cogvx int8 CPU attention cannot run here: {why}")
     b, h, s, d = q.shape
-    q, k, v = (t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.float().contiguous() for t in (q, k, v))
+    bf16 = all(t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in (q, k, v))  # read as they are
+    if not bf16:
+        q, k, v = (t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.float().contiguous() for t in (q, k, v))
+    keep = [_f32(t) for t in (row_scale, q_in_bias, k_in_bias, v_in_bias, q_weight, q_bias, k_weight, k_bias, cos,
+                              sin)]  # alive until the call returns
+    rs, bq, bk, bv, qw, qb, kw, kb, cs, sn = keep
     prep = None
-    if norm:
-        affine = [None if w is None else w.float().contiguous() for w in (q_weight, q_bias, k_weight, k_bias)]
-        tables = [None if t is None else t.float().contiguous() for t in (cos, sin)]
-        n_rope = 0 if tables[0] is None else min(tables[0].shape[0], max(s - n_text, 0))
-        prep = _Prep(*map(_ptr, affine + tables), eps, n_text, n_rope)
+    if bf16 or norm or any(t is not None for t in (rs, bq, bk, bv)):
+        n_rope = 0 if cs is None else min(cs.shape[0], max(s - n_text, 0))
+        prep = _Prep(int(bf16), _ptr(rs), (ctypes.c_void_p * 3)(_ptr(bq), _ptr(bk), _ptr(bv)), int(norm),
+                     *map(_ptr, (qw, qb, kw, kb, cs, sn)), eps, n_text, n_rope)
     sq, sk, heads = -(-s // _QT) * _QT, -(-s // _KB) * _KB, b * h
     out = torch.empty(b, s, h, d)  # the layout the output projection reads
     o = out.transpose(1, 2)
@@ -113,38 +123,52 @@ def _int8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, isa: s
                                   _strides(v), o.data_ptr(), _strides(o), d ** -0.5, torch.get_num_threads(),
                                   q8.data_ptr(), qc.data_ptr(), qcorr.data_ptr(), kp.data_ptr(), ksc.data_ptr(),
                                   vp.data_ptr(), None if prep is None else ctypes.byref(prep))
+    del keep
     if rc == -2:
         raise RuntimeError(f"Linux refused this process the AMX tile state; set {cpu_isa.ENV}=avx512_vnni")
     return out
 
 
 @_int8_attention_op.register_fake
-def _(q, k, v, isa, norm, q_weight, q_bias, k_weight, k_bias, cos, sin, n_text, eps):
+def _(q, k, v, isa, row_scale, q_in_bias, k_in_bias, v_in_bias, norm, q_weight, q_bias, k_weight, k_bias, cos, sin,
+      n_text, eps):
     b, h, s, d = q.shape
     return q.new_empty(b, s, h, d, dtype=torch.float32)
 
 
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, isa: str | None = None, *,
+                   row_scale: torch.Tensor | None = None, in_bias: tuple | None = None,
                    norms: tuple | None = None, rope: tuple | None = None, n_text: int = 0,
                    eps: float = 1e-6) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh)) v for q, k, v [B, H, S, Dh] on the CPU (any dtype, any strides) -> [B, H, S, Dh]
-    float32 (a transposed view of a [B, S, H, 64] tensor). ``isa``: the variant (default: the module's
-    choice). Raises RuntimeError where ``unavailable()``.
+    """softmax(q k^T / sqrt(Dh)) v for q, k, v [B, H, S, Dh] on the CPU (fp32 or bf16 read as they are, other
+    dtypes converted; any strides) -> [B, H, S, Dh] float32 (a transposed view of a [B, S, H, 64] tensor).
+    ``isa``: the variant (default: the module's choice). Raises RuntimeError where ``unavailable()``.
 
-    ``norms`` = (q_weight, q_bias, k_weight, k_bias) (each [Dh] or None): q and k are first normalized per
-    head (LayerNorm over Dh, ``eps``) and, with ``rope`` = (cos, sin) [N_video, Dh] fp32, rotated on the
-    video rows [n_text, n_text + N_video), as ``qk_norm_rope_reference`` does, by the kernel as it reads
-    them (no pass over memory of their own)."""
+    What the kernel applies to q, k, v as it reads them (no pass over memory of their own):
+    ``row_scale`` [B, S] (any shape of B * S values, token-major) and ``in_bias`` = (q_bias, k_bias,
+    v_bias) (each [H * Dh] or None): each row of q, k and v times its token's factor plus its bias (the
+    int8 q/k/v projection's rescale, applied to its GEMM output); then ``norms`` = (q_weight, q_bias,
+    k_weight, k_bias) (each [Dh] or None): q and k normalized per head (LayerNorm over Dh, ``eps``) and,
+    with ``rope`` = (cos, sin) [N_video, Dh] fp32, rotated on the video rows [n_text, n_text + N_video), as
+    ``qk_norm_rope_reference`` does."""
     if q.device.type != "cpu" or q.shape[-1] not in HEAD_DIMS or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"int8_attention takes q, k, v of one shape [B, H, S, Dh] on the CPU, Dh one of "
                          f"{', '.join(map(str, HEAD_DIMS))}; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)} on {q.device}")
     if norms is None and rope is not None:
         raise ValueError("int8_attention applies rope= only with norms= (the module's order: LayerNorm, then RoPE)")
+    b, h, s, d = q.shape
+    if row_scale is not None and row_scale.numel() != b * s:
+        raise ValueError(f"row_scale holds one factor per token: {b * s} values for q {tuple(q.shape)}; "
+                         f"got {tuple(row_scale.shape)}")
+    if in_bias is not None and any(t is not None and t.numel() != h * d for t in in_bias):
+        raise ValueError(f"in_bias holds (q, k, v) biases of H * Dh = {h * d} values each (or None); got "
+                         f"{[None if t is None else tuple(t.shape) for t in in_bias]}")
+    bq, bk, bv = in_bias if in_bias is not None else (None,) * 3
     qw, qb, kw, kb = norms if norms is not None else (None,) * 4
     cos, sin = rope if rope is not None else (None, None)
-    return _int8_attention_op(q, k, v, isa or "", norms is not None, qw, qb, kw, kb, cos, sin, n_text,
-                              float(eps)).transpose(1, 2)
+    return _int8_attention_op(q, k, v, isa or "", row_scale, bq, bk, bv, norms is not None, qw, qb, kw, kb, cos, sin,
+                              n_text, float(eps)).transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------- GELU + quantize

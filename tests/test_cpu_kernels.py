@@ -217,12 +217,15 @@ def test_a_forced_lower_variant_is_what_runs_and_what_cogvx_recipes_says(monkeyp
 
 
 @needs_kernel
-def test_recipe_attends_with_the_kernel_compiled_with_no_graph_break():
+@pytest.mark.parametrize("fuse_qkv", [False, True], ids=["qkv", "fused-qkv"])
+def test_recipe_attends_with_the_kernel_compiled_with_no_graph_break(fuse_qkv):
     """int8dq-cpu-int8attn on the tiny transformer: every block calls the attention op and the fused
     GELU + quantization op and none calls SDPA, eager and compiled (inductor with freezing, the engine's
     CPU compile) alike, with no graph break; the output stays within the int8 attention's error of the
-    int8dq-cpu transformer (SDPA attention)."""
-    cfg, model, args = tiny_quantized_transformer("int8dq-cpu")
+    int8dq-cpu transformer (SDPA attention). With q/k/v fused the kernel reads the int8 GEMM's output and
+    applies its rescale, bias, QK norm and RoPE itself: the same output as the unfused blocks, which run
+    those as PyTorch ops before it."""
+    cfg, model, args = tiny_quantized_transformer("int8dq-cpu", fuse_qkv=fuse_qkv)
 
     def calls(fn):
         with torch.inference_mode():
@@ -245,6 +248,11 @@ def test_recipe_attends_with_the_kernel_compiled_with_no_graph_break():
     assert (n_op, n_sdpa) == (cfg.num_layers, 0)
     assert sqnr(eager, compiled) > 40.0
     assert sqnr(sdpa, eager) > 35.0
+    if fuse_qkv:
+        _, unfused, _ = tiny_quantized_transformer("int8dq-cpu")
+        apply_runtime_settings(unfused, Runtime(attention_kernel="int8-cpu"))
+        with torch.inference_mode():
+            assert sqnr(unfused(*args), eager) > 60.0
 
 
 # ----------------------------------------------------------------------------------- GELU + quantize

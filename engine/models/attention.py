@@ -112,6 +112,9 @@ class Attention(nn.Module):
         def proj(layer):
             return layer(x) if x_scale is None else fp8_linear(layer, x, x_scale, out_dtype)
 
+        if self.int8_cpu and exchange is None and x_scale is None and x.device.type == "cpu" \
+                and hasattr(self.to_qkv, "gemm"):  # int8 q/k/v GEMM (gemm / finish, as int8dq-cpu's)
+            return self.to_out[0](self._int8_cpu_from_gemm(x, rope, n_text).transpose(1, 2).reshape(b, s, -1))
         if self.to_qkv is not None:
             q, k, v = proj(self.to_qkv).view(b, s, 3, self.heads, self.head_dim).unbind(2)
         else:
@@ -121,6 +124,18 @@ class Attention(nn.Module):
         else:
             o = exchange(q, k, v, lambda q_, k_, v_: self.attend(q_, k_, v_, rope, n_text))
         return self.to_out[0](o.transpose(1, 2).reshape(b, s, -1))
+
+    def _int8_cpu_from_gemm(self, x: torch.Tensor, rope, n_text: int) -> torch.Tensor:
+        """The int8 CPU attention fed straight from the fused int8 q/k/v GEMM: the kernel applies the
+        GEMM's per-token rescale and bias, the QK norm and RoPE as it reads the GEMM's output, so q, k, v
+        take no elementwise pass over memory between the two. -> [B, H, S, Dh] in x's dtype."""
+        b, s, _ = x.shape
+        acc, row_scale = self.to_qkv.gemm(x.reshape(b * s, -1))  # [B * S, 3 * H * Dh] before its rescale
+        q, k, v = (t.transpose(1, 2) for t in acc.view(b, s, 3, self.heads, self.head_dim).unbind(2))
+        bias = None if self.to_qkv.bias is None else self.to_qkv.bias.view(3, -1).unbind(0)
+        norms = (self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias)
+        return int8_attention(q, k, v, row_scale=row_scale, in_bias=bias, norms=norms, rope=rope, n_text=n_text,
+                              eps=self.norm_q.eps).to(x.dtype)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope, n_text: int) -> torch.Tensor:
         """QK-norm, RoPE on the video rows, attention: q, k, v [B, S, h, Dh] (any strides, any head
