@@ -70,43 +70,14 @@ INLINE void pack_head(const int hd, int S, int Sq, int Sk, const struct src *q, 
     for (int i = 0; i < Sq; i++) {
         int8_t row[HD_MAX] = {0};
         float c = 0.f;
-        if (i < S) {
-            float qt_[HD_MAX];
-        const float *x = prep_row(pr, hd, load_row(q, hd, i, qt_), i, 0, qt_);
-            __m512 m = _mm512_abs_ps(_mm512_loadu_ps(x));
-            for (int d = 16; d < hd; d += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + d)));
-            float amax = _mm512_reduce_max_ps(m);
-            __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-            for (int d = 0; d < hd; d += 16) quant16(x + d, inv, row + d);
-            c = amax / 127.f * qscale;
-        }
+        if (i < S) c = query_int8(hd, q, pr, i, row, 0) * qscale;
         uint32_t *dst = (uint32_t *)(q8 + (long)(i / QR) * QR * hd);
         for (int w = 0; w < hd / 4; w++) memcpy(dst + w * QR + i % QR, row + 4 * w, 4);
         qc[i] = c;
     }
     __m512 mean[HD_MAX / 16];
-    for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_setzero_ps();
-    for (int j = 0; j < S; j++) {
-        float kt_[HD_MAX];
-        const float *kr = prep_row(pr, hd, load_row(k, hd, j, kt_), j, 1, kt_);
-        for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_add_ps(mean[c], _mm512_loadu_ps(kr + 16 * c));
-    }
-    for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_mul_ps(mean[c], _mm512_set1_ps(1.f / S));
-    for (int j = 0; j < S; j++) {
-        float kt_[HD_MAX];
-        const float *kr = prep_row(pr, hd, load_row(k, hd, j, kt_), j, 1, kt_);
-        float row[HD_MAX];
-        __m512 m = _mm512_setzero_ps();
-        for (int c = 0; c < hd / 16; c++) {
-            __m512 y = _mm512_sub_ps(_mm512_loadu_ps(kr + 16 * c), mean[c]);
-            _mm512_storeu_ps(row + 16 * c, y);
-            m = _mm512_max_ps(m, _mm512_abs_ps(y));
-        }
-        float amax = _mm512_reduce_max_ps(m);
-        __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-        for (int d = 0; d < hd; d += 16) quant16(row + d, inv, (int8_t *)kp + (long)j * hd + d);
-        ksc[j] = amax / 127.f;
-    }
+    key_mean(hd, S, k, pr, mean);
+    for (int j = 0; j < S; j++) ksc[j] = key_int8(hd, k, pr, j, mean, (int8_t *)kp + (long)j * hd);
     memset(kp + (long)S * hd, 0, (long)(Sk - S) * hd);
     for (int j = S; j < Sk; j++) ksc[j] = 0.f;
     /* v^T: per chunk of 32 keys and 16 dimensions, the 16 bf16 key pairs (pair-major) transposed */

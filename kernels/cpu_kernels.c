@@ -41,49 +41,24 @@ INLINE void pack_head(const int hd, int S, int Sq, int Sk, const struct src *q, 
     for (int i = 0; i < Sq; i++) {
         int8_t *dst = q8 + (long)i * hd;
         if (i >= S) { memset(dst, 0, hd); qc[i] = 0.f; qcorr[i] = 0; continue; }
-        float qt_[HD_MAX];
-        const float *x = prep_row(pr, hd, load_row(q, hd, i, qt_), i, 0, qt_);
-        __m512 m = _mm512_abs_ps(_mm512_loadu_ps(x));
-        for (int c = 16; c < hd; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + c)));
-        float amax = _mm512_reduce_max_ps(m);
-        __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-        __m512i sum = _mm512_setzero_si512();
-        for (int c = 0; c < hd; c += 16) sum = _mm512_add_epi32(sum, quant16(x + c, inv, dst + c));
-        qc[i] = amax / 127.f * qscale;
-        qcorr[i] = 128 * _mm512_reduce_add_epi32(sum);
+        int32_t sum;
+        qc[i] = query_int8(hd, q, pr, i, dst, &sum) * qscale;
+        qcorr[i] = 128 * sum;
     }
     /* k: subtract the mean over tokens, per-token int8, stored as k + 128 in groups of 16 keys:
      * kp[group][d / 4][key % 16][d % 4] */
     __m512 mean[HD_MAX / 16];
-    for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_setzero_ps();
-    for (int j = 0; j < S; j++) {
-        float kt_[HD_MAX];
-        const float *kr = prep_row(pr, hd, load_row(k, hd, j, kt_), j, 1, kt_);
-        for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_add_ps(mean[c], _mm512_loadu_ps(kr + 16 * c));
-    }
-    for (int c = 0; c < hd / 16; c++) mean[c] = _mm512_mul_ps(mean[c], _mm512_set1_ps(1.f / S));
+    key_mean(hd, S, k, pr, mean);
     memset(kp + (long)(S / 16) * 16 * hd, 128, (long)(Sk - S / 16 * 16) * hd);
     for (int j = 0; j < S; j++) {
-        float kt_[HD_MAX];
-        const float *kr = prep_row(pr, hd, load_row(k, hd, j, kt_), j, 1, kt_);
-        float row[HD_MAX];
-        __m512 m = _mm512_setzero_ps();
-        for (int c = 0; c < hd / 16; c++) {
-            __m512 y = _mm512_sub_ps(_mm512_loadu_ps(kr + 16 * c), mean[c]);
-            _mm512_storeu_ps(row + 16 * c, y);
-            m = _mm512_max_ps(m, _mm512_abs_ps(y));
-        }
-        float amax = _mm512_reduce_max_ps(m);
-        __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
         int8_t k8[HD_MAX];
-        for (int c = 0; c < hd; c += 16) quant16(row + c, inv, k8 + c);
+        ksc[j] = key_int8(hd, k, pr, j, mean, k8);
         uint32_t *grp = (uint32_t *)(kp + (long)(j / 16) * 16 * hd);
         for (int c = 0; c < hd / 4; c++) {
             uint32_t w;
             memcpy(&w, k8 + 4 * c, 4);
             grp[c * 16 + j % 16] = w ^ 0x80808080u;
         }
-        ksc[j] = amax / 127.f;
     }
     for (int j = S; j < Sk; j++) ksc[j] = 0.f;
     /* v: bf16 pairs of consecutive keys, vp[pair][d] = (v[2p][d], v[2p+1][d]) */
