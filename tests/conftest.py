@@ -49,3 +49,29 @@ def quantized_ckpt(ckpt_factory, tmp_path_factory):
     from cogvx.engine import Engine
 
     return Engine.load(ckpt_factory("rope"), recipe="int8wo").save_quantized(tmp_path_factory.mktemp("q8") / "q")
+
+
+# Engines whose transformer, text encoder and VAE fail if called (hostile_helpers.guard_inputs): the bad-input
+# tests of test_hostile_media.py and test_tasks_bad_input.py share one of each per session (they only read them).
+@pytest.fixture(scope="session")
+def t2v(ckpt_factory):
+    from cogvx.engine import Engine
+    from hostile_helpers import guard_inputs
+
+    return guard_inputs(Engine.load(ckpt_factory("rope")))
+
+
+@pytest.fixture(scope="session")
+def i2v(ckpt_factory):
+    from cogvx.engine import Engine
+    from hostile_helpers import guard_inputs
+
+    return guard_inputs(Engine.load(ckpt_factory("learned")))
+
+
+@pytest.fixture(scope="session")
+def control(ckpt_factory):
+    from cogvx.engine import Engine
+    from hostile_helpers import guard_inputs
+
+    return guard_inputs(Engine.load(ckpt_factory("control")))

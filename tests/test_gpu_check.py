@@ -149,6 +149,6 @@ def test_a_test_run_cut_by_its_timeout_keeps_the_outcomes_so_far(tmp_path):
     f.write_text("import time, pytest\n\n@pytest.mark.gpu\ndef test_quick():\n    pass\n\n"
                  "@pytest.mark.gpu\ndef test_hangs():\n    time.sleep(120)\n")
     t0 = time.monotonic()
-    res = gpu_check.run_tests(15, tmp_path / "log.txt", [str(f)], workers=1)
+    res = gpu_check.run_tests(8, tmp_path / "log.txt", [str(f)], workers=1)  # the child reports test_quick in ~1 s
     assert time.monotonic() - t0 < 60 and res["timed_out"] and res["exit_status"] is None
     assert res["tests"] == {f"{f}::test_quick": "passed"} or list(res["tests"].values()) == ["passed"], res

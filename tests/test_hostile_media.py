@@ -16,26 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cogvx.engine import Engine
 from cogvx.engine.pipelines.media import MediaError, load_image, load_video
-from hostile_helpers import guard_inputs
 
 ARGS = dict(num_frames=9, height=48, width=80, num_inference_steps=4)
-
-
-@pytest.fixture(scope="module")
-def t2v(ckpt_factory):
-    return guard_inputs(Engine.load(ckpt_factory("rope")))
-
-
-@pytest.fixture(scope="module")
-def i2v(ckpt_factory):
-    return guard_inputs(Engine.load(ckpt_factory("learned")))
-
-
-@pytest.fixture(scope="module")
-def control(ckpt_factory):
-    return guard_inputs(Engine.load(ckpt_factory("control")))
 
 
 # ---------------------------------------------------------------- item 1: 16-bit and float images

@@ -115,6 +115,9 @@ def _two_rank_cases(ckpt_factory, tmp) -> list[dict]:
         _case("rope-other-path", rope, "ulysses", rank_overrides={"1": {"ckpt": str(linked)}}),
         dict(name="raise-together", kind="raise_together"),
         _case("after-errors", rope, "cfg+ulysses"),
+        # last, so no case before it runs compiled (test_compiled_parallel_generate_has_no_graph_break)
+        _case("compiled", rope, "ulysses", dict(T2V, output_type="latent"), repeat=True,
+              load=dict(compile=True, compile_backend="aot_eager", compile_cache_dir=str(tmp / "cache"))),
     ]
 
 
@@ -217,19 +220,18 @@ def test_cfg_on_four_processes_is_refused_on_every_rank(four_ranks):
 
 # ---------------------------------------------------------------- compile
 @pytest.mark.slow
-def test_compiled_parallel_generate_has_no_graph_break(ckpt_factory, tmp_path):
+def test_compiled_parallel_generate_has_no_graph_break(two_ranks):
     """Ulysses on 2 processes, compiled: the all-to-alls and the all-gather are functional collectives
     inside one graph (no break), the second generate of the shape compiles nothing, and the result is the
     eager single-process one. Graph breaks and recompiles are dynamo's (the backend only turns a graph into
     code), so this runs aot_eager: inductor's compile of the same graph on each rank cost 30 s of the suite,
-    and its numerics are the single-process compile tests'."""
-    case = _case("compiled", ckpt_factory("rope"), "ulysses", dict(T2V, output_type="latent"),
-                 load=dict(compile=True, compile_backend="aot_eager", compile_cache_dir=str(tmp_path / "cache")),
-                 repeat=True)
-    spawn_ranks(2, dict(cases=[case]), tmp_path, timeout=900)
+    and its numerics are the single-process compile tests'. The case is the last of the two-rank spawn
+    (one process group fewer to start), after every eager case."""
+    out, cases = two_ranks
+    case = cases["compiled"]
     ref = _reference(dict(case, load={}))
     for rank in range(2):
-        rec, got = _read(tmp_path, "compiled", rank)
+        rec, got = _read(out, "compiled", rank)
         assert rec["error"] is None, rec["error"]
         assert rec["first"]["graph_breaks"] == rec["before"]["graph_breaks"] == 0
         assert rec["first"]["unique_graphs"] - rec["before"]["unique_graphs"] == 1

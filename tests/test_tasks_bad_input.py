@@ -11,21 +11,6 @@ from cogvx.engine import Engine
 from hostile_helpers import guard_inputs
 
 
-@pytest.fixture(scope="module")
-def t2v(ckpt_factory):
-    return guard_inputs(Engine.load(ckpt_factory("rope")))
-
-
-@pytest.fixture(scope="module")
-def i2v(ckpt_factory):
-    return guard_inputs(Engine.load(ckpt_factory("learned")))
-
-
-@pytest.fixture(scope="module")
-def control(ckpt_factory):
-    return guard_inputs(Engine.load(ckpt_factory("control")))
-
-
 ARGS = dict(num_frames=9, height=48, width=80, num_inference_steps=4)
 IMG = np.zeros((48, 80, 3), np.float32)
 VID = np.zeros((9, 48, 80, 3), np.float32)
