@@ -26,7 +26,8 @@ def markdown(result: dict) -> str:
         f"frames at {m['width']}x{m['height']}, CFG batch {m['cfg_batch']}, {m['text_tokens']}+{m['video_tokens']} "
         f"tokens, {m['flops_per_step'] / 1e9:.0f} GFLOP/step ({m['attention_flop_share']:.0%} attention); "
         f"dtype {m['dtype']}; q/k/v fused: {m['fuse_qkv']}; commit {m['commit']}{' (dirty)' if m['dirty'] else ''}, "
-        f"{m['date']}; fp32 matmul {m['matmul_gflops_fp32']:.0f} GFLOP/s; {m['repeats']} alternating rounds.",
+        f"{m['date']}; fp32 matmul {m['matmul_gflops_fp32']:.0f} GFLOP/s; {m['repeats']} alternating rounds"
+        f"{'; glibc malloc (every row): ' + m['malloc'] if m.get('malloc') else ''}.",
         "",
         "Ratio cells: median of the per-round ratios (p20-p80; ratio of median process CPU times).",
         "",

@@ -36,6 +36,7 @@ from cogvx.engine.models.positions import latent_frames, make_positions
 from cogvx.engine.models.presets import PRESETS
 from cogvx.engine.models.tokenizer import MAX_LENGTH
 from cogvx.engine.models.transformer import build_transformer
+from cogvx.engine.runtime.host_memory import keep_freed_memory
 from cogvx.engine.runtime.profiling import transformer_flops
 from peers import PEERS, E2E, base_engine, cogvx_e2e, cogvx_step, diffusers_e2e, diffusers_step
 from peers_openvino import OPENVINO_PEERS, openvino_step
@@ -131,6 +132,9 @@ def profile_row(row, top: int = 14) -> list[dict]:
 def run(args) -> dict:
     device = torch.device("cpu")
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    # What Engine.load sets on a CPU, set here for the whole process (every row, peers too: a peer's
+    # steps reuse their freed activations alike); COGVX_CPU_MALLOC=system measures glibc's defaults.
+    malloc = keep_freed_memory()
     preset = PRESETS[args.preset]
     cfg = preset.transformer
     frames, height, width = preset.num_frames, preset.height, preset.width
@@ -173,7 +177,7 @@ def run(args) -> dict:
     for r in results:
         r.pop("reference", None)
     meta = _meta(args, cfg, frames, height, width, lat, text, nv, flops, attn_flops)
-    meta["e2e_error"] = e2e_error
+    meta["e2e_error"], meta["malloc"] = e2e_error, malloc
     return dict(meta=meta, rows=results, profiles=profiles)
 
 

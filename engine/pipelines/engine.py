@@ -36,6 +36,7 @@ from ..quantizing import quantize_text_encoder, quantize_transformer
 from ..runtime.compiling import check_compile_mode, use_cache_dir
 from ..runtime.defaults import DEFAULTS, default_dtype
 from ..runtime.devices import resolve_device, resolve_dtype
+from ..runtime.host_memory import keep_freed_memory
 from ..runtime.profiling import PeakMemory, Profile, StepClock, export_trace, stage, tracer
 from .conditioning import condition
 from .denoise import denoise
@@ -181,6 +182,8 @@ class Engine(LoraMethods, OffloadMethods, ComponentCalls):
         model_dir = resolve_model_dir(model) if mesh is None else model_dir
         check_compile_mode(compile)
         backend = resolve_backend(kernels, dev)
+        if dev.type == "cpu":
+            keep_freed_memory()  # before the weights load (a bad COGVX_CPU_MALLOC fails here); see _finish
         if compile:
             use_cache_dir(compile_cache_dir)  # an unwritable cache fails now, not after the weights load
         parts = load_components(model_dir, dev, dt, fuse_qkv=fuse_qkv, scheduler=scheduler, recipe=recipe, lora=lora,
@@ -240,6 +243,8 @@ class Engine(LoraMethods, OffloadMethods, ComponentCalls):
         return cls(**parts, device=dev, dtype=dt)._finish(backend, kernels, compile, compile_cache_dir, mesh)
 
     def _finish(self, backend: str, kernels: str, compile, compile_cache_dir, mesh=None) -> "Engine":
+        if self.device.type == "cpu":
+            keep_freed_memory()  # the step's activations are reused, not faulted in again each step
         self.forward.set_kernels(kernels, backend)
         if mesh is not None:
             self.forward.set_parallel(Parallel(mesh, self.transformer))
