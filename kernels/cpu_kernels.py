@@ -104,9 +104,8 @@ def _int8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, isa: s
     bf16 = all(t.dtype == torch.bfloat16 and t.stride(-1) == 1 for t in (q, k, v))  # read as they are
     if not bf16:
         q, k, v = (t if t.dtype == torch.float32 and t.stride(-1) == 1 else t.float().contiguous() for t in (q, k, v))
-    keep = [_f32(t) for t in (row_scale, q_in_bias, k_in_bias, v_in_bias, q_weight, q_bias, k_weight, k_bias, cos,
-                              sin)]  # alive until the call returns
-    rs, bq, bk, bv, qw, qb, kw, kb, cs, sn = keep
+    rs, bq, bk, bv, qw, qb, kw, kb, cs, sn = (_f32(t) for t in (row_scale, q_in_bias, k_in_bias, v_in_bias, q_weight,
+                                                                q_bias, k_weight, k_bias, cos, sin))
     prep = None
     if bf16 or norm or any(t is not None for t in (rs, bq, bk, bv)):
         n_rope = 0 if cs is None else min(cs.shape[0], max(s - n_text, 0))
@@ -123,7 +122,6 @@ def _int8_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, isa: s
                                   _strides(v), o.data_ptr(), _strides(o), d ** -0.5, torch.get_num_threads(),
                                   q8.data_ptr(), qc.data_ptr(), qcorr.data_ptr(), kp.data_ptr(), ksc.data_ptr(),
                                   vp.data_ptr(), None if prep is None else ctypes.byref(prep))
-    del keep
     if rc == -2:
         raise RuntimeError(f"Linux refused this process the AMX tile state; set {cpu_isa.ENV}=avx512_vnni")
     return out

@@ -56,9 +56,9 @@ def no_weights(*a, **k):
 if {{bad!r}}:
     engine_module.load_components = no_weights
 Engine.load({str(ckpt_factory())!r}, device="cpu")
-print(host_memory._done)
+print(repr(host_memory.setting()))
 """
-    assert _run(code.replace("{bad!r}", "False")) == "['keep']"
+    assert _run(code.replace("{bad!r}", "False")) == "'keep'"
     run = subprocess.run([sys.executable, "-P", "-c", code.replace("{bad!r}", "True")], capture_output=True,
                          text=True, timeout=300, env={**os.environ, "COGVX_CPU_MALLOC": "jemalloc"})
     assert run.returncode != 0 and "the weights started loading" not in run.stderr

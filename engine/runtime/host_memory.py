@@ -19,7 +19,7 @@ import ctypes
 import os
 import platform
 
-__all__ = ["ENV", "keep_freed_memory"]
+__all__ = ["ENV", "keep_freed_memory", "setting"]
 
 ENV = "COGVX_CPU_MALLOC"
 _CHOICES = ("keep", "system")
@@ -52,3 +52,8 @@ def keep_freed_memory() -> str:
             state = "glibc refused mallopt: its defaults hold"
     _done.append(state)
     return state
+
+
+def setting() -> str:
+    """What ``keep_freed_memory`` set in this process ("" before it ran)."""
+    return _done[0] if _done else ""
