@@ -118,6 +118,16 @@ typedef void (*tile_fn)(int, int, int, const int8_t *, const float *, const int3
 #define PACK_OF(hd) ((hd) == 16 ? pack_head_16 : (hd) == 32 ? pack_head_32 : (hd) == 64 ? pack_head_64 : 0)
 #define TILE_OF(hd) ((hd) == 16 ? attend_tile_16 : (hd) == 32 ? attend_tile_32 : (hd) == 64 ? attend_tile_64 : 0)
 
+/* Head (b, h) of q, k or v (which: 0, 1, 2) at element strides st, with what prep applies to its rows. */
+static struct src head_src(const void *base, const long *st, int which, int b, int h, int hd, int S,
+                           const struct prep *pr) {
+    const int bf = pr && pr->bf16;
+    const struct src s = {(const char *)base + (b * st[0] + h * st[1]) * (bf ? 2 : 4), st[2], bf,
+                          pr && pr->row_scale ? pr->row_scale + (long)b * S : 0,
+                          pr && pr->bias[which] ? pr->bias[which] + (long)h * hd : 0};
+    return s;
+}
+
 /* q, k, v: [B, H, S, hd] float32 at element strides (sb, sh, ss) each, last stride 1; out likewise. First
  * every head is packed, then tiles of qt query rows run, dynamically scheduled. begin / end (may be 0) run
  * on each thread around its tiles (AMX: the tile configuration). Returns 0, or -1 for another hd. */
@@ -134,15 +144,8 @@ static int run_attention(int hd, int qt, pack_fn pack, tile_fn tile_of, void (*b
 #pragma omp for schedule(dynamic, 1)
         for (int bh = 0; bh < heads; bh++) {
             int b = bh / H, h = bh % H;
-            const int bf = pr && pr->bf16;
-            const long esz = bf ? 2 : 4;
-            const float *rs = pr && pr->row_scale ? pr->row_scale + (long)b * S : 0;
-            const struct src qs = {(const char *)q + (b * qst[0] + h * qst[1]) * esz, qst[2], bf, rs,
-                                   pr && pr->bias[0] ? pr->bias[0] + (long)h * hd : 0};
-            const struct src ks = {(const char *)k + (b * kst[0] + h * kst[1]) * esz, kst[2], bf, rs,
-                                   pr && pr->bias[1] ? pr->bias[1] + (long)h * hd : 0};
-            const struct src vs = {(const char *)v + (b * vst[0] + h * vst[1]) * esz, vst[2], bf, rs,
-                                   pr && pr->bias[2] ? pr->bias[2] + (long)h * hd : 0};
+            const struct src qs = head_src(q, qst, 0, b, h, hd, S, pr), ks = head_src(k, kst, 1, b, h, hd, S, pr),
+                             vs = head_src(v, vst, 2, b, h, hd, S, pr);
             pack(S, Sq, Sk, &qs, &ks, &vs, qscale, q8 + (long)bh * Sq * hd, qc + (long)bh * Sq, qcorr + (long)bh * Sq,
                  kp + (long)bh * Sk * hd, ksc + (long)bh * Sk, vp + (long)bh * Sk * hd, pr);
         }

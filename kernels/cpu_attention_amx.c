@@ -32,16 +32,6 @@
 #define KB 64 /* keys per block */
 #define TAU 8.f
 
-/* 2^x for finite x of either sign: the cubic of exp2_neg without its clamp (no -inf reaches it here);
- * vscalefps takes floor(x) itself. */
-static inline __m512 exp2_finite(__m512 x) {
-    __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); /* x - floor(x), one vreduceps */
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.07706306f), f, _mm512_set1_ps(0.22764935f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69511581f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, x);
-}
-
 /* r[i][j] <- r[j][i] for a 16 x 16 matrix of 32-bit lanes: four rounds of swapping off-diagonal blocks. */
 static inline void transpose16(__m512i r[16]) {
     for (int s = 8; s >= 1; s >>= 1) {

@@ -2,17 +2,19 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-/* 2^x for x <= 0 (x may be -inf): a cubic on the fraction (exact at 0, so a row's largest p is 1), then
- * vscalefps multiplies by 2^floor(x). Relative error below 9e-5, under the bf16 rounding that p gets for
- * the p v product. */
-static inline __m512 exp2_neg(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
+/* 2^x for finite x of either sign: a cubic on the fraction (exact at 0, so a row's largest p is 1), then
+ * vscalefps multiplies by 2^floor(x) (it floors its second operand itself). Relative error below 9e-5,
+ * under the bf16 rounding that p gets for the p v product. */
+static inline __m512 exp2_finite(__m512 x) {
     __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); /* x - floor(x) */
     __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.07706306f), f, _mm512_set1_ps(0.22764935f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69511581f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
     return _mm512_scalef_ps(p, x);
 }
+
+/* 2^x for x <= 0, x possibly -inf (a masked key): exp2_finite of x clamped to -127. */
+static inline __m512 exp2_neg(__m512 x) { return exp2_finite(_mm512_max_ps(x, _mm512_set1_ps(-127.f))); }
 
 /* Round 16 floats to int8 (nearest even) with scale inv; store 16 bytes. Returns the int32 values. */
 static inline __m512i quant16(const float *x, __m512 inv, int8_t *dst) {

@@ -125,6 +125,10 @@ class Attention(nn.Module):
             o = exchange(q, k, v, lambda q_, k_, v_: self.attend(q_, k_, v_, rope, n_text))
         return self.to_out[0](o.transpose(1, 2).reshape(b, s, -1))
 
+    def qk_norms(self) -> tuple:
+        """The per-head LayerNorms' affine: (q weight, q bias, k weight, k bias)."""
+        return self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias
+
     def _int8_cpu_from_gemm(self, x: torch.Tensor, rope, n_text: int) -> torch.Tensor:
         """The int8 CPU attention fed straight from the fused int8 q/k/v GEMM: the kernel applies the
         GEMM's per-token rescale and bias, the QK norm and RoPE as it reads the GEMM's output, so q, k, v
@@ -133,15 +137,14 @@ class Attention(nn.Module):
         acc, row_scale = self.to_qkv.gemm(x.reshape(b * s, -1))  # [B * S, 3 * H * Dh] before its rescale
         q, k, v = (t.transpose(1, 2) for t in acc.view(b, s, 3, self.heads, self.head_dim).unbind(2))
         bias = None if self.to_qkv.bias is None else self.to_qkv.bias.view(3, -1).unbind(0)
-        norms = (self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias)
-        return int8_attention(q, k, v, row_scale=row_scale, in_bias=bias, norms=norms, rope=rope, n_text=n_text,
-                              eps=self.norm_q.eps).to(x.dtype)
+        return int8_attention(q, k, v, row_scale=row_scale, in_bias=bias, norms=self.qk_norms(), rope=rope,
+                              n_text=n_text, eps=self.norm_q.eps).to(x.dtype)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope, n_text: int) -> torch.Tensor:
         """QK-norm, RoPE on the video rows, attention: q, k, v [B, S, h, Dh] (any strides, any head
         count h) of the whole [text; video] sequence -> [B, h, S, Dh]."""
         cos, sin = rope if rope is not None else (None, None)
-        norms = (self.norm_q.weight, self.norm_q.bias, self.norm_k.weight, self.norm_k.bias)
+        norms = self.qk_norms()
         if self.int8_gpu:  # norm + RoPE kernel, then int8 quantization and attention (its own numerics)
             q, k = qk_norm_rope(q, k, *norms, cos, sin, n_text, self.norm_q.eps, backend=self.backend)
             return sage_attention(q, k, v.transpose(1, 2), backend=self.backend)  # "torch": the same numerics
